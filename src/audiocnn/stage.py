@@ -1,0 +1,36 @@
+"""The common frame of every ``stages/*.py`` script: logging, and clean failures.
+
+A stage that fails on bad params, bad data or an unwritable output logs one line
+naming the key or path and exits with status 2, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from audiocnn import logs
+from audiocnn.config import ParamsError
+from audiocnn.errors import DataError
+from audiocnn.fileio import OutputError
+
+log = logging.getLogger("audiocnn.stage")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the ``--params`` option every stage takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+    """Run a stage's ``main``; turn user-facing errors into one log line and exit 2."""
+    logs.setup()
+    try:
+        main(argv)
+    except (ParamsError, DataError, OutputError) as err:
+        log.error("%s", err)
+        sys.exit(2)
