@@ -1,0 +1,251 @@
+"""Model inputs from the pipeline's files: windowing math, clip loading, tf.data streams.
+
+The numpy helpers (window sizes, floor padding, sliding windows, images) are shared by training
+and evaluation, so both cut clips alike. The tf.data builders stream per-clip ``.npy`` files:
+only paths are shuffled (``train.shuffle_buffer`` costs no feature memory), arrays are loaded
+inside the pipeline. Training crops a random window per clip and epoch; validation takes the
+deterministic centre window (one per clip: val_loss comparable across epochs); evaluation
+averages the model over ``sliding_windows``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from audiocnn import fileio
+from audiocnn.errors import DataError
+
+if TYPE_CHECKING:  # tensorflow is imported lazily: stages that do not train must not pay for it
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def window_frames(window_seconds: float, sample_rate: int, hop_length: int) -> int:
+    """Frames in a window: 1 + floor(window_seconds * sample_rate / hop_length) (centred STFT frames)."""
+    hops = window_seconds * sample_rate / hop_length
+    return 1 + int(math.floor(hops + 1e-9))  # 1e-9: 1.0 * 16000 / 160 must give 100, not 99.999
+
+
+def load_features(features_dir: str | Path, clip_id: str) -> np.ndarray:
+    """One clip's log-mel features ``<features_dir>/<clip_id>.npy``: (frames, n_mels) float32 dB."""
+    path = Path(features_dir) / f"{clip_id}.npy"
+    try:
+        x = fileio.load_npy(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read features {path}: {err}") from err
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise DataError(f"{path}: expected (frames, n_mels) features, got shape {x.shape}")
+    return x.astype(np.float32, copy=False)
+
+
+def pad_to(x: np.ndarray, frames: int) -> np.ndarray:
+    """Pad (frames, n_mels) dB features at the end to at least ``frames``, with the clip's floor (its minimum).
+
+    The features are absolute dB, so zero would be a loud pad; the floor is what silence looks like in
+    this clip. Clips already long enough are returned unchanged.
+    """
+    missing = frames - x.shape[0]
+    if missing <= 0:
+        return x
+    return np.pad(x, ((0, missing), (0, 0)), constant_values=x.min())
+
+
+def center_crop(x: np.ndarray, frames: int) -> np.ndarray:
+    """The centre ``frames`` of (frames, n_mels) features, floor-padded first when shorter (as validation does)."""
+    x = pad_to(x, frames)
+    start = (x.shape[0] - frames) // 2
+    return x[start : start + frames]
+
+
+def sliding_windows(x: np.ndarray, window_frames: int, hop_frames: int) -> np.ndarray:
+    """(frames, n_mels) -> (n_windows, window_frames, n_mels) windows covering the whole clip.
+
+    Windows start every ``hop_frames``; a last window aligned to the clip's end is added when the
+    hop grid does not reach it. A clip shorter than one window gives one floor-padded window.
+    """
+    if window_frames < 1 or hop_frames < 1:
+        raise ValueError(f"window_frames={window_frames} and hop_frames={hop_frames} must be >= 1")
+    x = pad_to(x, window_frames)
+    last = x.shape[0] - window_frames
+    starts = list(range(0, last + 1, hop_frames))
+    if starts[-1] != last:
+        starts.append(last)
+    return np.stack([x[s : s + window_frames] for s in starts])
+
+
+def load_image(images_dir: str | Path, rel_path: str) -> np.ndarray:
+    """A spectrogram PNG as (H, W, 3) float32 in [0, 1] (the seed model's input)."""
+    from PIL import Image
+
+    path = Path(images_dir) / rel_path
+    if not rel_path:
+        raise DataError(f"no image for a clip under {images_dir}: set spectrogram.images: true for model.arch seed")
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except OSError as err:
+        raise DataError(f"cannot read image {path}: {err}") from err
+    return rgb / 255.0
+
+
+def read_split(split_dir: str | Path, name: str) -> Any:
+    """``<split_dir>/<name>.csv`` as a DataFrame of str columns; DataError when absent or empty."""
+    path = Path(split_dir) / f"{name}.csv"
+    if not path.is_file():
+        raise DataError(f"split file not found: {path}")
+    frame = fileio.read_csv(path)
+    for column in ("id", "label"):
+        if column not in frame.columns:
+            raise DataError(f"{path}: missing column '{column}'")
+    if frame.empty:
+        raise DataError(f"{path}: no clips")
+    return frame
+
+
+def class_labels(train: Any) -> list[str]:
+    """The class order: the sorted labels of the training split."""
+    return sorted(set(train["label"]))
+
+
+def label_indices(frame: Any, labels: Sequence[str], where: str) -> np.ndarray:
+    """Labels -> int32 indices into ``labels``; DataError naming ``where`` for unknown labels."""
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted(set(frame["label"]) - set(index))
+    if unknown:
+        raise DataError(f"{where}: label(s) {', '.join(unknown)} not in the training split")
+    return np.array([index[label] for label in frame["label"]], dtype=np.int32)
+
+
+def clip_files(root: str | Path, frame: Any, images: bool = False) -> list[str]:
+    """Each clip's ``<root>/<id>.npy`` (or, with ``images``, its PNG ``<root>/<image>``); DataError if missing."""
+    if images and ("image" not in frame.columns or (frame["image"] == "").any()):
+        raise DataError(f"clips without an image under {root}: set spectrogram.images: true for model.arch seed")
+    paths = [Path(root) / name for name in (frame["image"] if images else frame["id"] + ".npy")]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} {'image' if images else 'feature'} file(s) missing, first: {missing[0]}")
+    return [str(p) for p in paths]
+
+
+def sample_weights(labels: np.ndarray, n_classes: int, balanced: bool) -> np.ndarray:
+    """Per-clip weights (float32): n / (classes * count[label]) when balanced, else 1 (sum stays n)."""
+    if not balanced:
+        return np.ones(len(labels), np.float32)
+    counts = np.bincount(labels, minlength=n_classes)
+    return (len(labels) / (n_classes * counts[labels])).astype(np.float32)
+
+
+def feature_sample(paths: Sequence[str], frames: int, limit: int, seed: int) -> np.ndarray:
+    """Centre windows of up to ``limit`` clips drawn with ``seed``: (n, frames, n_mels) float32 dB.
+
+    A bounded sample, e.g. to adapt the model's input normalization without loading every clip.
+    """
+    order = np.random.default_rng(seed).permutation(len(paths))[:limit]
+    return np.stack([center_crop(fileio.load_npy(paths[i]).astype(np.float32), frames) for i in sorted(order)])
+
+
+# --- tf.data -----------------------------------------------------------------------------------
+
+
+def load_npy_tf(path: "tf.Tensor", n_mels: int) -> "tf.Tensor":
+    """Read one clip inside a tf.data map: (frames, n_mels) float32 dB."""
+    import tensorflow as tf
+
+    # stateful=False: a pure function of the path, so op determinism keeps the map parallel and prefetching
+    x = tf.numpy_function(lambda p: fileio.load_npy(p.decode()).astype(np.float32), [path], tf.float32,
+                          stateful=False)
+    x.set_shape([None, n_mels])
+    return x
+
+
+def crop_tf(x: "tf.Tensor", frames: int, seed: "tf.Tensor | None") -> "tf.Tensor":
+    """Floor-pad (T, n_mels) to ``frames``, then crop: at a stateless-random start, or the centre if seed is None."""
+    import tensorflow as tf
+
+    missing = tf.maximum(frames - tf.shape(x)[0], 0)
+    x = tf.pad(x, [[0, missing], [0, 0]], constant_values=tf.reduce_min(x))
+    last = tf.shape(x)[0] - frames  # last valid start, >= 0
+    if seed is None:
+        start = last // 2
+    else:
+        start = tf.random.stateless_uniform([], seed, minval=0, maxval=last + 1, dtype=tf.int32)
+    return x[start : start + frames]  # (frames, n_mels)
+
+
+def eval_dataset(paths: Sequence[str], labels: np.ndarray, n_classes: int, frames: int, n_mels: int,
+                 batch_size: int) -> "tf.data.Dataset":
+    """Validation stream: centre window per clip -> ((batch, frames, n_mels, 1), one-hot (batch, classes))."""
+    import tensorflow as tf
+
+    def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = crop_tf(load_npy_tf(path, n_mels), frames, None)
+        return x[..., tf.newaxis], tf.one_hot(label, n_classes)
+
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def load_png_tf(path: "tf.Tensor", size: int) -> "tf.Tensor":
+    """Read one spectrogram PNG inside a tf.data map: (size, size, 3) float32 in [0, 1]."""
+    import tensorflow as tf
+
+    image = tf.ensure_shape(tf.io.decode_png(tf.io.read_file(path), channels=3), [size, size, 3])
+    return tf.cast(image, tf.float32) / 255.0
+
+
+def image_dataset(paths: Sequence[str], labels: np.ndarray, n_classes: int, size: int) -> "tf.data.Dataset":
+    """Unbatched PNG stream for ``seed``: ((size, size, 3) float32 in [0, 1], one-hot (classes,))."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
+    return ds.map(lambda path, label: (load_png_tf(path, size), tf.one_hot(label, n_classes)),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def noise_stream(paths: Sequence[str], frames: int, n_mels: int, seed: int) -> "tf.data.Dataset":
+    """Endless random windows (frames, n_mels) dB of the clips at ``paths`` (background-noise source)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
+    seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
+    return tf.data.Dataset.zip(ds, seeds).map(lambda path, s: crop_tf(load_npy_tf(path, n_mels), frames, s),
+                                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def train_stream(items: "tf.data.Dataset", shuffle_buffer: int, seed: int,
+                 transform: Callable[..., Any], batch_size: int,
+                 batch_transform: Callable[..., Any] | None = None,
+                 side: "tf.data.Dataset | None" = None) -> "tf.data.Dataset":
+    """Shuffle ``items`` (paths, labels, ...) each epoch, attach a per-example random seed, map ``transform``.
+
+    The seed stream is ``Dataset.random(seed)`` re-randomized on each iteration: a new crop and new
+    augmentation every epoch, the same sequence for the same ``seed``. ``transform(*item, [side,] seed)``
+    gets a stateless seed pair (2,) int64, and an element of the endless ``side`` stream (e.g. noise
+    windows) when given; ``batch_transform(*batch, seed)`` likewise per batch.
+    """
+    import tensorflow as tf
+
+    ds = items.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
+    if side is None:
+        ds = tf.data.Dataset.zip(ds, seeds).map(lambda item, s: transform(*item, s),
+                                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = tf.data.Dataset.zip(ds, side, seeds).map(lambda item, extra, s: transform(*item, extra, s),
+                                                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size)
+    if batch_transform is not None:
+        batch_seeds = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, batch_seeds).map(lambda batch, s: batch_transform(*batch, s),
+                                                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,117 @@
+"""Architectures (params section ``model``) and how a clip becomes model input.
+
+``cnn``: a compact CNN on log-mel windows (batch, frames, n_mels, 1) dB with its input
+normalization inside the model (per-mel mean/variance of training windows), so predict and
+export need nothing outside model.keras. Sized for CPU training (>= 250 samples/s on 2 cores):
+a strided stem, one conv block at half resolution, two blocks of two 3x3 convs, each block
+ending in a 2x2 max-pool, a last conv at 1/16 resolution, global average pooling, dropout,
+softmax; ~580k parameters and ~60M multiply-adds per 101 x 64 window at width 32.
+``seed``: the notebook's network on (224, 224, 3) spectrogram images in [0, 1], for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Mapping
+
+import numpy as np
+
+from audiocnn import data
+from audiocnn.config import check
+
+if TYPE_CHECKING:
+    import keras
+
+Arch = Literal["cnn", "seed"]
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """``model``: the architecture and its size."""
+
+    arch: Arch  # cnn | seed
+    width: int  # filters in the first block (cnn); doubles per block
+    dropout: float  # before the classifier
+
+    def __post_init__(self) -> None:
+        check(4 <= self.width <= 512, "width", self.width, "must be within 4..512")
+        check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+
+
+def model_input(arch: str, row: Mapping[str, str], *, features_dir: str | Path, images_dir: str | Path,
+                window_frames: int, hop_frames: int) -> np.ndarray:
+    """One clip (a split CSV row: ``id``, ``image``) as a batch of model inputs.
+
+    ``cnn``: (n_windows, window_frames, n_mels, 1) float32 dB, sliding windows over the whole clip;
+    ``seed``: (1, H, W, 3) float32 in [0, 1], the clip's image. A clip's prediction is the mean of the
+    model's outputs over this batch.
+    """
+    if arch == "cnn":
+        x = data.load_features(features_dir, row["id"])  # (frames, n_mels) float32 dB
+        return data.sliding_windows(x, window_frames, hop_frames)[..., np.newaxis]
+    if arch == "seed":
+        return data.load_image(images_dir, row["image"])[np.newaxis]
+    raise ValueError(f"model.arch={arch!r} must be one of 'cnn', 'seed'")
+
+
+def build(params: ModelParams, n_classes: int, input_shape: tuple[int, ...],
+          norm_sample: np.ndarray | None = None) -> "keras.Model":
+    """The ``params.arch`` network for ``input_shape`` (without batch) and ``n_classes`` softmax outputs.
+
+    ``norm_sample`` (n, frames, n_mels) dB: training windows whose per-mel mean/variance the cnn's
+    Normalization layer uses; without it, adapt ``model.get_layer("normalize")`` before training.
+    """
+    if params.arch == "cnn":
+        return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample)
+    return build_seed(n_classes, input_shape)
+
+
+def build_cnn(n_classes: int, input_shape: tuple[int, ...], width: int, dropout: float,
+              norm_sample: np.ndarray | None = None) -> "keras.Model":
+    """Compact log-mel CNN: (batch, frames, n_mels, 1) dB -> (batch, n_classes) probabilities."""
+    import keras
+    from keras import layers
+
+    if norm_sample is not None:
+        mean = norm_sample.mean(axis=(0, 1))  # (n_mels,)
+        variance = np.maximum(norm_sample.var(axis=(0, 1)), 1e-6)
+        norm = layers.Normalization(axis=2, mean=mean, variance=variance, name="normalize")
+    else:
+        norm = layers.Normalization(axis=2, name="normalize")
+
+    def conv(x, filters: int, strides: int = 1, name: str = ""):
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)  # small data: few steps
+        return layers.ReLU(name=f"{name}_relu")(x)
+
+    inputs = keras.Input(shape=input_shape, name="logmel")  # (batch, frames, n_mels, 1) dB
+    x = norm(inputs)
+    x = conv(x, width // 2, strides=2, name="stem")  # (batch, frames/2, n_mels/2, w/2)
+    x = conv(x, width, name="b1")
+    x = layers.MaxPooling2D(2, padding="same", name="b1_pool")(x)  # (batch, frames/4, n_mels/4, w)
+    for i, filters in enumerate((2 * width, 4 * width), start=2):
+        x = conv(x, filters, name=f"b{i}a")
+        x = conv(x, filters, name=f"b{i}b")
+        x = layers.MaxPooling2D(2, padding="same", name=f"b{i}_pool")(x)  # b2: /8, 2w; b3: /16, 4w
+    x = conv(x, 8 * width, name="b4")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)  # (batch, 8w)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    return keras.Model(inputs, outputs, name="cnn")
+
+
+def build_seed(n_classes: int, input_shape: tuple[int, ...]) -> "keras.Model":
+    """The notebook's network: Conv2D 32-128-128-128 (3x3 relu, 2x2 max-pool), Flatten, Dense 1024, softmax."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=input_shape, name="image")  # (batch, 224, 224, 3) in [0, 1]
+    x = inputs
+    for i, filters in enumerate((32, 128, 128, 128), start=1):
+        x = layers.Conv2D(filters, 3, activation="relu", name=f"conv{i}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(1024, activation="relu", name="dense")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="classes")(x)
+    return keras.Model(inputs, outputs, name="seed")

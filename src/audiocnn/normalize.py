@@ -1,0 +1,167 @@
+"""Stage normalize: every manifest clip to mono float32 at audio.sample_rate, DC-free, level-normalized.
+
+Per clip (a pure function of the manifest record and the settings, run in parallel):
+read at most ``ingest.max_duration`` seconds, downmix to mono (mean of channels),
+resample with soxr (HQ), subtract the mean, optionally trim quiet lead-in/tail, then
+scale to ``target_dbfs`` by peak or RMS. Clips keep their full length.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import soxr
+
+from audiocnn import fileio, parallel
+from audiocnn.audio import AudioParams, read_audio
+from audiocnn.config import ParamsError, check
+from audiocnn.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SILENT_DBFS = -120.0  # a clip whose peak is below this is silent: left unscaled
+RMS_PEAK_CEILING_DBFS = -0.1  # rms method: the peak may not exceed this after scaling
+TRIM_HOP_SECONDS = 0.01  # silence trim works on 10 ms blocks
+
+
+@dataclass(frozen=True)
+class NormalizeParams:
+    """``normalize``: loudness normalization and silence trimming."""
+
+    method: Literal["peak", "rms"]
+    target_dbfs: float  # level after normalization (peak or RMS), dB full scale
+    trim_db: float  # >0: trim leading/trailing audio quieter than peak - trim_db; 0: off
+    workers: int  # processes; 0 = all cores (speed only: the output does not depend on it)
+
+    def __post_init__(self) -> None:
+        check(math.isfinite(self.target_dbfs) and self.target_dbfs <= 0, "target_dbfs", self.target_dbfs,
+              "must be a finite level <= 0 dBFS")
+        check(math.isfinite(self.trim_db) and self.trim_db >= 0, "trim_db", self.trim_db, "must be >= 0 (0 = off)")
+        check(self.workers >= 0, "workers", self.workers, "must be >= 0 (0 = all cores)")
+
+
+def max_duration_from(params: Mapping[str, Any]) -> float:
+    """``ingest.max_duration`` (seconds) from the raw params dict, validated."""
+    ingest = params.get("ingest")
+    value = ingest.get("max_duration") if isinstance(ingest, Mapping) else None
+    if value is None:
+        raise ParamsError("ingest.max_duration is missing (normalize reads at most this many seconds per clip)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ParamsError(f"ingest.max_duration={value!r} must be a positive number of seconds")
+    return float(value)
+
+
+def to_mono(audio: np.ndarray) -> np.ndarray:
+    """(frames, channels) or (frames,) -> (frames,) float32, the mean of the channels."""
+    if audio.ndim == 1:
+        return audio.astype(np.float32, copy=False)
+    if audio.shape[1] == 1:
+        return np.ascontiguousarray(audio[:, 0], dtype=np.float32)
+    return audio.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def resample(mono: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """(samples,) at rate_in -> (about samples*rate_out/rate_in,) at rate_out, soxr high quality."""
+    if rate_in == rate_out or mono.size == 0:
+        return mono
+    return soxr.resample(mono, rate_in, rate_out, quality="HQ").astype(np.float32, copy=False)
+
+
+def remove_dc(mono: np.ndarray) -> np.ndarray:
+    """Subtract the mean (float64 accumulation)."""
+    if mono.size == 0:
+        return mono
+    return (mono - np.float32(mono.mean(dtype=np.float64))).astype(np.float32, copy=False)
+
+
+def trim_silence(mono: np.ndarray, trim_db: float, hop_samples: int) -> np.ndarray:
+    """Cut leading/trailing ``hop_samples`` blocks whose peak is below the clip peak - trim_db.
+
+    The block holding the clip's peak always stays, so a clip is never trimmed to
+    nothing; silent clips, clips shorter than one block and ``trim_db=0`` are untouched.
+    """
+    peak = float(np.max(np.abs(mono))) if mono.size else 0.0
+    if trim_db <= 0 or mono.size <= hop_samples or peak <= 10 ** (SILENT_DBFS / 20):
+        return mono
+    blocks = math.ceil(mono.size / hop_samples)
+    padded = np.zeros(blocks * hop_samples, dtype=np.float32)
+    padded[: mono.size] = np.abs(mono)
+    block_peak = padded.reshape(blocks, hop_samples).max(axis=1)  # (blocks,)
+    loud = np.flatnonzero(block_peak >= peak * 10 ** (-trim_db / 20))
+    return mono[loud[0] * hop_samples : min(mono.size, (loud[-1] + 1) * hop_samples)]
+
+
+def normalize_level(mono: np.ndarray, method: str, target_dbfs: float) -> np.ndarray:
+    """Scale so the peak (method peak) or RMS (method rms) sits at ``target_dbfs``.
+
+    With rms, a gain that would push the peak above 0 dBFS is lowered so the peak
+    sits at -0.1 dBFS. Silent clips (peak below -120 dBFS) are returned unscaled.
+    """
+    peak = float(np.max(np.abs(mono))) if mono.size else 0.0
+    if peak <= 10 ** (SILENT_DBFS / 20):
+        return mono
+    target = 10 ** (target_dbfs / 20)
+    if method == "peak":
+        gain = target / peak
+    else:
+        gain = target / math.sqrt(float(np.mean(np.square(mono, dtype=np.float64))))
+        if peak * gain > 1.0:
+            log.debug("rms gain %.1f dB would clip (peak %+.1f dBFS): limited to peak %.1f dBFS",
+                      20 * math.log10(gain), 20 * math.log10(peak * gain), RMS_PEAK_CEILING_DBFS)
+            gain = 10 ** (RMS_PEAK_CEILING_DBFS / 20) / peak
+    return (mono * np.float32(gain)).astype(np.float32, copy=False)
+
+
+def normalize_signal(audio: np.ndarray, rate_in: int, sample_rate: int, params: NormalizeParams) -> np.ndarray:
+    """(frames, channels) at rate_in -> (samples,) float32 mono at sample_rate, normalized."""
+    mono = remove_dc(resample(to_mono(audio), rate_in, sample_rate))
+    mono = trim_silence(mono, params.trim_db, max(1, round(sample_rate * TRIM_HOP_SECONDS)))
+    return normalize_level(mono, params.method, params.target_dbfs)
+
+
+def normalize_clip(
+    record: Mapping[str, str], source: Path, clips_dir: Path, sample_rate: int, params: NormalizeParams,
+    max_seconds: float,
+) -> tuple[int, bool]:
+    """Normalize one manifest record into ``clips_dir/<id>.npy``; return (samples, silent)."""
+    audio, rate_in = read_audio(source / record["path"], max_seconds)  # (frames, channels) float32
+    if not np.isfinite(audio).all():
+        raise DataError(f"{record['path']}: {np.count_nonzero(~np.isfinite(audio))} NaN/Inf sample(s)")
+    mono = normalize_signal(audio, rate_in, sample_rate, params)  # (samples,) float32
+    if mono.size == 0:
+        raise DataError(f"{record['path']}: no samples to normalize")
+    fileio.write_npy(clips_dir / f"{record['id']}.npy", mono)
+    return int(mono.size), bool(np.max(np.abs(mono)) <= 10 ** (SILENT_DBFS / 20))
+
+
+def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: NormalizeParams,
+        max_seconds: float) -> None:
+    """Normalize every clip in ``manifest``; write ``out/clips/<id>.npy`` and ``out/index.csv``."""
+    index = fileio.read_csv(manifest)
+    missing = sorted({"id", "path"} - set(index.columns))
+    if missing:
+        raise DataError(f"{manifest}: missing column(s) {', '.join(missing)}")
+    if index.empty:
+        raise DataError(f"{manifest}: no clips to normalize")
+    duplicated = index["id"][index["id"].duplicated()].tolist()
+    if duplicated:
+        raise DataError(f"{manifest}: duplicate id(s) {', '.join(duplicated[:5])}")
+    clips_dir = fileio.fresh_dir(out) / "clips"
+    clips_dir.mkdir()
+    work = functools.partial(normalize_clip, source=Path(source), clips_dir=clips_dir,
+                             sample_rate=audio.sample_rate, params=params, max_seconds=max_seconds)
+    results = parallel.map_clips(work, index.to_dict("records"), params.workers, "normalize")
+    index["samples"] = [samples for samples, _ in results]
+    fileio.write_csv(out / "index.csv", index)
+    silent = [path for path, (_, is_silent) in zip(index["path"], results) if is_silent]
+    if silent:
+        log.warning("%d silent clip(s) (peak below %.0f dBFS) left unscaled, e.g. %s",
+                    len(silent), SILENT_DBFS, silent[0])
+    log.info("normalized %d clips to %d Hz, %s %.1f dBFS: %.1f s of audio in %s", len(index), audio.sample_rate,
+             params.method, params.target_dbfs, index["samples"].sum() / audio.sample_rate, out)

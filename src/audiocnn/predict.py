@@ -1,0 +1,245 @@
+"""Predict with a trained model: a Keras model dir (models/) or an exported .tflite, on files or a live stream.
+
+A file goes through the pipeline's own code with the params the model was trained with
+(``preprocess.json``): ``audio.read_audio``, ``normalize.normalize_signal`` over the whole
+recording, then for Keras ``spectrogram.log_mel`` and ``data.sliding_windows`` (the model's
+window, a start every hop, one aligned to the end), and the file's probabilities are the
+float64 mean over windows: what evaluate computes for a test clip. An exported .tflite
+(``audiocnn.tflite``) reads waveform windows cut at the same starts and computes the log-mel
+inside the model. TensorFlow is imported only when a Keras model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from audiocnn import audio, config, fileio, timeline
+from audiocnn.audio import AudioParams
+from audiocnn.config import ParamsError
+from audiocnn.errors import DataError
+from audiocnn.normalize import NormalizeParams, normalize_signal
+
+if TYPE_CHECKING:  # spectrogram imports librosa: loaded only when a model needs it
+    from audiocnn.spectrogram import SpectrogramParams
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
+BATCH_WINDOWS = 64  # windows per Keras call (evaluate.batch_size)
+
+
+class ModelError(DataError):
+    """The model path is missing or incomplete (a usage error: the CLI exits 2)."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a recording becomes model input: the training params stored in models/preprocess.json."""
+
+    audio: AudioParams
+    normalize: NormalizeParams
+    spectrogram: SpectrogramParams
+    window_seconds: float
+    window_frames: int
+    arch: str
+
+    @property
+    def sample_rate(self) -> int:
+        return self.audio.sample_rate
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_seconds * self.audio.sample_rate))
+
+
+def read_preprocess(raw: Mapping[str, Any], where: str | Path) -> Preprocess:
+    """Validate a preprocess.json mapping with the pipeline's own params classes."""
+    from audiocnn.spectrogram import SpectrogramParams
+
+    try:
+        return Preprocess(config.load_section(raw, "audio", AudioParams),
+                          config.load_section(raw, "normalize", NormalizeParams),
+                          config.load_section(raw, "spectrogram", SpectrogramParams),
+                          float(raw["window_seconds"]), int(raw["window_frames"]), str(raw.get("arch", "cnn")))
+    except (ParamsError, KeyError, TypeError, ValueError) as err:
+        raise ModelError(f"{where}: not a valid preprocess spec: {err}") from None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A recording's result: the mean probabilities and every window's."""
+
+    probabilities: np.ndarray  # (classes,) float64, mean over windows
+    window_probabilities: np.ndarray  # (windows, classes) float64
+    starts_s: np.ndarray  # (windows,) seconds
+    ends_s: np.ndarray  # (windows,) seconds
+    duration_s: float
+
+
+class Model:
+    """A loaded model: its labels, its preprocessing, and how a normalized waveform becomes inputs."""
+
+    path: Path
+    labels: list[str]
+    pre: Preprocess
+    hop_seconds: float | None = None  # stored with the model (export.json), else None
+
+    def clip_inputs(self, mono: np.ndarray, hop_frames: int) -> tuple[np.ndarray, list[int]]:
+        """(samples,) normalized -> (windows, ...) model inputs and their start frames."""
+        raise NotImplementedError
+
+    def window_input(self, mono: np.ndarray) -> np.ndarray:
+        """One normalized window (stream mode) -> (1, ...) model input of the model's fixed size."""
+        raise NotImplementedError
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """(windows, ...) inputs -> (windows, classes) probabilities."""
+        raise NotImplementedError
+
+
+class KerasModel(Model):
+    """models/: model.keras (safe_mode), labels.json, preprocess.json; log-mel (cnn) or image (seed) input."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.path = model_dir
+        files = [model_dir / name for name in ("model.keras", "labels.json", "preprocess.json")]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise ModelError(f"model not found: {', '.join(missing)} missing (train a model, or pass --model)")
+        self.labels = list(fileio.read_json(files[1])["labels"])
+        self.pre = read_preprocess(fileio.read_json(files[2]), files[2])
+        meta = model_dir / "export.json"
+        self.hop_seconds = fileio.read_json(meta).get("hop_seconds") if meta.is_file() else None
+        import keras  # TensorFlow starts here, only for Keras models
+
+        self.model = keras.saving.load_model(files[0], safe_mode=True)
+        if self.model.output_shape[-1] != len(self.labels):
+            raise ModelError(f"{files[0]} has {self.model.output_shape[-1]} outputs but {files[1]} lists "
+                             f"{len(self.labels)} labels")
+
+    def _log_mel(self, mono: np.ndarray) -> np.ndarray:
+        from audiocnn import spectrogram
+
+        return spectrogram.log_mel(mono, self.pre.sample_rate, self.pre.spectrogram)  # (frames, n_mels) dB
+
+    def _image(self, db: np.ndarray) -> np.ndarray:
+        from audiocnn import images
+
+        rgb = images.render(db, self.pre.spectrogram.top_db, self.pre.spectrogram.image_size)
+        return (rgb.astype(np.float32) / 255.0)[np.newaxis]  # (1, size, size, 3), as data.load_image reads the PNG
+
+    def clip_inputs(self, mono: np.ndarray, hop_frames: int) -> tuple[np.ndarray, list[int]]:
+        from audiocnn import data
+
+        db = self._log_mel(mono)
+        if self.pre.arch == "seed":
+            return self._image(db), [0]
+        starts = timeline.window_starts(len(db), self.pre.window_frames, hop_frames)
+        return data.sliding_windows(db, self.pre.window_frames, hop_frames)[..., np.newaxis], starts
+
+    def window_input(self, mono: np.ndarray) -> np.ndarray:
+        from audiocnn import data
+
+        db = self._log_mel(mono)
+        if self.pre.arch == "seed":
+            return self._image(db)
+        return data.center_crop(db, self.pre.window_frames)[np.newaxis, ..., np.newaxis]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(self.model.predict_on_batch(x[i : i + BATCH_WINDOWS]))
+                               for i in range(0, len(x), BATCH_WINDOWS)])
+
+
+def fit_window(mono: np.ndarray, samples: int) -> np.ndarray:
+    """(n,) -> (samples,) float32: zero-padded or cut at the end."""
+    return np.pad(mono[:samples], (0, max(0, samples - len(mono)))).astype(np.float32, copy=False)
+
+
+def waveform_windows(mono: np.ndarray, pre: Preprocess, hop_frames: int) -> tuple[np.ndarray, list[int]]:
+    """(samples,) normalized -> (windows, window_samples) float32 and their start frames.
+
+    The starts are those of evaluate's feature windows (``timeline.window_starts`` over the
+    clip's 1 + samples // hop_length centred frames): window k begins at sample start * hop_length,
+    so its centred frames are the clip's frames start..start+window_frames-1, apart from the two
+    edge frames of each side (zero padding instead of the neighbouring audio) and the top_db floor
+    (the window's max instead of the clip's).
+    """
+    hop_length = pre.spectrogram.hop_length
+    starts = timeline.window_starts(1 + len(mono) // hop_length, pre.window_frames, hop_frames)
+    return np.stack([fit_window(mono[s * hop_length :], pre.window_samples) for s in starts]), starts
+
+
+def load_model(path: str | Path) -> Model:
+    """A model dir (model.keras, labels.json, preprocess.json) or a .tflite file; ModelError when absent."""
+    path = Path(path)
+    if path.suffix == ".tflite":
+        from audiocnn.tflite import TFLiteModel
+
+        return TFLiteModel(path)
+    if not path.is_dir():
+        raise ModelError(f"model not found: {path} (expected a model directory or a .tflite file)")
+    return KerasModel(path)
+
+
+def default_hop_seconds(model: Model, params_path: Path | None) -> float:
+    """The model's stored hop, else ``evaluate.hop_seconds`` from ``params_path`` when it exists, else window/2."""
+    if model.hop_seconds is not None:
+        return float(model.hop_seconds)
+    if params_path is not None and params_path.is_file():
+        value = config.read_params(params_path).get("evaluate", {}).get("hop_seconds")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            log.debug("hop %.3f s from %s evaluate.hop_seconds", value, params_path)
+            return float(value)
+    return model.pre.window_seconds / 2
+
+
+def predict_waveform(model: Model, mono: np.ndarray, hop_seconds: float) -> Prediction:
+    """A normalized (samples,) recording at the model's rate -> windows and their mean (evaluate's rule)."""
+    pre = model.pre
+    hop = timeline.hop_frames(hop_seconds, pre.sample_rate, pre.spectrogram.hop_length)
+    x, starts = model.clip_inputs(mono, hop)
+    probs = np.asarray(model.run(x), dtype=np.float64)  # (windows, classes)
+    duration_s = len(mono) / pre.sample_rate
+    starts_s = np.asarray(starts, dtype=np.float64) * pre.spectrogram.hop_length / pre.sample_rate
+    window_s = duration_s if pre.arch == "seed" else pre.window_seconds
+    ends_s = np.minimum(starts_s + window_s, duration_s)
+    return Prediction(probs.mean(axis=0), probs, starts_s, ends_s, duration_s)
+
+
+def load_waveform(path: str | Path, pre: Preprocess) -> np.ndarray:
+    """Decode ``path`` and normalize it as the normalize stage does: (samples,) float32 mono at the model's rate."""
+    samples, rate = audio.read_audio(path)  # (frames, channels) float32
+    if not np.isfinite(samples).all():
+        raise DataError(f"{path}: NaN or Inf samples")
+    mono = normalize_signal(samples, rate, pre.sample_rate, pre.normalize)
+    if mono.size == 0:
+        raise DataError(f"{path}: no audio samples")
+    return mono
+
+
+def predict_file(model: Model, path: str | Path, hop_seconds: float) -> Prediction:
+    """One audio file -> its Prediction; AudioReadError/DataError naming the file when it cannot be read."""
+    return predict_waveform(model, load_waveform(path, model.pre), hop_seconds)
+
+
+def find_audio(path: Path) -> list[Path]:
+    """A file as given, or every wav/flac/ogg/mp3 under a folder (recursive, sorted); DataError when none."""
+    if not path.is_dir():
+        return [path]
+    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
+    if not found:
+        raise DataError(f"{path}: no {'/'.join(AUDIO_EXTENSIONS)} files in this folder")
+    return found
+
+
+def window_seconds_check(model: Model, window_seconds: float | None) -> None:
+    """ParamsError unless ``window_seconds`` (--window) is the model's fixed input length."""
+    if window_seconds is not None and not math.isclose(window_seconds, model.pre.window_seconds, abs_tol=1e-6):
+        raise ParamsError(f"--window {window_seconds:g}: {model.path} takes fixed {model.pre.window_seconds:g} s "
+                          "windows (train.window_seconds); retrain for another window")

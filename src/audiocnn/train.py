@@ -1,0 +1,257 @@
+"""Training (params section ``train``): streams, optimizer, fit, and every output of the train stage.
+
+Deterministic on CPU: ``keras.utils.set_random_seed`` + op determinism, seeded shuffles and
+stateless per-example augmentation, so the same params and data give the same weights and
+metrics (timings aside). AdamW with a cosine or constant schedule after a linear warmup
+(both are Keras' CosineDecay: alpha 1 keeps it constant), label smoothing, balanced class
+weights as sample weights, early stopping on val_loss that restores the best weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+import numpy as np
+import pandas as pd
+
+from audiocnn import data, fileio
+from audiocnn.augment import AugmentParams
+from audiocnn.config import ParamsError, check, to_dict
+from audiocnn.errors import DataError
+from audiocnn.models import ModelParams
+
+if TYPE_CHECKING:
+    import keras
+
+    from audiocnn.audio import AudioParams
+    from audiocnn.normalize import NormalizeParams
+    from audiocnn.spectrogram import SpectrogramParams
+
+log = logging.getLogger(__name__)
+
+NORM_SAMPLE_CLIPS = 256  # training clips whose centre windows set the cnn's input normalization
+MIN_WINDOW_FRAMES = 8
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """``train``: optimization, input window and augmentation."""
+
+    epochs: int
+    batch_size: int
+    lr: float  # peak learning rate (after warmup)
+    lr_schedule: Literal["cosine", "constant"]
+    warmup_epochs: int  # linear warmup from 0, per step
+    weight_decay: float  # AdamW decoupled weight decay
+    label_smoothing: float
+    window_seconds: float  # model input length
+    patience: int  # epochs without val_loss improvement before stopping
+    class_weights: bool  # balanced sample weights from the training label counts
+    shuffle_buffer: int  # clips (file paths) in the shuffle buffer
+    seed: int
+    augment: AugmentParams
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs, "must be within 0..epochs")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        check(self.window_seconds > 0, "window_seconds", self.window_seconds, "must be > 0")
+        check(self.patience >= 0, "patience", self.patience, "must be >= 0")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Inputs and outputs of the train stage, as dvc.yaml passes them."""
+
+    features: Path
+    images: Path
+    split: Path
+    model_dir: Path
+    metrics: Path
+    history: Path
+    curves: Path
+
+
+def input_frames(params: TrainParams, audio: "AudioParams", spectrogram: "SpectrogramParams") -> int:
+    """Window frames of the model input; ParamsError naming the keys when too short for the cnn."""
+    frames = data.window_frames(params.window_seconds, audio.sample_rate, spectrogram.hop_length)
+    if frames < MIN_WINDOW_FRAMES:
+        raise ParamsError(f"train.window_seconds={params.window_seconds} gives {frames} frames at "
+                          f"audio.sample_rate={audio.sample_rate}, spectrogram.hop_length={spectrogram.hop_length}; "
+                          f"need >= {MIN_WINDOW_FRAMES}")
+    return frames
+
+
+def check_features(features_dir: Path, audio: "AudioParams", spectrogram: "SpectrogramParams") -> None:
+    """DataError when ``meta.json`` shows the features were made with other settings (a stale stage)."""
+    meta_path = features_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path} not found: run the spectrogram stage")
+    meta = fileio.read_json(meta_path)
+    expected = {"sample_rate": audio.sample_rate, "hop_length": spectrogram.hop_length, "n_mels": spectrogram.n_mels}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise DataError(f"{meta_path}: {key}={meta.get(key)!r} but params say {value!r}: rerun the spectrogram stage")
+
+
+def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int, n_mels: int, image_size: int):
+    """(train dataset of (x, y, w) batches, val dataset of (x, y), labels, normalization sample or None)."""
+    import tensorflow as tf
+
+    from audiocnn import augment
+
+    train_frame, val_frame = data.read_split(paths.split, "train"), data.read_split(paths.split, "val")
+    labels = data.class_labels(train_frame)
+    if len(labels) < 2:
+        raise DataError(f"{paths.split / 'train.csv'}: {len(labels)} class(es); need at least 2")
+    y_train = data.label_indices(train_frame, labels, str(paths.split / "train.csv"))
+    y_val = data.label_indices(val_frame, labels, str(paths.split / "val.csv"))
+    weights = data.sample_weights(y_train, len(labels), params.class_weights)
+    p = params.augment
+
+    if arch == "seed":  # images: no dB-domain augmentation (masks, gain, noise); mixup still applies
+        train_paths, val_paths = (data.clip_files(paths.images, f, images=True) for f in (train_frame, val_frame))
+        def transform(path, label, weight, seed):  # noqa: E306
+            return data.load_png_tf(path, image_size), tf.one_hot(label, len(labels)), weight
+        side, norm_sample = None, None
+        val_ds = data.image_dataset(val_paths, y_val, len(labels), image_size).batch(params.batch_size)
+    else:
+        train_paths, val_paths = (data.clip_files(paths.features, f) for f in (train_frame, val_frame))
+        noise_label, side = (augment.noise_label(p, labels) if p.noise_prob > 0 else -1), None
+        if p.noise_prob > 0:
+            noise = [path for path, y in zip(train_paths, y_train) if noise_label < 0 or y == noise_label]
+            side = data.noise_stream(noise, frames, n_mels, params.seed + 10)
+        transform = augment.window_transform(p, frames, n_mels, len(labels), noise_label)
+        norm_sample = data.feature_sample(train_paths, frames, NORM_SAMPLE_CLIPS, params.seed)
+        val_ds = data.eval_dataset(val_paths, y_val, len(labels), frames, n_mels, params.batch_size)
+
+    mix = (lambda x, y, w, s: augment.mixup(x, y, w, s, p.mixup_alpha)) if p.mixup_alpha > 0 else None
+    items = tf.data.Dataset.from_tensor_slices((train_paths, y_train, weights))
+    train_ds = data.train_stream(items, params.shuffle_buffer, params.seed, transform, params.batch_size, mix, side)
+    log.info("train: %d clips, val: %d clips, %d classes, arch %s", len(train_paths), len(val_paths), len(labels), arch)
+    return train_ds, val_ds, labels, len(train_paths), norm_sample
+
+
+def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: int) -> None:
+    """AdamW on linear warmup then cosine decay to 0 (or constant), label-smoothed cross-entropy."""
+    import keras
+
+    warmup = params.warmup_epochs * steps_per_epoch
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else params.lr,
+        decay_steps=max(params.epochs * steps_per_epoch - warmup, 1),
+        alpha=0.0 if params.lr_schedule == "cosine" else 1.0,
+        warmup_target=params.lr if warmup else None, warmup_steps=warmup)
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=params.weight_decay),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+
+
+def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams", normalize: "NormalizeParams",
+          spectrogram: "SpectrogramParams", model_params: ModelParams, params: TrainParams) -> dict[str, Any]:
+    """Train, write models/, metrics, history and curves, and log it all to one MLflow run; return the metrics."""
+    import keras
+    import tensorflow as tf
+
+    from audiocnn import models, plots, tracking
+
+    frames = input_frames(params, audio, spectrogram)
+    check_features(paths.features, audio, spectrogram)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(params.seed)  # python, numpy, tf and keras seeds
+    tf.config.experimental.enable_op_determinism()
+    train_ds, val_ds, labels, n_train, norm_sample = build_streams(
+        model_params.arch, paths, params, frames, spectrogram.n_mels, spectrogram.image_size)
+    shape = (spectrogram.image_size,) * 2 + (3,) if model_params.arch == "seed" else (frames, spectrogram.n_mels, 1)
+    model = models.build(model_params, len(labels), shape, norm_sample)
+    steps = math.ceil(n_train / params.batch_size)  # one pass over the training clips
+    compile_model(model, params, steps)
+    log.info("model %s: %d parameters, input %s", model_params.arch, model.count_params(), shape)
+
+    with tracking.start_run() as run:
+        tracking.log_params(raw_params)
+        tracking.set_data_tags([p for p in (paths.split / f"{n}.csv" for n in data.SPLITS) if p.is_file()])
+        epoch_log = epoch_logger(n_train, params.epochs)
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+        started = time.perf_counter()
+        # repeat(): one pipeline for the whole fit (no refill per epoch); each pass reshuffles and re-crops
+        fit = model.fit(train_ds.repeat(), steps_per_epoch=steps, validation_data=val_ds, epochs=params.epochs,
+                        verbose=0, shuffle=False,
+                        callbacks=[epoch_log, stop, tracking.epoch_logger()])  # epoch_log first: adds "lr"
+        train_seconds, names = time.perf_counter() - started, ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
+        history = pd.DataFrame({"epoch": np.arange(1, len(fit.history["loss"]) + 1), **{k: fit.history[k] for k in names}})
+        best = int(history["val_loss"].idxmin())
+        metrics = {"best_epoch": best + 1, "best_val_loss": float(history["val_loss"][best]),
+                   "best_val_accuracy": float(history["val_accuracy"][best]), "epochs_run": len(history),
+                   "parameters": int(model.count_params())}
+        # Timings vary run to run: MLflow and a side file, never metrics/train.json (kept byte-reproducible).
+        timing = {"samples_per_second": round(epoch_log.samples_per_second(), 1), "train_seconds": round(train_seconds, 1)}
+        preprocess = {"audio": to_dict(audio), "normalize": to_dict(normalize), "spectrogram": to_dict(spectrogram),
+                      "window_seconds": params.window_seconds, "window_frames": frames, "arch": model_params.arch}
+        write_model_dir(paths.model_dir, model, labels, preprocess, run.info.run_id)
+        fileio.write_json(paths.metrics, metrics)
+        fileio.write_csv(paths.history, history)
+        plots.plot_history(history, paths.curves)
+        fileio.write_json(paths.history.with_name("timing.json"), timing)  # undeclared, git-ignored
+        tracking.log_metrics(metrics, prefix="train/")
+        tracking.log_metrics(timing, prefix="train/")
+        tracking.log_keras_model(model, labels)
+        tracking.log_artifacts([paths.model_dir / "preprocess.json", paths.metrics, paths.history, paths.curves])
+    log.info("best epoch %d/%d: val_loss %.4f, val_accuracy %.4f; %.0f samples/s", metrics["best_epoch"],
+             metrics["epochs_run"], metrics["best_val_loss"], metrics["best_val_accuracy"], timing["samples_per_second"])
+    return metrics
+
+
+def epoch_logger(n_train: int, epochs: int) -> Any:
+    """A callback that adds ``lr`` to the epoch logs, logs one line per epoch and times the training passes."""
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds: list[float] = []  # per epoch, training pass only (until validation starts)
+            self._start = self._val_start = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._start, self._val_start = time.perf_counter(), 0.0
+
+        def on_test_begin(self, logs: Any = None) -> None:
+            self._val_start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.seconds.append((self._val_start or time.perf_counter()) - self._start)
+            logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            log.info("epoch %d/%d: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+
+        def samples_per_second(self) -> float:
+            """Training throughput, leaving out the first epoch (graph tracing) when there are more."""
+            seconds = self.seconds[1:] or self.seconds
+            return n_train * len(seconds) / sum(seconds)
+
+    return EpochLog()
+
+
+def write_model_dir(model_dir: Path, model: "keras.Model", labels: list[str], preprocess: dict, run_id: str) -> None:
+    """models/: model.keras, labels.json, preprocess.json and run.json (the MLflow run evaluate resumes)."""
+    fileio.fresh_dir(model_dir)
+    with fileio.atomic_path(model_dir / "model.keras") as tmp:
+        keras_tmp = tmp.with_name(tmp.name + ".keras")  # Keras insists on the suffix
+        try:
+            model.save(keras_tmp)
+            os.replace(keras_tmp, tmp)
+        finally:
+            keras_tmp.unlink(missing_ok=True)
+    fileio.write_json(model_dir / "labels.json", {"labels": labels})
+    fileio.write_json(model_dir / "preprocess.json", preprocess)
+    fileio.write_json(model_dir / "run.json", {"run_id": run_id})

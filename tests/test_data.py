@@ -1,0 +1,131 @@
+"""data.py: windowing math, floor padding, sliding windows, images, and the tf.data streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from audiocnn import data, fileio
+from audiocnn.errors import DataError
+
+N_MELS = 8
+
+
+def ramp(frames: int) -> np.ndarray:
+    """(frames, N_MELS) features whose value at frame t is t - 80 (dB), so a window's start is readable."""
+    return np.repeat(np.arange(frames, dtype=np.float32)[:, None] - 80.0, N_MELS, axis=1)
+
+
+def write_clips(tmp_path, lengths: dict[str, int]) -> list[str]:
+    for clip_id, frames in lengths.items():
+        fileio.write_npy(tmp_path / f"{clip_id}.npy", ramp(frames))
+    return [str(tmp_path / f"{clip_id}.npy") for clip_id in lengths]
+
+
+@pytest.mark.parametrize(
+    ("window_seconds", "sample_rate", "hop_length", "expected"),
+    [(1.0, 16000, 160, 101), (0.5, 16000, 160, 51), (1.0, 8000, 256, 32), (0.01, 16000, 160, 2), (0.3, 16000, 160, 31)],
+)
+def test_window_frames(window_seconds, sample_rate, hop_length, expected):
+    assert data.window_frames(window_seconds, sample_rate, hop_length) == expected
+
+
+def test_pad_to_uses_clip_floor_not_zero():
+    x = ramp(5)  # values -80..-76 dB
+    padded = data.pad_to(x, 9)
+    assert padded.shape == (9, N_MELS)
+    np.testing.assert_array_equal(padded[:5], x)
+    assert np.all(padded[5:] == -80.0)
+    assert data.pad_to(x, 3) is x  # long enough: unchanged
+
+
+def test_center_crop():
+    np.testing.assert_array_equal(data.center_crop(ramp(10), 4)[:, 0], np.array([3, 4, 5, 6]) - 80.0)
+    assert data.center_crop(ramp(2), 4)[:, 0].tolist() == [-80.0, -79.0, -80.0, -80.0]
+
+
+def test_sliding_windows_cover_clip_and_end_aligned():
+    windows = data.sliding_windows(ramp(10), 4, 3)  # starts 0, 3, 6 (6 + 4 = 10: already at the end)
+    assert windows.shape == (3, 4, N_MELS)
+    assert windows[:, 0, 0].tolist() == [-80.0, -77.0, -74.0]
+    windows = data.sliding_windows(ramp(11), 4, 3)  # starts 0, 3, 6 and the end-aligned 7
+    assert windows[:, 0, 0].tolist() == [-80.0, -77.0, -74.0, -73.0]
+    assert windows[-1, -1, 0] == 10 - 80.0  # the last frame is covered
+
+
+def test_sliding_windows_short_clip_is_one_padded_window():
+    windows = data.sliding_windows(ramp(3), 5, 2)
+    assert windows.shape == (1, 5, N_MELS)
+    assert windows[0, 3:, 0].tolist() == [-80.0, -80.0]
+
+
+def test_load_features_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="nope.npy"):
+        data.load_features(tmp_path, "nope")
+    fileio.write_npy(tmp_path / "flat.npy", np.zeros(5, np.float32))
+    with pytest.raises(DataError, match="flat.npy"):
+        data.load_features(tmp_path, "flat")
+
+
+def test_load_image_rgb_unit_range(tmp_path):
+    pixels = np.zeros((6, 6, 3), np.uint8)
+    pixels[0, 0] = (255, 0, 128)
+    (tmp_path / "dog").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "dog" / "a.png")
+    image = data.load_image(tmp_path, "dog/a.png")
+    assert image.dtype == np.float32 and image.shape == (6, 6, 3)
+    np.testing.assert_allclose(image[0, 0], [1.0, 0.0, 128 / 255])
+
+
+def test_label_indices_rejects_unknown_labels():
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": ["a", "b"], "label": ["cat", "owl"]})
+    with pytest.raises(DataError, match="owl"):
+        data.label_indices(frame, ["cat", "dog"], "val.csv")
+
+
+def first_frames(ds) -> list[float]:
+    """The first frame value (the crop start - 80) of each example, in stream order."""
+    return [float(v) for x, _ in ds.unbatch().as_numpy_iterator() for v in [x[0, 0]]]
+
+
+def test_train_stream_crops_vary_per_epoch_but_repeat_per_seed(tmp_path):
+    import tensorflow as tf
+
+    paths = write_clips(tmp_path, {f"c{i}": 40 + i for i in range(6)})
+    labels = np.arange(6, dtype=np.int32)
+
+    def crop(path, label, seed):
+        return data.crop_tf(data.load_npy_tf(path, N_MELS), 10, seed), label
+
+    def stream(seed):
+        items = tf.data.Dataset.from_tensor_slices((paths, labels))
+        return data.train_stream(items, shuffle_buffer=6, seed=seed, transform=crop, batch_size=4)
+
+    batch_x, batch_y = next(iter(stream(3)))
+    assert batch_x.shape == (4, 10, N_MELS) and batch_y.shape == (4,)
+    ds = stream(3)
+    epoch1, epoch2 = first_frames(ds), first_frames(ds)
+    assert len(epoch1) == 6 and epoch1 != epoch2  # new crops (and order) each epoch
+    again = stream(3)
+    assert first_frames(again) == epoch1 and first_frames(again) == epoch2  # same seed, same sequence
+    assert first_frames(stream(4)) != epoch1
+
+
+def test_eval_dataset_centre_windows(tmp_path):
+    paths = write_clips(tmp_path, {"long": 20, "short": 3})
+    ds = data.eval_dataset(paths, np.array([1, 0], np.int32), n_classes=2, frames=6, n_mels=N_MELS, batch_size=8)
+    x, y = next(iter(ds))
+    assert x.shape == (2, 6, N_MELS, 1) and y.shape == (2, 2)
+    np.testing.assert_array_equal(x[0, :, 0, 0], np.arange(7, 13) - 80.0)  # centre of 20 frames
+    np.testing.assert_array_equal(x[1, :, 0, 0], [-80, -79, -78, -80, -80, -80])  # floor-padded
+    np.testing.assert_array_equal(y.numpy(), [[0, 1], [1, 0]])
+
+
+def test_feature_sample_is_bounded_and_seeded(tmp_path):
+    paths = write_clips(tmp_path, {f"c{i}": 12 for i in range(5)})
+    sample = data.feature_sample(paths, 8, limit=3, seed=1)
+    assert sample.shape == (3, 8, N_MELS)
+    np.testing.assert_array_equal(sample, data.feature_sample(paths, 8, limit=3, seed=1))

@@ -1,0 +1,75 @@
+"""models.py: the cnn's size and input normalization, the seed network's layer stack, model_input per arch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from audiocnn import fileio
+from audiocnn.config import ParamsError, load_section
+from audiocnn.models import ModelParams, model_input
+
+pytest.importorskip("tensorflow")
+from audiocnn import models  # noqa: E402
+
+WINDOW = (101, 64, 1)  # 1.0 s at 16 kHz, hop 160, 64 mels
+
+
+def test_real_section_validates_and_bad_values_name_the_key(params):
+    assert load_section(params, "model", ModelParams).arch == "cnn"
+    for key, value in [("arch", "resnet"), ("dropout", 1.0), ("width", 0)]:
+        with pytest.raises(ParamsError, match=f"model.{key}"):
+            load_section({"model": {**params["model"], key: value}}, "model", ModelParams)
+
+
+def test_cnn_size_and_output_at_the_default_width():
+    model = models.build_cnn(4, WINDOW, width=32, dropout=0.3, norm_sample=np.zeros((2, 101, 64), np.float32))
+    assert 100_000 <= model.count_params() <= 1_000_000
+    probs = model.predict(np.random.default_rng(0).normal(-50, 10, (3, *WINDOW)).astype(np.float32), verbose=0)
+    assert probs.shape == (3, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert {"Normalization", "BatchNormalization", "GlobalAveragePooling2D", "Dropout"} <= kinds
+
+
+def test_cnn_normalization_is_adapted_per_mel_inside_the_model():
+    import keras
+
+    rng = np.random.default_rng(1)
+    sample = (rng.normal(0, 3, (16, 20, 8)) + np.linspace(-70, -20, 8)).astype(np.float32)  # (n, frames, mels) dB
+    model = models.build_cnn(2, (20, 8, 1), width=8, dropout=0.0, norm_sample=sample)
+    normalized = keras.Model(model.input, model.get_layer("normalize").output)(sample[..., None]).numpy()
+    np.testing.assert_allclose(normalized.mean(axis=(0, 1, 3)), 0.0, atol=1e-3)  # per mel bin
+    np.testing.assert_allclose(normalized.std(axis=(0, 1, 3)), 1.0, atol=1e-2)
+
+
+def test_cnn_accepts_small_inputs():
+    model = models.build_cnn(3, (9, 8, 1), width=4, dropout=0.1, norm_sample=np.zeros((1, 9, 8), np.float32))
+    assert model.predict(np.zeros((2, 9, 8, 1), np.float32), verbose=0).shape == (2, 3)
+
+
+def test_seed_is_the_notebook_network():
+    model = models.build(ModelParams(arch="seed", width=32, dropout=0.3), 10, (224, 224, 3))
+    stack = [(type(layer).__name__, getattr(layer, "filters", None) or getattr(layer, "units", None))
+             for layer in model.layers[1:]]
+    assert stack == [("Conv2D", 32), ("MaxPooling2D", None), ("Conv2D", 128), ("MaxPooling2D", None),
+                     ("Conv2D", 128), ("MaxPooling2D", None), ("Conv2D", 128), ("MaxPooling2D", None),
+                     ("Flatten", None), ("Dense", 1024), ("Dense", 10)]
+    assert model.input_shape == (None, 224, 224, 3) and model.output_shape == (None, 10)
+    assert all(layer.kernel_size == (3, 3) for layer in model.layers if type(layer).__name__ == "Conv2D")
+
+
+def test_model_input_per_arch(tmp_path):
+    x = np.linspace(-80, -20, 250 * 64, dtype=np.float32).reshape(250, 64)
+    fileio.write_npy(tmp_path / "clip-1.npy", x)
+    (tmp_path / "img" / "dog").mkdir(parents=True)
+    Image.fromarray(np.full((224, 224, 3), 255, np.uint8)).save(tmp_path / "img" / "dog" / "clip-1.png")
+    row = {"id": "clip-1", "image": "dog/clip-1.png"}
+    windows = model_input("cnn", row, features_dir=tmp_path, images_dir=tmp_path / "img", window_frames=101,
+                          hop_frames=50)
+    assert windows.shape == (4, 101, 64, 1)  # starts 0, 50, 100 and the end-aligned 149
+    np.testing.assert_array_equal(windows[-1, -1, :, 0], x[-1])
+    image = model_input("seed", row, features_dir=tmp_path, images_dir=tmp_path / "img", window_frames=101,
+                        hop_frames=50)
+    assert image.shape == (1, 224, 224, 3) and image.max() == 1.0

@@ -1,0 +1,187 @@
+"""normalize: level math, mono downmix, resampling, trimming, the stage end to end."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import yaml
+
+from audiocnn import config, fileio, normalize, parallel
+from audiocnn.audio import AudioParams
+from audiocnn.config import ParamsError
+from audiocnn.normalize import NormalizeParams
+from audiocnn.parallel import ClipError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def norm_params(**overrides) -> NormalizeParams:
+    section = {**config.read_params(REPO / "params.yaml")["normalize"], "workers": 1, **overrides}
+    return config.load_section({"normalize": section}, "normalize", NormalizeParams)
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def dbfs(x: float) -> float:
+    return 20 * np.log10(x)
+
+
+def test_params_validation_names_the_key():
+    with pytest.raises(ParamsError, match=r"^normalize\.target_dbfs=3\.0 must be"):
+        norm_params(target_dbfs=3.0)
+    with pytest.raises(ParamsError, match=r"^normalize\.trim_db=-1\.0 must be >= 0"):
+        norm_params(trim_db=-1.0)
+    with pytest.raises(ParamsError, match=r"normalize\.method='loud' must be one of"):
+        norm_params(method="loud")
+
+
+def test_max_duration_from_raw_params():
+    assert normalize.max_duration_from({"ingest": {"max_duration": 600}}) == 600.0
+    with pytest.raises(ParamsError, match=r"ingest\.max_duration is missing"):
+        normalize.max_duration_from({"ingest": {}})
+    with pytest.raises(ParamsError, match=r"ingest\.max_duration='long' must be a positive"):
+        normalize.max_duration_from({"ingest": {"max_duration": "long"}})
+    with pytest.raises(ParamsError, match=r"ingest\.max_duration=0 must be a positive"):
+        normalize.max_duration_from({"ingest": {"max_duration": 0}})
+
+
+def test_mono_downmix_is_the_channel_mean():
+    stereo = np.stack([np.full(10, 0.2, np.float32), np.full(10, -0.6, np.float32)], axis=1)  # (frames, 2)
+    mono = normalize.to_mono(stereo)
+    assert mono.shape == (10,) and mono.dtype == np.float32
+    np.testing.assert_allclose(mono, -0.2, atol=1e-7)
+
+
+@pytest.mark.parametrize("rate_in", [8000, 22050, 44100])
+def test_resample_length_and_pitch(rate_in):
+    out = normalize.resample(tone(1.0, rate_in, freq=1000.0), rate_in, 16000)
+    assert out.dtype == np.float32 and abs(out.size - 16000) <= 1
+    spectrum = np.abs(np.fft.rfft(out[: 16000 // 2 * 2]))
+    assert abs(np.argmax(spectrum) * 16000 / (16000 // 2 * 2) - 1000.0) <= 2.0
+
+
+def test_dc_removed_and_peak_level():
+    x = tone(0.5, 16000) + 0.3  # DC offset
+    out = normalize.normalize_signal(x[:, None], 16000, 16000, norm_params(method="peak", target_dbfs=-3.0))
+    assert abs(float(out.mean())) < 1e-4
+    assert dbfs(np.abs(out).max()) == pytest.approx(-3.0, abs=1e-3)
+
+
+def test_rms_level():
+    out = normalize.normalize_signal(tone(0.5, 16000)[:, None], 16000, 16000, norm_params(target_dbfs=-20.0))
+    assert dbfs(np.sqrt(np.mean(out.astype(np.float64) ** 2))) == pytest.approx(-20.0, abs=1e-3)
+
+
+def test_rms_gain_limited_below_full_scale():
+    x = np.zeros(16000, np.float32)
+    x[100] = 1.0  # one click: its RMS is -42 dBFS, so -3 dBFS RMS would need +39 dB of gain
+    out = normalize.normalize_level(x - x.mean(), "rms", -3.0)
+    assert dbfs(np.abs(out).max()) == pytest.approx(-0.1, abs=1e-3)
+
+
+def test_trim_cuts_quiet_ends_to_the_block():
+    rate, hop = 16000, 160
+    x = np.concatenate([np.zeros(4000), tone(0.5, rate), 0.001 * tone(0.25, rate)]).astype(np.float32)
+    out = normalize.trim_silence(x, 30.0, hop)
+    assert 8000 <= out.size <= 8000 + 2 * hop
+    np.testing.assert_array_equal(normalize.trim_silence(x, 0.0, hop), x)  # 0 = off
+    np.testing.assert_array_equal(normalize.trim_silence(x, 80.0, hop), x[4000:])  # -60 dB tail kept
+
+
+def test_trim_never_trims_to_nothing():
+    x = np.zeros(1600, np.float32)
+    x[800] = 0.5
+    out = normalize.trim_silence(x, 10.0, 160)
+    assert out.size == 160 and out.max() == 0.5
+    short = np.full(100, 0.1, np.float32)
+    assert normalize.trim_silence(short, 10.0, 160).size == 100
+
+
+def test_silent_clip_stays_zero():
+    out = normalize.normalize_signal(np.zeros((8000, 2), np.float32), 8000, 16000, norm_params(trim_db=40.0))
+    assert out.size == 16000 and np.all(out == 0) and np.all(np.isfinite(out))
+
+
+def make_source(tmp_path: Path) -> tuple[Path, Path]:
+    """Three WAV files (stereo 22.05 kHz, mono 8 kHz, 3 s mono 16 kHz) and their manifest."""
+    source = tmp_path / "source"
+    (source / "a").mkdir(parents=True)
+    stereo = np.stack([tone(0.5, 22050, 300.0), tone(0.5, 22050, 500.0, 0.1)], axis=1)
+    sf.write(source / "a" / "st.wav", stereo, 22050)
+    sf.write(source / "a" / "lo.wav", tone(0.7, 8000, 200.0, 0.01), 8000, subtype="PCM_16")
+    sf.write(source / "a" / "long.wav", tone(3.0, 16000), 16000)
+    rows = [("st-1", "a/st.wav"), ("lo-2", "a/lo.wav"), ("long-3", "a/long.wav")]
+    manifest = tmp_path / "manifest.csv"
+    fileio.write_csv(manifest, pd.DataFrame(
+        [{"id": i, "path": p, "label": "a", "group": "", "fold": "", "duration": "1", "sample_rate": "1",
+          "channels": "1", "sha256": "x"} for i, p in rows]))
+    return source, manifest
+
+
+def test_run_writes_contract_outputs_same_for_1_and_2_workers(tmp_path):
+    source, manifest = make_source(tmp_path)
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        normalize.run(source, manifest, out, AudioParams(16000), norm_params(workers=workers), max_seconds=2.0)
+        outs.append(out)
+    index = fileio.read_csv(outs[0] / "index.csv")
+    assert list(index.columns) == [*fileio.read_csv(manifest).columns, "samples"]
+    assert index["samples"].astype(int).tolist() == [8000, 11200, 32000]  # 0.5 s, 0.7 s, capped at 2 s
+    for clip_id, samples in zip(index["id"], index["samples"].astype(int)):
+        a = fileio.load_npy(outs[0] / "clips" / f"{clip_id}.npy")
+        assert a.dtype == np.float32 and a.shape == (samples,)
+        np.testing.assert_array_equal(a, fileio.load_npy(outs[1] / "clips" / f"{clip_id}.npy"))
+    assert fileio.read_csv(outs[1] / "index.csv").equals(index)
+
+
+def test_run_error_names_the_clip(tmp_path):
+    source, manifest = make_source(tmp_path)
+    (source / "a" / "lo.wav").write_bytes(b"not audio")
+    with pytest.raises(ClipError, match=r"a/lo\.wav"):
+        normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(), max_seconds=2.0)
+
+
+def test_non_finite_samples_are_a_data_error(tmp_path):
+    source, manifest = make_source(tmp_path)
+    bad = tone(0.5, 16000)
+    bad[100] = np.nan
+    sf.write(source / "a" / "long.wav", bad, 16000, subtype="FLOAT")
+    with pytest.raises(ClipError, match=r"a/long\.wav: .*1 NaN/Inf sample"):
+        normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(), max_seconds=2.0)
+
+
+def test_stage_script(tmp_path):
+    source, manifest = make_source(tmp_path)
+    params = config.read_params(REPO / "params.yaml")
+    params["normalize"]["workers"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    main = runpy.run_path(str(REPO / "stages" / "normalize.py"))["main"]
+    main(["--params", str(tmp_path / "params.yaml"), "--source", str(source), "--manifest", str(manifest),
+          "--out", str(tmp_path / "out")])
+    assert len(list((tmp_path / "out" / "clips").glob("*.npy"))) == 3
+
+
+def _square_or_fail(item: dict) -> int:
+    if item["x"] == 7:
+        raise ValueError("seven is not allowed")
+    return item["x"] ** 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_map_clips_keeps_order_and_names_the_failing_clip(workers):
+    items = [{"path": f"c/{x}.wav", "x": x} for x in range(40)]
+    assert parallel.map_clips(_square_or_fail, items[:7] + items[8:], workers, "t") == [
+        x * x for x in range(40) if x != 7]
+    with pytest.raises(ClipError, match=r"^c/7\.wav: ValueError: seven is not allowed$") as err:
+        parallel.map_clips(_square_or_fail, items, workers, "t")
+    assert "_square_or_fail" in err.value.detail  # the worker's traceback survives the process boundary
+    assert parallel.resolve_workers(0) >= 1

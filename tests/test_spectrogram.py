@@ -1,0 +1,146 @@
+"""spectrogram: params validation, log-mel values vs librosa, the stage end to end."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from audiocnn import config, fileio, spectrogram
+from audiocnn.audio import AudioParams
+from audiocnn.config import ParamsError
+from audiocnn.spectrogram import SpectrogramParams
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spec_params(**overrides) -> SpectrogramParams:
+    section = {**config.read_params(REPO / "params.yaml")["spectrogram"], "workers": 1, **overrides}
+    return config.load_section({"spectrogram": section}, "spectrogram", SpectrogramParams)
+
+
+def test_n_mels_message_exact():
+    with pytest.raises(ParamsError) as err:
+        spec_params(n_fft=512, n_mels=512)
+    assert str(err.value) == "spectrogram.n_mels=512 exceeds n_fft/2+1=257"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"hop_length": 1024}, r"^spectrogram\.hop_length=1024 must be in 1\.\.n_fft=512"),
+    ({"fmin": 500.0, "fmax": 400.0}, r"^spectrogram\.fmax=400\.0 must be above fmin=500\.0"),
+    ({"fmin": -1.0}, r"^spectrogram\.fmin=-1\.0 must be >= 0"),
+    ({"top_db": 0.0}, r"^spectrogram\.top_db=0\.0 must be > 0"),
+    ({"image_size": 0}, r"^spectrogram\.image_size=0 must be > 0"),
+    ({"gallery_per_class": 0}, r"^spectrogram\.gallery_per_class=0 must be > 0"),
+    ({"workers": -1}, r"^spectrogram\.workers=-1 must be >= 0"),
+])
+def test_params_validation(overrides, message):
+    with pytest.raises(ParamsError, match=message):
+        spec_params(**overrides)
+
+
+def test_fmax_checked_against_sample_rate_naming_both_keys():
+    spectrogram.check_against_audio(spec_params(fmax=8000.0), AudioParams(16000))
+    with pytest.raises(ParamsError, match=r"spectrogram\.fmax=9000 exceeds audio\.sample_rate/2=8000"):
+        spectrogram.check_against_audio(spec_params(fmax=9000.0), AudioParams(16000))
+
+
+def test_log_mel_matches_librosa():
+    params = spec_params()
+    x = (0.1 * np.random.default_rng(0).standard_normal(12345)).astype(np.float32)
+    db = spectrogram.log_mel(x, 16000, params)
+    assert db.dtype == np.float32 and db.shape == (1 + 12345 // params.hop_length, params.n_mels)
+    mel = librosa.feature.melspectrogram(y=x, sr=16000, n_fft=params.n_fft, hop_length=params.hop_length,
+                                         n_mels=params.n_mels, fmin=params.fmin, fmax=params.fmax, center=True)
+    np.testing.assert_allclose(db, librosa.power_to_db(mel, ref=1.0, top_db=params.top_db).T, atol=1e-3)
+    assert db.max() - db.min() <= params.top_db + 1e-4
+
+
+def test_top_db_floor_and_filterbank_cache():
+    params = spec_params(top_db=30.0)
+    x = np.zeros(4000, np.float32)
+    x[2000] = 1.0  # a click: most of the spectrogram is far below its peak
+    db = spectrogram.log_mel(x, 16000, params)
+    assert db.min() == pytest.approx(db.max() - 30.0)
+    basis = spectrogram.mel_basis(16000, params.n_fft, params.n_mels, params.fmin, params.fmax)
+    assert basis is spectrogram.mel_basis(16000, params.n_fft, params.n_mels, params.fmin, params.fmax)
+
+
+def make_normalized(tmp_path: Path) -> Path:
+    """A normalize output: 2 classes x 3 clips of tones, index.csv with the contract columns."""
+    root = tmp_path / "normalize"
+    (root / "clips").mkdir(parents=True)
+    rows = []
+    for label, freq in (("low tone", 300.0), ("High/Tone", 3000.0)):
+        for k in range(3):
+            clip_id = f"{label[:3].lower()}-{k}"
+            t = np.arange(4000 + 800 * k) / 16000
+            fileio.write_npy(root / "clips" / f"{clip_id}.npy", (0.1 * np.sin(2 * np.pi * freq * t)).astype(np.float32))
+            rows.append({"id": clip_id, "path": f"{clip_id}.wav", "label": label, "group": "", "fold": "",
+                         "samples": str(t.size)})
+    fileio.write_csv(root / "index.csv", pd.DataFrame(rows))
+    return root
+
+
+def run_stage(tmp_path: Path, name: str, **overrides) -> Path:
+    out = tmp_path / name
+    spectrogram.run(tmp_path / "normalize", out / "features", out / "images", out / "gallery.png",
+                    AudioParams(16000), spec_params(image_size=32, **overrides))
+    return out
+
+
+def test_run_outputs_and_workers_identical(tmp_path):
+    make_normalized(tmp_path)
+    one, two = run_stage(tmp_path, "one"), run_stage(tmp_path, "two", workers=2)
+    index = fileio.read_csv(one / "features" / "index.csv")
+    assert list(index.columns) == ["id", "path", "label", "group", "fold", "samples", "frames", "image"]
+    assert index["frames"].astype(int).tolist() == [1 + int(s) // 160 for s in index["samples"]]
+    assert fileio.read_json(one / "features" / "meta.json") == {
+        "sample_rate": 16000, "n_fft": 512, "hop_length": 160, "n_mels": 64, "fmin": 20.0, "fmax": 8000.0,
+        "top_db": 80.0}
+    for row in index.itertuples():
+        db = fileio.load_npy(one / "features" / f"{row.id}.npy")
+        assert db.shape == (int(row.frames), 64) and db.dtype == np.float32
+        np.testing.assert_array_equal(db, fileio.load_npy(two / "features" / f"{row.id}.npy"))
+        assert row.image.endswith(f"/{row.id}.png") and "/" not in row.image.split("/")[0]
+        with Image.open(one / "images" / row.image) as image:
+            assert image.mode == "RGB" and image.size == (32, 32)
+        assert (one / "images" / row.image).read_bytes() == (two / "images" / row.image).read_bytes()
+    assert fileio.read_csv(two / "features" / "index.csv").equals(index)
+    assert len({p.parent for p in (one / "images").rglob("*.png")}) == 2
+    with Image.open(one / "gallery.png") as gallery:
+        assert gallery.size[0] > 300
+
+
+def test_run_without_images(tmp_path):
+    make_normalized(tmp_path)
+    out = run_stage(tmp_path, "noimg", images=False)
+    assert (out / "images").is_dir() and not any((out / "images").iterdir())
+    assert set(fileio.read_csv(out / "features" / "index.csv")["image"]) == {""}
+    assert (out / "gallery.png").is_file()
+
+
+def test_gallery_takes_first_ids_per_class(tmp_path, monkeypatch):
+    make_normalized(tmp_path)
+    seen = []
+    monkeypatch.setattr(spectrogram.images, "write_gallery", lambda path, panels, *a: seen.extend(panels))
+    run_stage(tmp_path, "g", gallery_per_class=2, images=False)
+    assert [(label, clip_id) for label, clip_id, _ in seen] == [
+        ("High/Tone", "hig-0"), ("High/Tone", "hig-1"), ("low tone", "low-0"), ("low tone", "low-1")]
+
+
+def test_stage_script_rejects_fmax_above_nyquist(tmp_path):
+    make_normalized(tmp_path)
+    params = config.read_params(REPO / "params.yaml")
+    params["spectrogram"]["fmax"] = 12000.0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    main = runpy.run_path(str(REPO / "stages" / "spectrogram.py"))["main"]
+    with pytest.raises(ParamsError, match=r"spectrogram\.fmax=12000 exceeds audio\.sample_rate/2"):
+        main(["--params", str(tmp_path / "params.yaml"), "--normalized", str(tmp_path / "normalize"),
+              "--features", str(tmp_path / "f"), "--images", str(tmp_path / "i"), "--gallery", str(tmp_path / "g.png")])

@@ -1,0 +1,190 @@
+"""train.py and stages/train.py: params, class weights, schedule; tiny end-to-end runs on synthetic features."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from audiocnn import fileio
+from audiocnn.config import ParamsError, load_section
+from audiocnn.errors import DataError
+from audiocnn.data import sample_weights
+from audiocnn.train import TrainParams
+from conftest import REPO, shrink
+
+CLASSES = ("background", "high", "low")
+N_MELS = 16
+TIMING = ("samples_per_second", "train_seconds")
+
+
+def synthetic_dataset(root: Path, clips_per_class: dict[str, int], image_size: int = 0, seed: int = 0) -> Path:
+    """Pipeline-shaped features: class-dependent mel bands over a noise floor, clips of 20..60 frames.
+
+    Writes ``features/<id>.npy`` (frames, N_MELS) dB, ``features/meta.json``, ``split/{train,val,test}.csv``
+    and, with ``image_size``, ``spectrograms/<label>/<id>.png``.
+    """
+    rng = np.random.default_rng(seed)
+    features, split, images = root / "features", root / "split", root / "spectrograms"
+    band = {"background": None, "high": slice(10, 14), "low": slice(2, 6)}
+    for name, per_class in clips_per_class.items():
+        rows = []
+        for label in CLASSES:
+            for i in range(per_class):
+                clip_id = f"{label}-{name}{i:02d}"
+                frames = int(rng.integers(20, 61))
+                x = rng.normal(-60.0, 4.0, (frames, N_MELS)).astype(np.float32)  # (frames, n_mels) dB
+                if band[label] is not None:
+                    x[:, band[label]] += 30.0
+                x = np.maximum(x, x.max() - 80.0)
+                fileio.write_npy(features / f"{clip_id}.npy", x)
+                image = ""
+                if image_size:
+                    image = f"{label}/{clip_id}.png"
+                    pixels = np.clip((x.T[::-1] + 80.0) * 3.0, 0, 255).astype(np.uint8)
+                    (images / label).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(pixels).convert("RGB").resize((image_size, image_size)).save(images / image)
+                rows.append({"id": clip_id, "path": f"{label}/{clip_id}.wav", "label": label, "group": "",
+                             "fold": "", "frames": str(frames), "image": image})
+        fileio.write_csv(split / f"{name}.csv", pd.DataFrame(rows))
+    fileio.write_json(features / "meta.json", {"sample_rate": 16000, "n_fft": 512, "hop_length": 160,
+                                               "n_mels": N_MELS, "fmin": 20.0, "fmax": 8000.0, "top_db": 80.0})
+    return root
+
+
+def tiny_params(params: dict, **train) -> dict:
+    """The real params shrunk to a few-second training run on the synthetic features."""
+    params["spectrogram"].update(n_mels=N_MELS, image_size=48)
+    params["model"].update(width=8)
+    params["train"].update({"window_seconds": 0.3, "batch_size": 8, "epochs": 2, "warmup_epochs": 1, **train})
+    return params
+
+
+def run_stage(root: Path, params: dict, out: str = "out") -> dict:
+    """Run stages/train.py main() on ``root`` with ``params``; return metrics/train.json."""
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    main = runpy.run_path(str(REPO / "stages" / "train.py"))["main"]
+    o = root / out
+    main(["--params", str(root / "params.yaml"), "--features", str(root / "features"),
+          "--images", str(root / "spectrograms"), "--split", str(root / "split"), "--model", str(o / "models"),
+          "--metrics", str(o / "metrics.json"), "--history", str(o / "history.csv"), "--curves", str(o / "curves.png")])
+    return fileio.read_json(o / "metrics.json")
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, monkeypatch) -> Path:
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    return db
+
+
+def test_real_section_validates(params):
+    settings = load_section(params, "train", TrainParams)
+    assert settings.epochs == 2 and settings.augment.noise_snr_db == (5.0, 20.0)
+
+
+@pytest.mark.parametrize(("key", "value"), [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("window_seconds", 0.0),
+                                            ("lr_schedule", "step"), ("warmup_epochs", 5), ("label_smoothing", 1.0)])
+def test_bad_values_name_the_key(params, key, value):
+    params["train"][key] = value
+    with pytest.raises(ParamsError, match=f"train.{key}"):
+        load_section(params, "train", TrainParams)
+
+
+def test_balanced_sample_weights():
+    weights = sample_weights(np.array([0, 0, 0, 1]), 2, balanced=True)
+    np.testing.assert_allclose(weights, [4 / 6, 4 / 6, 4 / 6, 2.0])
+    assert sample_weights(np.array([0, 0, 1]), 2, balanced=False).tolist() == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(weights.sum(), 4.0)  # total weight = clips: the loss scale is unchanged
+
+
+@pytest.mark.parametrize(("schedule", "last"), [("cosine", 0.0), ("constant", 0.01)])
+def test_warmup_then_schedule(params, schedule, last):
+    import keras
+
+    from audiocnn import models, train
+
+    settings = load_section(tiny_params(params, lr=0.01, lr_schedule=schedule, epochs=4, warmup_epochs=1),
+                            "train", TrainParams)
+    model = models.build_cnn(3, (31, N_MELS, 1), 8, 0.1)
+    train.compile_model(model, settings, steps_per_epoch=10)
+    lr = model.optimizer._learning_rate
+    values = [float(keras.ops.convert_to_numpy(lr(step))) for step in (0, 5, 10, 25, 40)]
+    assert values[0] == 0.0 and values[1] == pytest.approx(0.005) and values[2] == pytest.approx(0.01)
+    assert values[4] == pytest.approx(last, abs=1e-7)
+    assert (values[3] < 0.009) == (schedule == "cosine")
+
+
+def test_stale_features_and_unknown_noise_class_are_reported(tmp_path, params, mlflow_db):
+    root = synthetic_dataset(tmp_path, {"train": 2, "val": 1})
+    with pytest.raises(DataError, match="meta.json: n_mels=16"):
+        run_stage(root, tiny_params(params) | {"spectrogram": {**params["spectrogram"], "n_mels": 32}})
+    params = tiny_params(params)
+    params["train"]["augment"]["noise_class"] = "rain"
+    with pytest.raises(ParamsError, match="train.augment.noise_class='rain'"):
+        run_stage(root, params)
+
+
+@pytest.mark.slow
+def test_stage_trains_writes_every_output_and_is_deterministic(tmp_path, params, mlflow_db):
+    import keras
+    import mlflow
+
+    root = synthetic_dataset(tmp_path, {"train": 8, "val": 3, "test": 1})
+    params = tiny_params(params, epochs=3, lr=0.01)
+    first = run_stage(root, params, "a")
+    out = root / "a"
+    assert set(first) == {"best_epoch", "best_val_loss", "best_val_accuracy", "epochs_run", "parameters"}
+    timing = json.loads((out / "timing.json").read_text())
+    assert set(timing) == set(TIMING) and timing["samples_per_second"] > 0
+    assert first["epochs_run"] == 3 and 1 <= first["best_epoch"] <= 3
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
+    assert history["epoch"].tolist() == [1, 2, 3] and history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert (out / "curves.png").stat().st_size > 0
+    labels = json.loads((out / "models" / "labels.json").read_text())["labels"]
+    assert labels == list(CLASSES)
+    preprocess = json.loads((out / "models" / "preprocess.json").read_text())
+    assert preprocess["window_frames"] == 31 and preprocess["spectrogram"]["n_mels"] == N_MELS
+    model = keras.models.load_model(out / "models" / "model.keras")
+    assert model.count_params() == first["parameters"] and model.output_shape == (None, 3)
+    run_id = json.loads((out / "models" / "run.json").read_text())["run_id"]
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "3"
+    assert run.data.metrics["train/best_epoch"] == first["best_epoch"] and "data_hash" in run.data.tags
+    steps = mlflow.MlflowClient().get_metric_history(run_id, "val_loss")
+    assert len(steps) == 3
+    assert pytest.approx(history["val_loss"].min()) == first["best_val_loss"]
+
+    second = run_stage(root, params, "b")  # same params and data: the same numbers
+    assert first == second
+    pd.testing.assert_frame_equal(history, pd.read_csv(root / "b" / "history.csv"))
+
+
+@pytest.mark.slow
+def test_learns_the_synthetic_bands(tmp_path, params, mlflow_db):
+    root = synthetic_dataset(tmp_path, {"train": 16, "val": 4})
+    params = tiny_params(params, epochs=8, lr=0.01, patience=8)
+    # every augmentation on; masks scaled to the 31 x 16 input (the defaults suit 101 x 64)
+    params["train"]["augment"].update(noise_prob=0.5, mixup_alpha=0.2, gain_db=6.0, time_mask_frames=4,
+                                      freq_mask_bins=2)
+    metrics = run_stage(root, params)
+    assert metrics["best_val_accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_seed_arch_trains_on_images(tmp_path, params, mlflow_db):
+    import keras
+
+    root = synthetic_dataset(tmp_path, {"train": 4, "val": 2}, image_size=48)
+    params = tiny_params(params, epochs=1, warmup_epochs=0)
+    params["model"]["arch"] = "seed"
+    metrics = run_stage(root, params)
+    model = keras.models.load_model(root / "out" / "models" / "model.keras")
+    assert model.input_shape == (None, 48, 48, 3) and metrics["epochs_run"] == 1
