@@ -1,13 +1,17 @@
-"""Run the DVC pipeline for a dataset config in a temporary workspace and tabulate the results.
+"""Run the DVC pipeline for dataset configs in a temporary workspace and tabulate the results.
 
-    python benchmarks/pipeline.py benchmarks/configs/fsdd_official.yaml [--runs NAME,...] [--out DIR]
+    python benchmarks/pipeline.py CONFIG [CONFIG ...] [--runs NAME,...] [--out DIR] [--keep]
 
-A config deep-merges `overrides` into the repo's params.yaml; optional `runs` are
-variants (e.g. leave-one-speaker-out folds) run one after another in the same
-workspace, so DVC recomputes only the stages a variant changes. Each stage runs as
-its own `dvc repro --single-item`, timed, with its peak resident memory from
-wait4(). The workspace is a fresh git repo in a temporary directory: nothing is
-written into the dataset or into this repository's own outputs.
+A config (benchmarks/configs/*.yaml) names a benchmark and deep-merges ``overrides`` into the
+repo's params.yaml; its optional ``runs`` are variants (each with its own ``overrides``, e.g. the
+folds of leave-one-speaker-out, or another architecture) run one after another in the same
+workspace, so DVC recomputes only the stages a variant changes; ``summary: true`` adds the mean
+and standard deviation of the runs' test metrics (cross-validation folds). A relative
+``ingest.source`` is resolved against the repo root unless a pipeline stage makes it (the demo
+set); the demo stage runs only when ingest reads its output. Each stage runs as its own
+``dvc repro --single-item``, timed, with its peak resident memory from wait4(). The workspace is
+a fresh git repo in a temporary directory with its own MLflow store: nothing is written into the
+dataset or into this repository, except the results, ``<out>/<config name>/results.{md,json}``.
 """
 
 from __future__ import annotations
@@ -16,23 +20,29 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py: machine facts, timed subprocesses, tables)
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["demo", "ingest", "normalize", "spectrogram", "split", "train", "evaluate"]
 PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore", ".gitignore"]
+CONFIG_KEYS = {"name", "description", "overrides", "runs", "summary"}
+RUN_KEYS = {"name", "overrides"}
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in: mappings recursively, anything else (lists too) replaced."""
     merged = copy.deepcopy(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -42,14 +52,37 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def tool_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for key, value in (("GIT_AUTHOR_NAME", "audiocnn bench"), ("GIT_AUTHOR_EMAIL", "bench@audiocnn.invalid")):
-        env.setdefault(key, value)
-        env.setdefault(key.replace("AUTHOR", "COMMITTER"), value)
-    return env
+def read_config(path: Path) -> dict[str, Any]:
+    """A benchmark config, checked: known keys, a name, runs with unique names (default: one run)."""
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict) or not config.get("name"):
+        raise SystemExit(f"{path}: expected a mapping with a 'name'")
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise SystemExit(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(CONFIG_KEYS))})")
+    runs = config.get("runs") or [{"name": config["name"]}]
+    for run in runs:
+        if not isinstance(run, dict) or not run.get("name") or set(run) - RUN_KEYS:
+            raise SystemExit(f"{path}: each run needs a 'name' and may have 'overrides', got {run!r}")
+    names = [run["name"] for run in runs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"{path}: run names must be unique: {names}")
+    return {**config, "runs": runs, "overrides": config.get("overrides") or {}}
+
+
+def stage_outputs() -> set[str]:
+    """Every ``outs`` path of dvc.yaml (a source that a stage makes stays relative to the workspace)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    return {next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s.get("outs", [])}
+
+
+def base_params(config: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml with the config's overrides; a relative source outside the pipeline made absolute."""
+    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), config["overrides"])
+    source = Path(params["ingest"]["source"])
+    if not source.is_absolute() and source.as_posix() not in stage_outputs():
+        params["ingest"]["source"] = str((REPO / source).resolve())
+    return params
 
 
 def make_workspace(root: Path, params: dict) -> Path:
@@ -63,7 +96,7 @@ def make_workspace(root: Path, params: dict) -> Path:
             shutil.copy2(src, dst)
     write_params(root, params)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "benchmark workspace"]):
-        subprocess.run(cmd, cwd=root, env=tool_env(), check=True, capture_output=True)
+        subprocess.run(cmd, cwd=root, env=common.tool_env(), check=True, capture_output=True)
     return root
 
 
@@ -71,126 +104,117 @@ def write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
-def timed_stage(root: Path, stage: str, env: dict[str, str]) -> dict:
-    """Run one stage through DVC; wall seconds, peak RSS (MiB) and whether it ran."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        ["dvc", "repro", "--single-item", stage], cwd=root, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    output = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed in {root}:\n{output[-4000:]}")
-    return {
-        "seconds": round(seconds, 2),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB; max over the stage's processes
-        "ran": f"Running stage '{stage}'" in output,
-    }
+def timed_stage(root: Path, stage: str, env: dict[str, str]) -> dict[str, Any]:
+    """One stage through DVC: wall and CPU seconds, peak RSS (MiB), whether it ran (False: up to date)."""
+    result = common.timed(["dvc", "repro", "--single-item", stage], root, env)
+    output = result.pop("output")
+    return {**result, "ran": f"Running stage '{stage}'" in output}
 
 
-def run_variant(root: Path, params: dict, env: dict[str, str]) -> dict:
+def run_variant(root: Path, params: dict, env: dict[str, str]) -> dict[str, Any]:
+    """Write ``params``, reproduce the stages, collect test metrics, training speed and the load around it."""
     write_params(root, params)
-    stages = {stage: timed_stage(root, stage, env) for stage in STAGES}
+    stages = [s for s in STAGES if s != "demo" or params["ingest"]["source"] in stage_outputs()]
+    load_before = os.getloadavg()[0]
+    timings = {stage: timed_stage(root, stage, env) for stage in stages}
     evaluation = json.loads((root / "metrics/eval.json").read_text())
     training = json.loads((root / "metrics/train.json").read_text())
-    training.update(json.loads((root / "reports/train/timing.json").read_text()))
+    timing_file = root / "reports/train/timing.json"  # samples_per_second, train_seconds (git-ignored side file)
+    training.update(json.loads(timing_file.read_text()) if timing_file.is_file() else {})
     return {
-        "accuracy": evaluation["accuracy"],
-        "macro_f1": evaluation["macro_f1"],
-        "test_clips": evaluation.get("clips"),
-        "samples_per_second": training.get("samples_per_second"),
-        "train_seconds": training.get("train_seconds"),
-        "epochs_run": training.get("epochs_run"),
-        "stages": stages,
+        "accuracy": evaluation["accuracy"], "macro_f1": evaluation["macro_f1"], "test_clips": evaluation["clips"],
+        "samples_per_second": training.get("samples_per_second"), "train_seconds": training.get("train_seconds"),
+        "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
+        "best_val_accuracy": training.get("best_val_accuracy"), "parameters": training.get("parameters"),
+        "peak_rss_mib": max(t["peak_rss_mib"] for t in timings.values()),
+        "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "stages": timings,
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and population std of the runs' test accuracy and macro-F1; mean and max training seconds."""
+    acc, f1 = [r["accuracy"] for r in runs.values()], [r["macro_f1"] for r in runs.values()]
+    seconds = [r["train_seconds"] or 0.0 for r in runs.values()]
+    return {"runs": len(acc), "accuracy_mean": round(statistics.mean(acc), 6),
+            "accuracy_std": round(statistics.pstdev(acc), 6), "macro_f1_mean": round(statistics.mean(f1), 6),
+            "macro_f1_std": round(statistics.pstdev(f1), 6), "train_seconds_mean": round(statistics.mean(seconds), 1),
+            "train_seconds_max": round(max(seconds), 1)}
 
 
-def markdown(name: str, results: dict, command: str) -> str:
-    lines = [
-        f"### {name}", "",
-        f"Command: `{command}`  ", f"Machine: {results['machine']}  ", f"Date: {results['date']}", "",
-        "| run | accuracy | macro-F1 | test clips | train samples/s | train s | "
-        + " | ".join(f"{s} s" for s in STAGES) + " | peak MiB |",
-        "|---" * (6 + len(STAGES) + 1) + "|",
-    ]
-    for run_name, row in results["runs"].items():
-        stage_cells = [f"{row['stages'][s]['seconds']:.1f}" + ("" if row["stages"][s]["ran"] else "*") for s in STAGES]
-        peak = max(v["peak_rss_mib"] for v in row["stages"].values() if v["ran"]) if any(
-            v["ran"] for v in row["stages"].values()) else 0.0
-        lines.append(
-            f"| {run_name} | {row['accuracy']:.4f} | {row['macro_f1']:.4f} | {row['test_clips']} | "
-            f"{row['samples_per_second'] or 0:.0f} | {row['train_seconds'] or 0:.0f} | "
-            + " | ".join(stage_cells) + f" | {peak:.0f} |"
-        )
+def markdown(results: dict[str, Any], command: str) -> list[str]:
+    """The results of one config as a Markdown section: header, one row per run, the summary."""
+    lines = common.header(results["name"], command, results["machine"])
+    if results.get("description"):
+        lines[1:1] = ["", results["description"].strip()]
+    stage_names = [s for s in STAGES if any(s in r["stages"] for r in results["runs"].values())]
+    columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "train samples/s", "train s",
+               *(f"{s} s" for s in stage_names), "peak MiB", "load 1 min (start/end)"]
+    rows = []
+    for name, r in results["runs"].items():
+        cells = [f"{r['stages'][s]['seconds']:.1f}" + ("" if r["stages"][s]["ran"] else "*") if s in r["stages"]
+                 else "-" for s in stage_names]
+        rows.append([name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", r["test_clips"], r["epochs_run"],
+                     f"{r['samples_per_second'] or 0:.0f}", f"{r['train_seconds'] or 0:.0f}", *cells,
+                     f"{r['peak_rss_mib']:.0f}", "{:.1f} / {:.1f}".format(*r["load_1min"])])
+    lines += common.table(columns, rows)
     if "summary" in results:
         s = results["summary"]
-        lines += ["", f"Mean accuracy over {s['runs']} runs: {s['accuracy_mean']:.4f} "
-                  f"(std {s['accuracy_std']:.4f}); mean macro-F1 {s['macro_f1_mean']:.4f}."]
-    lines += ["", "`*`: stage up to date (DVC skipped it; the time is DVC's check)."]
-    return "\n".join(lines) + "\n"
+        lines += ["", f"Mean test accuracy over {s['runs']} runs: **{s['accuracy_mean']:.4f}** "
+                  f"(std {s['accuracy_std']:.4f}); macro-F1 {s['macro_f1_mean']:.4f} (std {s['macro_f1_std']:.4f}); "
+                  f"training {s['train_seconds_mean']:.0f} s per run on average, at most {s['train_seconds_max']:.0f} s."]
+    lines += ["", f"Total wall time {results['wall_seconds'] / 60:.1f} min. `*`: stage up to date (DVC skipped it; "
+              "the time is DVC's check). `train s`: the fit itself; the train stage column adds start-up and writing."]
+    return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", type=Path)
-    parser.add_argument("--runs", default="", help="comma-separated subset of the config's runs")
-    parser.add_argument("--out", type=Path, default=None, help="results dir (default benchmarks/results/<name>)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary workspace")
-    args = parser.parse_args(argv)
-
-    config = yaml.safe_load(args.config.read_text(encoding="utf-8"))
-    name = config["name"]
-    base = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), config.get("overrides", {}))
-    source = Path(base["ingest"]["source"])
-    base["ingest"]["source"] = str(source if source.is_absolute() else (REPO / source).resolve())
-    variants = config.get("runs") or [{"name": name, "overrides": {}}]
-    if args.runs:
-        wanted = set(args.runs.split(","))
-        variants = [v for v in variants if v["name"] in wanted]
-    out = args.out or REPO / "benchmarks" / "results" / name
-    command = " ".join(["python", "benchmarks/pipeline.py", *sys.argv[1:]]) if argv is None else " ".join(argv)
-
+def run_config(path: Path, wanted: set[str], out: Path, keep: bool, command: str) -> list[str]:
+    """Every (wanted) run of one config in one fresh workspace; writes and returns its Markdown."""
+    config = read_config(path)
+    name, base = config["name"], base_params(config)
+    variants = [v for v in config["runs"] if not wanted or v["name"] in wanted]
+    if not variants:
+        print(f"[{name}] skipped: none of --runs {','.join(sorted(wanted))}", file=sys.stderr)
+        return []
     workspace = Path(tempfile.mkdtemp(prefix=f"audiocnn-bench-{name}-"))
-    env = tool_env()
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workspace / 'mlflow.db'}"
-    results: dict = {"name": name, "machine": machine(), "date": date.today().isoformat(), "runs": {}}
+    env = common.tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}")
+    results: dict[str, Any] = {"name": name, "description": config.get("description", ""), "config": str(path),
+                               "command": command, "runs": {}, "params": {}}
+    started = time.perf_counter()
     try:
         make_workspace(workspace, base)
         for variant in variants:
             print(f"[{name}] run {variant['name']}", file=sys.stderr, flush=True)
-            params = deep_merge(base, variant.get("overrides", {}))
+            params = deep_merge(base, variant.get("overrides") or {})
             results["runs"][variant["name"]] = run_variant(workspace, params, env)
+            results["params"][variant["name"]] = params
     finally:
-        if not args.keep:
+        if keep:
+            print(f"[{name}] workspace kept: {workspace}", file=sys.stderr)
+        else:
             shutil.rmtree(workspace, ignore_errors=True)
-    if len(results["runs"]) > 1:
-        import statistics
+    results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    results["machine"] = common.machine()  # load average at the end
+    if config.get("summary") and len(results["runs"]) > 1:
+        results["summary"] = summarize(results["runs"])
+    lines = markdown(results, command)
+    common.write_results(out / name, name, results, lines)
+    return lines
 
-        acc = [r["accuracy"] for r in results["runs"].values()]
-        f1 = [r["macro_f1"] for r in results["runs"].values()]
-        results["summary"] = {
-            "runs": len(acc), "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.pstdev(acc),
-            "macro_f1_mean": statistics.mean(f1),
-        }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(markdown(name, results, command), encoding="utf-8")
-    print(markdown(name, results, command))
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", type=Path, nargs="+", metavar="CONFIG", help="benchmarks/configs/*.yaml")
+    parser.add_argument("--runs", default="", help="comma-separated subset of the configs' runs")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                        help="results go to OUT/<config name>/ (default benchmarks/results)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary workspaces")
+    args = parser.parse_args(argv)
+    command = " ".join(["python", "benchmarks/pipeline.py", *(sys.argv[1:] if argv is None else argv)])
+    wanted = {name for name in args.runs.split(",") if name}
+    ran = [run_config(path, wanted, args.out, args.keep, command) for path in args.configs]
+    if not any(ran):
+        raise SystemExit(f"no run named {args.runs!r} in {', '.join(map(str, args.configs))}")
     return 0
 
 

@@ -31,8 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_models(root: Path) -> tuple[Path, Path]:
     """An untrained params.yaml-sized cnn in root/models and its float + int8 TFLite exports in root/export."""
-    import keras
-
     from audiocnn import config, data, fileio, frontend, models, predict, train
     from audiocnn.audio import AudioParams
     from audiocnn.export import to_tflite
@@ -50,7 +48,7 @@ def build_models(root: Path) -> tuple[Path, Path]:
     raw_pre = {"audio": config.to_dict(audio), "spectrogram": config.to_dict(spec), "window_seconds": window_s,
                "normalize": config.to_dict(config.load_section(params, "normalize", NormalizeParams)),
                "window_frames": frames, "arch": "cnn"}
-    train.write_model_dir(root / "models", model, labels, raw_pre, "benchmark")
+    train.write_model_dir(root / "models", model, labels, raw_pre)
     pre = predict.read_preprocess(raw_pre, "benchmark")
     wave, front = frontend.waveform_models(model, pre)
     for name, net in (("waveform", wave), ("frontend", front), ("classifier", model)):

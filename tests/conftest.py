@@ -28,6 +28,9 @@ def shrink(params: dict) -> dict:
     params["spectrogram"].update(workers=2, image_size=64, gallery_per_class=2)
     params["split"].update(val_size=0.25, test_size=0.25)
     params["train"].update(epochs=2, batch_size=8, shuffle_buffer=64, patience=2)
+    # 8 test clips from a 2-epoch model: one flipped clip is 12.5 points, so the gates get room
+    params["export"].update(calibration_windows=16, min_top1_agreement=0.85, max_mean_abs_diff=0.01,
+                            max_int8_accuracy_drop=0.26)
     return params
 
 

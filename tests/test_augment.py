@@ -15,7 +15,8 @@ tf = pytest.importorskip("tensorflow")
 from audiocnn import augment  # noqa: E402
 
 OFF = dict(time_masks=0, time_mask_frames=0, freq_masks=0, freq_mask_bins=0, mixup_alpha=0.0, gain_db=0.0,
-           noise_prob=0.0, noise_snr_db=(5.0, 20.0), noise_class="")
+           noise_prob=0.0, noise_snr_db=(5.0, 20.0), noise_class="", time_shift=False,
+           time_stretch=0.0, freq_warp=0.0)
 
 
 def params(**changes) -> AugmentParams:
@@ -117,3 +118,48 @@ def test_mixup_labels_stay_distributions_and_inputs_are_convex_mixes():
 def test_params_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         params().gain_db = 1.0  # type: ignore[misc]
+
+
+def test_stretch_scales_time_length_and_keeps_mel_count():
+    x = tf.constant(window())  # (20, 16)
+    lengths = set()
+    for i in range(20):
+        out = augment.stretch(x, seed(i), 0.3, axis=0).numpy()
+        assert out.shape[1] == 16 and 14 <= out.shape[0] <= 26  # 20 * [0.7, 1.3]
+        lengths.add(out.shape[0])
+        warped = augment.stretch(x, seed(i), 0.3, axis=1).numpy()
+        assert warped.shape == (20, 16) and warped.min() >= window().min() - 1e-4
+        assert warped.max() <= window().max() + 1e-4  # bilinear: no new extremes
+    assert len(lengths) > 3
+    np.testing.assert_array_equal(augment.stretch(x, seed(2), 0.3, 1), augment.stretch(x, seed(2), 0.3, 1))
+
+
+def test_freq_warp_down_fills_the_top_bins_with_the_floor():
+    x = tf.constant(np.tile(np.linspace(-50.0, -10.0, 16, dtype=np.float32), (4, 1)))  # rising with the mel bin
+    shrunk = [augment.stretch(x, seed(i), 0.5, axis=1).numpy() for i in range(30)]
+    narrowed = [s for s in shrunk if np.any(s[:, -1] == -50.0)]  # factor < 1: floor-padded at the top
+    assert 5 < len(narrowed) < 25
+    for s in narrowed:
+        top = int(np.argmax(np.diff(s[0]) < 0)) + 1  # where the rising ramp drops to the floor
+        assert np.all(np.diff(s[0, :top]) > 0) and np.all(s[:, top:] == -50.0) and top < 16
+
+
+def test_time_stretch_and_freq_warp_run_in_the_training_transform(tmp_path):
+    from audiocnn import fileio
+
+    fileio.write_npy(tmp_path / "a.npy", window())
+    p = params(time_stretch=0.2, freq_warp=0.1, time_shift=True)
+    transform = augment.window_transform(p, frames=30, n_mels=16, n_classes=3)
+    items = tf.data.Dataset.from_tensor_slices(([str(tmp_path / "a.npy")] * 8, [1] * 8, [1.0] * 8,
+                                                tf.constant([[7, i] for i in range(8)], tf.int64)))
+    out = list(items.map(transform).as_numpy_iterator())
+    assert all(x.shape == (30, 16, 1) and y.tolist() == [0, 1, 0] for x, y, _ in out)
+    assert len({x.tobytes() for x, _, _ in out}) == 8  # each seed its own stretch, shift and warp
+    again = list(items.map(transform).as_numpy_iterator())
+    np.testing.assert_array_equal(np.stack([x for x, _, _ in out]), np.stack([x for x, _, _ in again]))
+
+
+def test_stretch_params_are_validated():
+    for key in ("time_stretch", "freq_warp"):
+        with pytest.raises(ParamsError, match=key):
+            params(**{key: 1.0})

@@ -129,3 +129,19 @@ def test_feature_sample_is_bounded_and_seeded(tmp_path):
     sample = data.feature_sample(paths, 8, limit=3, seed=1)
     assert sample.shape == (3, 8, N_MELS)
     np.testing.assert_array_equal(sample, data.feature_sample(paths, 8, limit=3, seed=1))
+
+
+def test_crop_tf_time_shift_places_short_clips_at_random_offsets(tmp_path):
+    import tensorflow as tf
+
+    x = tf.constant(ramp(4))  # frames -80..-77 dB, floor -80
+    starts = set()
+    for i in range(40):
+        out = data.crop_tf(x, 10, tf.constant([3, i], tf.int64), shift=True).numpy()[:, 0]
+        start = int(np.argmax(out == -79.0)) - 1  # the clip's second frame is unique
+        np.testing.assert_array_equal(out[start : start + 4], [-80, -79, -78, -77])
+        assert np.sum(out == -80.0) == 7  # the clip's own first frame + 6 floor frames
+        starts.add(start)
+    assert starts == set(range(7))  # every offset 0..frames-4 occurs
+    unshifted = data.crop_tf(x, 10, tf.constant([3, 0], tf.int64)).numpy()[:, 0]
+    np.testing.assert_array_equal(unshifted[:4], [-80, -79, -78, -77])  # default: padded at the end only

@@ -163,34 +163,57 @@ def store(tmp_path, monkeypatch, empty_db):
     return uri
 
 
+def train_runs(models_dir: Path, *tags: dict) -> list[str]:
+    """Runs as train makes them, tagged model_sha256 of models/model.keras (here stand-in bytes)."""
+    (models_dir / "model.keras").write_bytes(b"stand-in for a saved model")
+    ids = []
+    for extra in tags:
+        with tracking.start_run() as run:
+            tracking.set_tags({"model_sha256": fileio.sha256_file(models_dir / "model.keras"), **extra})
+            tracking.log_metrics({"loss": 0.9, "accuracy": 0.6}, step=1)
+        ids.append(run.info.run_id)
+    return ids
+
+
 def test_stage_resumes_the_train_run(tmp_path, store, monkeypatch):
     dirs = make_dataset(tmp_path)
     monkeypatch.setattr(evaluate, "load_model", lambda d: (BandModel(), LABELS))
-    with tracking.start_run() as train_run:
-        tracking.log_metrics({"loss": 0.9, "accuracy": 0.6}, step=1)
-    fileio.write_json(dirs["models"] / "run.json", {"run_id": train_run.info.run_id})
+    [train_run_id] = train_runs(dirs["models"], {})
     metrics = run_stage(tmp_path, dirs)
     assert metrics["clips"] == 5 and metrics["accuracy"] == 0.8
     assert metrics["per_class"]["c"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3, abs=1e-6),
                                          "support": 2}
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert [r.info.run_id for r in runs] == [train_run.info.run_id]
+    assert [r.info.run_id for r in runs] == [train_run_id]
     got = runs[0]
     assert got.info.status == "FINISHED"
-    assert got.data.metrics["test/accuracy"] == 0.8 and got.data.metrics["accuracy"] == 0.6
-    assert got.data.metrics["test/per_class/c/f1"] == pytest.approx(2 / 3, abs=1e-6)
+    assert got.data.metrics["eval/accuracy"] == 0.8 and got.data.metrics["accuracy"] == 0.6
+    assert got.data.metrics["eval/per_class/c/f1"] == pytest.approx(2 / 3, abs=1e-6)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(got.info.run_id, "eval")}
     assert {"eval/eval.json", "eval/report.md", "eval/confusion.csv", "eval/misclassified.csv"} <= artifacts
     wrong = fileio.read_csv(tmp_path / "reports" / "eval" / "misclassified.csv")
     assert wrong[["path", "label", "predicted"]].values.tolist() == [["c/clip4.wav", "c", "b"]]
 
 
-def test_stage_without_run_json_opens_a_new_run(tmp_path, store, monkeypatch):
+def test_stage_picks_the_run_of_this_experiment_then_the_latest_finished(tmp_path, store, monkeypatch):
     dirs = make_dataset(tmp_path)
     monkeypatch.setattr(evaluate, "load_model", lambda d: (BandModel(), LABELS))
+    mine, finished, latest = train_runs(dirs["models"], {"dvc_exp_name": "mine"}, {}, {})
+    mlflow.MlflowClient().set_terminated(latest, "FAILED")
+    monkeypatch.setenv("DVC_EXP_NAME", "mine")
+    assert evaluate.train_run(dirs["models"]) == mine  # queued experiments with equal models stay apart
+    monkeypatch.delenv("DVC_EXP_NAME")
+    assert evaluate.train_run(dirs["models"]) == finished
+
+
+def test_stage_without_a_tagged_run_opens_a_new_run(tmp_path, store, monkeypatch, caplog):
+    dirs = make_dataset(tmp_path)
+    monkeypatch.setattr(evaluate, "load_model", lambda d: (BandModel(), LABELS))
+    (dirs["models"] / "model.keras").write_bytes(b"a model no run has trained")
     run_stage(tmp_path, dirs)
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FINISHED" and "data_hash" in run.data.tags and run.data.params["train.lr"] == "0.003"
+    assert "no MLflow run tagged model_sha256=" in caplog.text
 
 
 def test_stage_rejects_a_window_the_model_was_not_trained_on(tmp_path, store, monkeypatch):

@@ -35,7 +35,7 @@ def mlflow_runs(db: Path) -> list[tuple[str, str, str]]:
 
 def test_exp_run_reruns_only_train_and_evaluate(committed_repo):
     proc = run(["dvc", "exp", "run", "-n", "lr-up", "-S", "train.lr=0.01"], committed_repo)
-    assert stages_run(proc.stdout) == ["train", "evaluate"]
+    assert stages_run(proc.stdout) == ["train", "evaluate", "export"]
     diff = run(["dvc", "params", "diff", "--md"], committed_repo).stdout
     assert "train.lr" in diff
     runs = mlflow_runs(committed_repo / "mlflow.db")

@@ -162,7 +162,7 @@ def train_tiny(model_dir: Path, root: Path, pre: predict.Preprocess) -> None:
             y.append(LABELS.index(label))
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy", metrics=["accuracy"])
     model.fit(np.stack(x)[..., None], keras.utils.to_categorical(y, 3), epochs=12, batch_size=16, verbose=0)
-    train.write_model_dir(model_dir, model, LABELS, fileio.read_json(model_dir / "preprocess.json"), "test-run")
+    train.write_model_dir(model_dir, model, LABELS, fileio.read_json(model_dir / "preprocess.json"))
 
 
 @pytest.mark.slow
@@ -175,7 +175,8 @@ def test_export_end_to_end_then_predict_with_tflite(tmp_path, capsys):
     settings = export.ExportParams(int8=True, calibration_windows=48, min_top1_agreement=0.99,
                                    max_mean_abs_diff=1e-3, max_int8_accuracy_drop=0.01, seed=0)
     meta = export.run(model_dir=model_dir, normalized=tmp_path / "normalize", split=tmp_path / "split",
-                      features=tmp_path / "features", out=out, params=settings, hop_seconds=0.25, batch_size=64)
+                      features=tmp_path / "features", out=out, params=settings, hop_seconds=0.25, batch_size=64,
+                      metrics=tmp_path / "metrics" / "export.json")
 
     figures = meta["parity"]
     assert figures["clips"] == 24 and figures["reference_accuracy"] >= 0.9  # learnable: int8 has something to lose
@@ -187,6 +188,8 @@ def test_export_end_to_end_then_predict_with_tflite(tmp_path, capsys):
             assert (out / entry["file"]).stat().st_size == entry["bytes"]
     assert meta["models"]["int8"]["input"]["dtype"] == "int8" and meta["models"]["float"]["input"]["shape"] == [1, 8000]
     assert (out / "saved_model" / "saved_model.pb").is_file()
+    exported = fileio.read_json(tmp_path / "metrics" / "export.json")
+    assert exported["float"] == figures["float"] and exported["bytes"]["int8"] == meta["models"]["int8"]["bytes"]
 
     wav = write_wav(tmp_path / "high.wav", 1.3, rate=22050, freq=3000.0, channels=1)
     keras_p = predict.predict_file(predict.load_model(model_dir), wav, 0.25)
@@ -206,5 +209,5 @@ def test_export_end_to_end_then_predict_with_tflite(tmp_path, capsys):
                                         r"export.max_mean_abs_diff 0.0"):
         main(["--params", str(tmp_path / "params.yaml"), "--model", str(model_dir), "--normalized",
               str(tmp_path / "normalize"), "--features", str(tmp_path / "features"), "--split",
-              str(tmp_path / "split"), "--out", str(tmp_path / "failed")])
-    assert not (tmp_path / "failed").exists()
+              str(tmp_path / "split"), "--out", str(tmp_path / "failed"), "--metrics", str(tmp_path / "failed.json")])
+    assert not (tmp_path / "failed").exists() and not (tmp_path / "failed.json").exists()

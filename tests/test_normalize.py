@@ -20,6 +20,12 @@ from audiocnn.parallel import ClipError
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _feature_cache_in_tmp(tmp_path, monkeypatch):
+    """Stage runs here use a throwaway feature cache, never the repo's .cache/audiocnn."""
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", str(tmp_path / "feature-cache"))
+
+
 def norm_params(**overrides) -> NormalizeParams:
     section = {**config.read_params(REPO / "params.yaml")["normalize"], "workers": 1, **overrides}
     return config.load_section({"normalize": section}, "normalize", NormalizeParams)
@@ -185,3 +191,6 @@ def test_map_clips_keeps_order_and_names_the_failing_clip(workers):
         parallel.map_clips(_square_or_fail, items, workers, "t")
     assert "_square_or_fail" in err.value.detail  # the worker's traceback survives the process boundary
     assert parallel.resolve_workers(0) >= 1
+    ran = []
+    assert parallel.map_clips(_square_or_fail, items[:3], workers, "t", meanwhile=lambda: ran.append(1)) == [0, 1, 4]
+    assert ran == [1]  # the side job ran once, in this process

@@ -21,6 +21,7 @@ SECTIONS = {
     "model": ("audiocnn.models", "ModelParams"),
     "train": ("audiocnn.train", "TrainParams"),
     "evaluate": ("audiocnn.evaluate", "EvaluateParams"),
+    "export": ("audiocnn.export", "ExportParams"),
 }
 
 
@@ -59,3 +60,34 @@ def test_section_validates(section):
 
 def test_all_sections_have_a_validator():
     assert set(real_params()) == set(SECTIONS)
+
+
+def audiocnn_imports(path) -> set[str]:
+    """audiocnn modules a file imports (anywhere in it, lazy imports included)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "audiocnn":
+            if node.module == "audiocnn":
+                found.update(f"audiocnn.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "audiocnn")
+    return {name for name in found if (REPO / "src" / (name.replace(".", "/") + ".py")).is_file()}
+
+
+@pytest.mark.parametrize("stage", sorted(declared_params()))
+def test_stage_deps_list_every_module_it_imports(stage):
+    """A library change must rerun every stage that runs that code (dvc.yaml deps)."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    deps = set(dvc["stages"][stage]["deps"])
+    todo, seen = [REPO / "stages" / f"{stage}.py"], set()
+    while todo:
+        for module in audiocnn_imports(todo.pop()) - seen:
+            seen.add(module)
+            todo.append(REPO / "src" / (module.replace(".", "/") + ".py"))
+    needed = {"src/" + m.replace(".", "/") + ".py" for m in seen}
+    assert f"stages/{stage}.py" in deps
+    assert not needed - deps, f"dvc.yaml stage {stage} misses deps: {sorted(needed - deps)}"

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import make_pipeline_repo, real_params, run, shrink, stages_run, tool_env
 
-ALL_STAGES = ["demo", "ingest", "normalize", "spectrogram", "split", "train", "evaluate"]
+ALL_STAGES = ["demo", "ingest", "normalize", "spectrogram", "split", "train", "evaluate", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_changing_n_mels_reruns_spectrogram_and_downstream_only(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = run(["dvc", "repro"], repo)
     # split reads only features/index.csv, which n_mels does not change: DVC rightly skips it
-    assert stages_run(proc.stdout) == ["spectrogram", "train", "evaluate"]
+    assert stages_run(proc.stdout) == ["spectrogram", "train", "evaluate", "export"]
     assert json.loads((repo / "dataset/features/meta.json").read_text())["n_mels"] == 48
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiocnn import data, predict, stream, timeline
+from audiocnn import data, fileio, predict, stream, timeline
 from audiocnn.audio import AudioReadError
 from audiocnn.config import ParamsError, load_section, to_dict
 from audiocnn.errors import DataError
@@ -51,7 +51,7 @@ def make_model_dir(model_dir: Path, seed: int = 0) -> Path:
     preprocess = {"audio": to_dict(audio), "normalize": to_dict(load_section(params, "normalize", NormalizeParams)),
                   "spectrogram": to_dict(spec), "window_seconds": WINDOW_SECONDS, "window_frames": frames,
                   "arch": "cnn"}
-    train.write_model_dir(model_dir, model, LABELS, preprocess, "test-run")
+    train.write_model_dir(model_dir, model, LABELS, preprocess)
     return model_dir
 
 
@@ -188,6 +188,16 @@ def test_missing_and_incomplete_models_are_named(tmp_path):
     (tmp_path / "m.tflite").write_bytes(b"TFL3")
     with pytest.raises(predict.ModelError, match="export.json not found"):
         predict.load_model(tmp_path / "m.tflite")
+    meta = {"labels": ["a"], "models": {"float": {"file": "m.tflite", "role": "waveform"}}}
+    fileio.write_json(tmp_path / "export.json", meta)
+    with pytest.raises(predict.ModelError, match="export.json: incomplete, no 'preprocess'"):
+        predict.load_model(tmp_path / "m.tflite")
+    params = model_params()
+    preprocess = {key: params[key] for key in ("audio", "normalize", "spectrogram")}
+    fileio.write_json(tmp_path / "export.json", meta | {"preprocess": preprocess | {"window_seconds": 0.5,
+                                                                                   "window_frames": 51}})
+    with pytest.raises(predict.ModelError, match=f"cannot load model {tmp_path / 'm.tflite'}: "):
+        predict.load_model(tmp_path / "m.tflite")
 
 
 def test_unreadable_empty_and_nan_files_name_the_file(tmp_path, model):
@@ -197,11 +207,11 @@ def test_unreadable_empty_and_nan_files_name_the_file(tmp_path, model):
         predict.predict_file(model, text, 0.25)
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros((0, 1), np.float32), 16000)
-    with pytest.raises(DataError, match="empty.wav: no audio samples"):
+    with pytest.raises(DataError, match="empty.wav: no samples"):
         predict.predict_file(model, empty, 0.25)
     bad = tmp_path / "nan.wav"
     sf.write(bad, np.full((800, 1), np.nan, np.float32), 16000, subtype="FLOAT")
-    with pytest.raises(DataError, match="nan.wav: NaN or Inf"):
+    with pytest.raises(DataError, match="nan.wav: 800 NaN/Inf"):
         predict.predict_file(model, bad, 0.25)
 
 
@@ -271,3 +281,32 @@ def test_stream_long_hops_short_streams_and_channels(model):
     (one,) = stream.stream_windows(model, io.BytesIO(short + b"\x01"), SAMPLE_RATE, 1, hop_seconds=0.25)
     assert (one.start_s, one.end_s) == (0.0, 0.2) and math.isclose(one.probabilities.sum(), 1.0, rel_tol=1e-5)
     assert list(stream.stream_windows(model, io.BytesIO(b""), SAMPLE_RATE, 1, hop_seconds=0.25)) == []
+
+
+def test_seed_model_predicts_the_clip_image_the_pipeline_renders(tmp_path):
+    """model.arch seed: one image of the whole clip, the PNG spectrogram_clip writes, read as data.load_image does."""
+    import keras
+
+    from audiocnn import evaluate, models, normalize, spectrogram, train
+    from audiocnn.spectrogram import SpectrogramParams
+
+    params = model_params()
+    params["spectrogram"].update(images=True, image_size=48)
+    spec = load_section(params, "spectrogram", SpectrogramParams)
+    norm = load_section(params, "normalize", normalize.NormalizeParams)
+    keras.utils.set_random_seed(1)
+    preprocess = {"audio": params["audio"], "normalize": to_dict(norm), "spectrogram": to_dict(spec),
+                  "window_seconds": WINDOW_SECONDS, "window_frames": 51, "arch": "seed"}
+    train.write_model_dir(tmp_path / "models", models.build_seed(3, (48, 48, 3)), LABELS, preprocess)
+    wav = write_wav(tmp_path / "in" / "clip.wav", 1.7)
+    record = {"id": "clip-1", "path": "clip.wav", "label": "storm"}
+    normalize.normalize_clip(record, wav.parent, tmp_path / "clips", SAMPLE_RATE, norm, max_seconds=600.0)
+    _, image = spectrogram.spectrogram_clip(record, tmp_path / "clips", tmp_path / "features", tmp_path / "images",
+                                            SAMPLE_RATE, spec)
+    keras_model, _ = evaluate.load_model(tmp_path / "models")
+    x = models.model_input("seed", record | {"image": image}, features_dir=tmp_path / "features",
+                           images_dir=tmp_path / "images", window_frames=51, hop_frames=25)
+    expected = evaluate.clip_probabilities([x], lambda b: keras_model.predict(b, verbose=0), chunk=64)[0]
+    got = predict.predict_file(predict.load_model(tmp_path / "models"), wav, 0.25)
+    np.testing.assert_allclose(got.probabilities, expected, atol=1e-5, rtol=0)
+    assert (got.starts_s.tolist(), got.ends_s.tolist()) == ([0.0], [pytest.approx(1.7, abs=1e-3)])

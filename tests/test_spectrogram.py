@@ -20,6 +20,12 @@ from audiocnn.spectrogram import SpectrogramParams
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _feature_cache_in_tmp(tmp_path, monkeypatch):
+    """Stage runs here use a throwaway feature cache, never the repo's .cache/audiocnn."""
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", str(tmp_path / "feature-cache"))
+
+
 def spec_params(**overrides) -> SpectrogramParams:
     section = {**config.read_params(REPO / "params.yaml")["spectrogram"], "workers": 1, **overrides}
     return config.load_section({"spectrogram": section}, "spectrogram", SpectrogramParams)
@@ -129,7 +135,7 @@ def test_run_without_images(tmp_path):
 def test_gallery_takes_first_ids_per_class(tmp_path, monkeypatch):
     make_normalized(tmp_path)
     seen = []
-    monkeypatch.setattr(spectrogram.images, "write_gallery", lambda path, panels, *a: seen.extend(panels))
+    monkeypatch.setattr(spectrogram.images, "gallery_png", lambda panels, *a: seen.extend(panels) or b"png")
     run_stage(tmp_path, "g", gallery_per_class=2, images=False)
     assert [(label, clip_id) for label, clip_id, _ in seen] == [
         ("High/Tone", "hig-0"), ("High/Tone", "hig-1"), ("low tone", "low-0"), ("low tone", "low-1")]
@@ -144,3 +150,26 @@ def test_stage_script_rejects_fmax_above_nyquist(tmp_path):
     with pytest.raises(ParamsError, match=r"spectrogram\.fmax=12000 exceeds audio\.sample_rate/2"):
         main(["--params", str(tmp_path / "params.yaml"), "--normalized", str(tmp_path / "normalize"),
               "--features", str(tmp_path / "f"), "--images", str(tmp_path / "i"), "--gallery", str(tmp_path / "g.png")])
+
+
+@pytest.mark.parametrize("rate, n_fft, n_mels, fmin, fmax", [(16000, 512, 64, 20.0, 8000.0), (8000, 256, 40, 0.0, 4000.0),
+                                                             (22050, 2048, 128, 300.0, 11025.0)])
+def test_mel_basis_equals_librosa(rate, n_fft, n_mels, fmin, fmax):
+    ours = spectrogram.mel_basis(rate, n_fft, n_mels, fmin, fmax)
+    theirs = librosa.filters.mel(sr=rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, dtype=np.float32)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(spectrogram.mel_frequencies(n_mels, fmin, fmax),
+                               librosa.mel_frequencies(n_mels, fmin=fmin, fmax=fmax), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_fft, hop, samples", [(256, 80, 3001), (255, 64, 1000), (512, 160, 100)])
+def test_log_mel_matches_librosa_for_other_sizes(n_fft, hop, samples):
+    params = spec_params(n_fft=n_fft, hop_length=hop, n_mels=40)
+    x = (0.3 * np.random.default_rng(samples).standard_normal(samples)).astype(np.float32)
+    db = spectrogram.log_mel(x, 16000, params)
+    mel = librosa.feature.melspectrogram(y=x, sr=16000, n_fft=n_fft, hop_length=hop, n_mels=40, fmin=params.fmin,
+                                         fmax=params.fmax, center=True, pad_mode="constant")
+    expected = librosa.power_to_db(mel, ref=1.0, top_db=params.top_db).T
+    assert db.shape == expected.shape == (spectrogram.expected_frames(samples, params), 40)
+    np.testing.assert_allclose(db, expected, atol=1e-3)

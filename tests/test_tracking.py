@@ -255,3 +255,26 @@ def test_epoch_logger_and_keras_model(store):
     assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
     requirements = Path(mlflow.artifacts.download_artifacts(f"{logged.artifact_location}/requirements.txt")).read_text()
     assert "tensorflow-cpu==" in requirements and "keras==" in requirements
+
+
+def test_find_run_by_tag(store):
+    assert tracking.find_run("model_sha256", "ab" * 32) is None  # no experiment yet
+    ids = []
+    for status in ("FINISHED", "FINISHED", "FAILED"):
+        with tracking.start_run() as run:
+            tracking.set_tags({"model_sha256": "ab" * 32})
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status)
+        ids.append(run.info.run_id)
+    with tracking.start_run():
+        tracking.set_tags({"model_sha256": "cd" * 32})
+    assert tracking.find_run("model_sha256", "ab" * 32) == ids[1]  # the latest FINISHED one
+    assert tracking.find_run("model_sha256", "ef" * 32) is None
+    assert tracking.find_run("model_sha256", "x' or '1'='1") is None  # not a filter injection
+
+
+def test_environment_tags_name_what_determinism_depends_on(monkeypatch):
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")
+    tags = tracking.environment_tags()
+    assert tags["tf_onednn"] == "0" and tags["tf_intra_op_threads"] == "3" and tags["cpu"]
+    assert int(tags["cpu_cores"]) >= 1 and tags["tensorflow"].count(".") >= 1

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from audiocnn import fileio
+from audiocnn import fileio, tracking
 from audiocnn.config import ParamsError, load_section
 from audiocnn.errors import DataError
 from audiocnn.data import sample_weights
@@ -79,8 +79,10 @@ def run_stage(root: Path, params: dict, out: str = "out") -> dict:
 
 @pytest.fixture
 def mlflow_db(tmp_path, monkeypatch) -> Path:
+    """A fresh MLflow store and training-backup folder in tmp_path."""
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setenv("AUDIOCNN_TRAIN_BACKUP_DIR", str(tmp_path / "train-backup"))
     return db
 
 
@@ -154,7 +156,7 @@ def test_stage_trains_writes_every_output_and_is_deterministic(tmp_path, params,
     assert preprocess["window_frames"] == 31 and preprocess["spectrogram"]["n_mels"] == N_MELS
     model = keras.models.load_model(out / "models" / "model.keras")
     assert model.count_params() == first["parameters"] and model.output_shape == (None, 3)
-    run_id = json.loads((out / "models" / "run.json").read_text())["run_id"]
+    run_id = tracking.find_run("model_sha256", fileio.sha256_file(out / "models" / "model.keras"))
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "3"
     assert run.data.metrics["train/best_epoch"] == first["best_epoch"] and "data_hash" in run.data.tags

@@ -3,7 +3,8 @@
 Decoding goes through soundfile (libsndfile: wav, flac, ogg, mp3, ...). Files are
 always opened read-only, from a Python file object, so any file name works (spaces,
 unicode, even bytes that are not UTF-8). Long files are read in blocks: ``scan`` and
-``iter_blocks`` use memory bounded by the block size, never by the file length.
+``iter_blocks`` use memory bounded by the block size, never by the file length, and
+``read_mono`` holds only the mono mix, never all channels at once.
 """
 
 from __future__ import annotations
@@ -126,6 +127,27 @@ def read_audio(path: str | Path, max_seconds: float | None = None) -> tuple[np.n
         return np.concatenate(blocks, axis=0), snd.samplerate
 
 
+def read_mono(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode ``path`` (at most its first ``max_seconds``) mixed down to mono while reading, block by block:
+    ``(samples (frames,) float32, sample_rate)``. The mean of the channels, accumulated in float64 per
+    frame as ``normalize.to_mono`` does, so the result is identical; memory is the mono signal plus one
+    block, not channels x frames (600 s of 8-channel 192 kHz audio: 0.46 GB instead of 3.7 GB)."""
+    with open_audio(path) as snd:
+        max_frames = None
+        if max_seconds is not None and math.isfinite(max_seconds):
+            max_frames = max(0, math.ceil(max_seconds * snd.samplerate))
+        total = snd.frames if max_frames is None else min(snd.frames, max_frames)
+        mono = np.empty(max(total, 0), dtype=np.float32)  # header length: grown below if the file holds more
+        filled = 0
+        for block in _blocks(snd, BLOCK_FRAMES, max_frames):  # (frames, channels) float32
+            part = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float64).astype(np.float32)
+            if filled + len(part) > len(mono):
+                mono = np.concatenate([mono[:filled], np.empty(filled + len(part), np.float32)])
+            mono[filled : filled + len(part)] = part
+            filled += len(part)
+        return mono[:filled].copy() if filled < len(mono) else mono, snd.samplerate
+
+
 def scan(path: str | Path, block_frames: int = BLOCK_FRAMES) -> AudioScan:
     """Decode every frame of ``path`` once, in blocks: true frame count, NaN/Inf count, peak."""
     frames = non_finite = 0
@@ -151,5 +173,6 @@ __all__ = [
     "open_audio",
     "probe",
     "read_audio",
+    "read_mono",
     "scan",
 ]

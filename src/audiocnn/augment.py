@@ -3,8 +3,9 @@
 Every op works on absolute dB features (log-mel power, ref 1.0) and takes an explicit
 stateless seed pair, so the same ``train.seed`` gives the same augmented stream:
 SpecAugment time/frequency masks (filled with the window's floor, never 0 dB), random
-gain (a dB shift), background-noise mixing in the power domain at a random SNR, and
-mixup on batches (soft labels). Each is disabled by a zero in params.yaml.
+gain (a dB shift), background-noise mixing in the power domain at a random SNR, a random
+time shift of clips shorter than the window, and mixup on batches (soft labels). Each is
+disabled by a zero (or false) in params.yaml.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from audiocnn.config import ParamsError, check
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+
+STRETCH_STREAM, WARP_STREAM = 101, 102  # seed streams folded in for these two: the other draws stay as they were
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,9 @@ class AugmentParams:
     noise_prob: float  # probability of mixing a background window into a clip
     noise_snr_db: tuple[float, ...]  # [lo, hi] signal-to-noise ratio range, dB
     noise_class: str  # label of the noise clips; "" = any training clip
+    time_shift: bool  # clips shorter than the window: placed at a random offset (else at the start)
+    time_stretch: float  # clip length scaled by ~ U[1 - x, 1 + x] (speaking rate); 0 disables
+    freq_warp: float  # mel axis scaled by ~ U[1 - x, 1 + x] (vocal tract length); 0 disables
 
     def __post_init__(self) -> None:
         for key in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins"):
@@ -42,6 +49,8 @@ class AugmentParams:
         check(len(self.noise_snr_db) == 2, "noise_snr_db", list(self.noise_snr_db), "must be [lo, hi]")
         lo, hi = self.noise_snr_db
         check(lo <= hi, "noise_snr_db", list(self.noise_snr_db), "must have lo <= hi")
+        for key in ("time_stretch", "freq_warp"):
+            check(0.0 <= getattr(self, key) < 1.0, key, getattr(self, key), "must be in [0, 1) (0 disables)")
 
 
 def mask_axis(x: "tf.Tensor", axis: int, start: "tf.Tensor", width: "tf.Tensor", value: "tf.Tensor") -> "tf.Tensor":
@@ -70,6 +79,26 @@ def spec_augment(x: "tf.Tensor", seed: "tf.Tensor", p: AugmentParams) -> "tf.Ten
         start = tf.random.stateless_uniform([], start_seed, 0, size - width + 1, dtype=tf.int32)
         x = mask_axis(x, axis, start, width, floor)
     return x
+
+
+def stretch(x: "tf.Tensor", seed: "tf.Tensor", max_fraction: float, axis: int) -> "tf.Tensor":
+    """Resize (frames, n_mels) dB along ``axis`` by one factor ~ U[1 - max_fraction, 1 + max_fraction] (bilinear).
+
+    axis 0: a time stretch (speaking rate; the length changes). axis 1: a frequency warp, an
+    approximation of vocal-tract-length perturbation on the mel scale; the result keeps n_mels bins
+    (bins warped above the top are cut, missing ones filled with the floor).
+    """
+    import tensorflow as tf
+
+    factor = tf.random.stateless_uniform([], seed, 1.0 - max_fraction, 1.0 + max_fraction)
+    frames, n_mels = tf.shape(x)[0], tf.shape(x)[1]
+    size = tf.maximum(1, tf.cast(tf.round(tf.cast(tf.shape(x)[axis], tf.float32) * factor), tf.int32))
+    shape = tf.stack([size, n_mels] if axis == 0 else [frames, size])
+    y = tf.image.resize(x[..., tf.newaxis], shape, method="bilinear")[..., 0]
+    if axis == 1:
+        y = tf.pad(y, [[0, 0], [0, tf.maximum(n_mels - size, 0)]], constant_values=tf.reduce_min(x))[:, :n_mels]
+        y = tf.ensure_shape(y, x.shape)
+    return y
 
 
 def random_gain(x: "tf.Tensor", seed: "tf.Tensor", gain_db: float) -> "tf.Tensor":
@@ -103,10 +132,12 @@ def random_noise(x: "tf.Tensor", label: "tf.Tensor", noise: "tf.Tensor", seed: "
 
 def augment_window(x: "tf.Tensor", label: "tf.Tensor", noise: "tf.Tensor | None", seed: "tf.Tensor",
                    p: AugmentParams, noise_label: int = -1) -> "tf.Tensor":
-    """One training window (frames, n_mels) dB: noise mixing, then gain, then SpecAugment masks."""
+    """One training window (frames, n_mels) dB: frequency warp, noise mixing, gain, then SpecAugment masks."""
     import tensorflow as tf
 
     noise_seed, gain_seed, mask_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    if p.freq_warp > 0:
+        x = stretch(x, tf.random.experimental.stateless_fold_in(seed, WARP_STREAM), p.freq_warp, axis=1)
     if noise is not None and p.noise_prob > 0:
         x = random_noise(x, label, noise, noise_seed, p, noise_label)
     if p.gain_db > 0:
@@ -155,7 +186,10 @@ def window_transform(p: AugmentParams, frames: int, n_mels: int, n_classes: int,
     def transform(path: tf.Tensor, label: tf.Tensor, weight: tf.Tensor, *rest: tf.Tensor):
         *noise, seed = rest
         crop_seed, aug_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        x = data.crop_tf(data.load_npy_tf(path, n_mels), frames, crop_seed)  # (frames, n_mels) dB
+        x = data.load_npy_tf(path, n_mels)  # (T, n_mels) dB
+        if p.time_stretch > 0:
+            x = stretch(x, tf.random.experimental.stateless_fold_in(seed, STRETCH_STREAM), p.time_stretch, axis=0)
+        x = data.crop_tf(x, frames, crop_seed, p.time_shift)  # (frames, n_mels) dB
         x = augment_window(x, label, noise[0] if noise else None, aug_seed, p, noise_label)
         return x[..., tf.newaxis], tf.one_hot(label, n_classes), weight  # (frames, n_mels, 1)
 

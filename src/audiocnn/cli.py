@@ -4,8 +4,11 @@ Output (``--format``): ``json``, one object per file (or per window with ``--str
 its own line; ``csv``, a header then one row per file (and per window and event with
 ``--timeline``); ``table``, aligned lines for people. The default is ``table`` when stdout
 is a terminal and ``json`` otherwise (pipes and files get machine-readable output).
-Exit status: 0 all files predicted; 1 some file failed (each named on stderr, the others
-still predicted); 2 usage errors (bad options, missing model).
+A file is preprocessed as the pipeline preprocesses a clip (loudness normalized as a whole)
+and its result is the mean over the model's windows, as evaluate computes it. With
+``--stream`` each window is normalized on its own, so the same audio can score slightly
+differently than inside a file. Exit status: 0 all files predicted; 1 some file failed (each
+named on stderr, the others still predicted); 2 usage errors (bad options, missing model).
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ class Writer:
             self.csv.writerow([result["path"], "file", 0.0, round(result["duration_s"], 3), result["label"],
                                result["probability"], short_top(result["top"])])
             for w in result.get("timeline", []):
-                self.csv.writerow([result["path"], "window", w["start_s"], w["end_s"], w["label"], w["probability"], ""])
+                self.csv.writerow([result["path"], "window", w["start_s"], w["end_s"], w["label"], w["probability"],
+                                   ""])
             for e in result.get("events", []):
                 self.csv.writerow([result["path"], "event", e["start_s"], e["end_s"], e["label"], e["probability"], ""])
         else:
@@ -148,8 +152,9 @@ def run_files(model: Any, args: argparse.Namespace, writer: Writer, hop_s: float
         for path in files:
             try:
                 prediction = predict.predict_file(model, path, hop_s)
-            except (DataError, OSError) as err:
-                print(f"audiocnn predict: error: {err}", file=sys.stderr)
+            except (DataError, OSError, ValueError) as err:  # named, counted, the other files go on
+                print(f"audiocnn predict: error: {err if str(path) in str(err) else f'{path}: {err}'}",
+                      file=sys.stderr)
                 failed += 1
                 continue
             writer.file(file_result(path, prediction, model.labels, args))

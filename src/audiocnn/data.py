@@ -166,12 +166,20 @@ def load_npy_tf(path: "tf.Tensor", n_mels: int) -> "tf.Tensor":
     return x
 
 
-def crop_tf(x: "tf.Tensor", frames: int, seed: "tf.Tensor | None") -> "tf.Tensor":
-    """Floor-pad (T, n_mels) to ``frames``, then crop: at a stateless-random start, or the centre if seed is None."""
+def crop_tf(x: "tf.Tensor", frames: int, seed: "tf.Tensor | None", shift: bool = False) -> "tf.Tensor":
+    """Floor-pad (T, n_mels) to ``frames``, then crop: at a stateless-random start, or the centre if seed is None.
+
+    A clip shorter than ``frames`` is padded at the end (as evaluation pads it), or with ``shift`` (and a
+    seed) placed at a random offset, the floor on both sides: a time-shift augmentation for short clips.
+    """
     import tensorflow as tf
 
     missing = tf.maximum(frames - tf.shape(x)[0], 0)
-    x = tf.pad(x, [[0, missing], [0, 0]], constant_values=tf.reduce_min(x))
+    before = 0
+    if shift and seed is not None:
+        seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        before = tf.random.stateless_uniform([], shift_seed, minval=0, maxval=missing + 1, dtype=tf.int32)
+    x = tf.pad(x, [[before, missing - before], [0, 0]], constant_values=tf.reduce_min(x))
     last = tf.shape(x)[0] - frames  # last valid start, >= 0
     if seed is None:
         start = last // 2

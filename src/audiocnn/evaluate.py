@@ -187,6 +187,19 @@ def load_model(model_dir: Path) -> tuple[Any, list[str]]:
     return model, labels
 
 
+def train_run(model_dir: Path) -> str | None:
+    """The MLflow run that trained ``model_dir``/model.keras (tag ``model_sha256``), or None with a warning."""
+    model_path = model_dir / "model.keras"
+    if not model_path.is_file():
+        return None  # load_model names the missing file
+    digest = fileio.sha256_file(model_path)
+    run_id = tracking.find_run("model_sha256", digest)
+    if run_id is None:
+        log.warning("no MLflow run tagged model_sha256=%s (%s) in %s: evaluation gets a new run", digest[:12],
+                    model_path, tracking.tracking_uri())
+    return run_id
+
+
 def checked_inputs(inputs: Iterable[np.ndarray], input_shape: Sequence[int | None],
                    hint: str) -> Iterator[np.ndarray]:
     """Pass ``inputs`` through; DataError when the first one does not fit the model's input."""
@@ -202,14 +215,12 @@ def checked_inputs(inputs: Iterable[np.ndarray], input_shape: Sequence[int | Non
 def run(*, features_dir: Path, images_dir: Path, split_dir: Path, model_dir: Path, metrics_path: Path,
         reports_dir: Path, arch: str, window_seconds: float, sample_rate: int, hop_length: int,
         params: EvaluateParams, all_params: Mapping[str, Any]) -> dict[str, Any]:
-    """Evaluate models/ on ``split_dir``/test.csv; write outputs; log to the train run."""
-    run_json = model_dir / "run.json"
-    run_id = fileio.read_json(run_json).get("run_id") if run_json.is_file() else None
-    if run_id and not tracking.run_exists(run_id):
-        log.warning("%s: MLflow run %s is not in %s: opening a new run", run_json, run_id, tracking.tracking_uri())
-        run_id = None
-    elif not run_id:
-        log.warning("%s not found: evaluation gets a new MLflow run", run_json)
+    """Evaluate models/ on ``split_dir``/test.csv; write outputs; log to the train run.
+
+    The train run is the MLflow run tagged ``model_sha256`` = sha256 of models/model.keras (see
+    :func:`train_run`); without one (e.g. another tracking store) evaluation opens a new run.
+    """
+    run_id = train_run(model_dir)
     with tracking.start_run(run_id=run_id):
         tracking.log_params(all_params)
         test = data.read_split(split_dir, "test")

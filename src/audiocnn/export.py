@@ -10,7 +10,7 @@ Writes to the output folder:
 - ``model_int8.tflite`` + ``frontend.tflite``: full-integer (int8 in, int8 out) classifier on
   the log-mel window, calibrated on training windows, behind the float32 front end. A fully
   int8 waveform model converts, but 8 bits cannot hold a power spectrum's 80+ dB range: its
-  accuracy collapses (0.36 vs 0.75 on the demo set), so the front end stays float.
+  accuracy collapses (0.36 vs 0.75 on a demo-set model we measured), so the front end stays float.
 - ``export.json``: file sizes, input spec, labels, preprocessing, hop, and parity on the test
   split. The stage fails (DataError with the figures) when parity misses ``export`` params.
 """
@@ -27,15 +27,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from audiocnn import data, fileio, predict, timeline
-from audiocnn.frontend import waveform_models
-from audiocnn.tflite import TFLiteRunner
 from audiocnn.config import check
 from audiocnn.errors import DataError
+from audiocnn.frontend import waveform_models
+from audiocnn.tflite import TFLiteRunner
 
 if TYPE_CHECKING:
     import keras
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ExportParams:
@@ -131,12 +132,14 @@ def check_parity(figures: dict[str, Any], params: ExportParams) -> None:
                         f"{params.max_mean_abs_diff}")
     if "int8" in figures and figures["int8"]["accuracy_drop"] > params.max_int8_accuracy_drop:
         failures.append(f"int8 accuracy {figures['int8']['accuracy']:.4f} is {figures['int8']['accuracy_drop']:.4f} "
-                        f"below float {f['accuracy']:.4f} > export.max_int8_accuracy_drop {params.max_int8_accuracy_drop}")
+                        f"below float {f['accuracy']:.4f} > export.max_int8_accuracy_drop "
+                        f"{params.max_int8_accuracy_drop}")
     if failures:
         raise DataError(f"export parity not met on {figures['clips']} test clips: " + "; ".join(failures))
 
 
 def tensor_spec(runner: TFLiteRunner, which: str) -> dict[str, Any]:
+    """export.json's description of a model's input or output tensor (with int8 scale and zero point)."""
     detail = runner.input if which == "input" else runner.output
     spec = {"name": detail["name"], "dtype": np.dtype(detail["dtype"]).name, "shape": detail["shape"].tolist()}
     if detail["dtype"] == np.int8:
@@ -145,6 +148,7 @@ def tensor_spec(runner: TFLiteRunner, which: str) -> dict[str, Any]:
 
 
 def write_bytes(path: Path, content: bytes) -> None:
+    """Write ``content`` atomically."""
     with fileio.atomic_path(path) as tmp:
         tmp.write_bytes(content)
 
@@ -152,10 +156,13 @@ def write_bytes(path: Path, content: bytes) -> None:
 def replace_dir(src: Path, dest: Path) -> None:
     """Copy the folder ``src`` to ``dest`` (replacing it) through a temporary sibling."""
     tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    except OSError as err:
+        raise fileio.OutputError(f"cannot write {dest}: {err.strerror or err}") from err
 
 
 def frontend_max_db(runner: TFLiteRunner, clips: list[np.ndarray], pre: predict.Preprocess) -> float:
@@ -168,8 +175,11 @@ def frontend_max_db(runner: TFLiteRunner, clips: list[np.ndarray], pre: predict.
 
 
 def run(*, model_dir: Path, normalized: Path, split: Path, features: Path, out: Path, params: ExportParams,
-        hop_seconds: float, batch_size: int) -> dict[str, Any]:
-    """Export models/ to ``out`` (SavedModel, TFLite float32/int8, export.json) if parity holds; return export.json."""
+        hop_seconds: float, batch_size: int, metrics: Path | None = None) -> dict[str, Any]:
+    """Export models/ to ``out`` (SavedModel, TFLite float32/int8, export.json) if parity holds; return export.json.
+
+    ``metrics`` (optional): the parity figures and file sizes again, for ``dvc metrics``.
+    """
     from audiocnn import evaluate
 
     preprocess_path = model_dir / "preprocess.json"
@@ -180,7 +190,8 @@ def run(*, model_dir: Path, normalized: Path, split: Path, features: Path, out: 
     if pre.arch != "cnn":
         raise DataError(f"{preprocess_path}: arch {pre.arch!r}: export supports model.arch cnn (log-mel input)")
     if 1 + pre.window_samples // pre.spectrogram.hop_length != pre.window_frames:
-        raise DataError(f"{preprocess_path}: {pre.window_samples} samples do not give window_frames={pre.window_frames}")
+        raise DataError(f"{preprocess_path}: {pre.window_samples} samples do not give "
+                        f"window_frames={pre.window_frames}")
     classifier, labels = evaluate.load_model(model_dir)
     test, train = data.read_split(split, "test"), data.read_split(split, "train")
     y = data.label_indices(test, labels, str(split / "test.csv"))
@@ -248,6 +259,8 @@ def run(*, model_dir: Path, normalized: Path, split: Path, features: Path, out: 
                        "max_int8_accuracy_drop": params.max_int8_accuracy_drop},
     }
     fileio.write_json(out / "export.json", meta)
+    if metrics is not None:
+        fileio.write_json(metrics, {**figures, "bytes": {key: entry["bytes"] for key, entry in models.items()}})
     log.info("exported %s to %s: float agreement %.4f, mean |dp| %.2e%s", model_dir, out,
              figures["float"]["top1_agreement"], figures["float"]["mean_abs_diff"],
              f", int8 accuracy {figures['int8']['accuracy']:.4f} (float {figures['float']['accuracy']:.4f})"

@@ -1,7 +1,10 @@
 """Atomic writes: an output is either complete or absent, never half-written.
 
-Every file is written to a temporary sibling and renamed into place, so a stage
-killed mid-write leaves no file that a later run could take as finished.
+Every file is written to a temporary sibling ``.<name>.<pid>.<random>.tmp`` and renamed
+into place, so a stage killed mid-write (even by SIGKILL) leaves no file that a later run
+could take as finished. The temporary files of a killed process are removed by the next
+write into the same folder (once per folder and process). Errors writing an output (disk
+full, permissions, a parent that is a file) become ``OutputError`` naming the path.
 """
 
 from __future__ import annotations
@@ -10,14 +13,20 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: members of reproducible zips carry it
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")  # .<name>.<pid>.<random>.tmp
+_swept: set[str] = set()  # folders whose stale temporaries this process has removed
 
 
 class OutputError(OSError):
@@ -33,7 +42,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _sweep_stale(path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as err:
         raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
@@ -48,6 +58,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _sweep_stale(folder: Path) -> None:
+    """Remove temporaries that a process no longer alive left in ``folder`` (killed mid-write)."""
+    key = os.fspath(folder.absolute())
+    if key in _swept:
+        return
+    _swept.add(key)
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            match = _TEMP_NAME.match(entry.name)
+            if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+                log.info("removing %s, left by a killed process", entry.path)
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -88,6 +123,31 @@ def write_csv(path: str | Path, frame: "Any") -> None:
     """Write a pandas DataFrame as CSV (UTF-8, no index), atomically."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def reproducible_zip(path: str | Path, rewrite: Callable[[str, bytes], bytes] | None = None) -> None:
+    """Rewrite the zip file ``path`` in place so that equal contents give equal bytes.
+
+    Members keep their order, names and compression; their timestamps become ZIP_EPOCH and
+    their attributes 0644 (Unix). ``rewrite(name, data)`` may change a member's bytes (e.g. to
+    drop a save date). The zip is replaced atomically.
+    """
+    path = Path(path)
+    with zipfile.ZipFile(path) as source:
+        members = [(info, source.read(info)) for info in source.infolist()]
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as out:
+        for info, data in members:
+            fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
+            fixed.compress_type, fixed.create_system, fixed.external_attr = info.compress_type, 3, 0o644 << 16
+            out.writestr(fixed, rewrite(info.filename, data) if rewrite else data)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_csv(path: str | Path) -> "Any":

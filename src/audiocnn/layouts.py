@@ -66,6 +66,7 @@ def walk(source: Path, extensions: tuple[str, ...]) -> list[Candidate]:
     real_root = os.path.realpath(source)
     found: list[Candidate] = []
     hidden: list[str] = []
+    other: list[str] = []  # files without an audio extension: not candidates, but counted
     pending = [""]
     while pending:
         rel_dir = pending.pop()
@@ -95,6 +96,7 @@ def walk(source: Path, extensions: tuple[str, ...]) -> list[Candidate]:
                 pending.append(rel)
                 continue
             if not is_audio:
+                other.append(rel)
                 continue
             if _display(rel) != rel:
                 found.append(Candidate(_display(rel), None, problem="unreadable: file name is not valid UTF-8"))
@@ -102,6 +104,9 @@ def walk(source: Path, extensions: tuple[str, ...]) -> list[Candidate]:
                 found.append(Candidate(rel, Path(entry.path)))
     if hidden:
         log.info("skipped %d hidden entries under %s (e.g. %s)", len(hidden), source, ", ".join(hidden[:3]))
+    if other:
+        log.info("ignored %d file(s) without an audio extension (%s) under %s, e.g. %s", len(other),
+                 ", ".join(extensions), source, ", ".join(map(_display, other[:3])))
     return sorted(found, key=lambda c: c.path)
 
 

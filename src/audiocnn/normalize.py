@@ -3,7 +3,9 @@
 Per clip (a pure function of the manifest record and the settings, run in parallel):
 read at most ``ingest.max_duration`` seconds, downmix to mono (mean of channels),
 resample with soxr (HQ), subtract the mean, optionally trim quiet lead-in/tail, then
-scale to ``target_dbfs`` by peak or RMS. Clips keep their full length.
+scale to ``target_dbfs`` by peak or RMS. Clips keep their full length. Results are
+cached by the source file's sha256 (``audiocnn.store``): a rerun after adding clips reads
+and normalizes only the new ones.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -18,7 +22,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 import soxr
 
-from audiocnn import fileio, parallel
+from audiocnn import fileio, parallel, store
 from audiocnn.audio import AudioParams, read_audio
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
@@ -129,20 +133,77 @@ def normalize_clip(
     record: Mapping[str, str], source: Path, clips_dir: Path, sample_rate: int, params: NormalizeParams,
     max_seconds: float,
 ) -> tuple[int, bool]:
-    """Normalize one manifest record into ``clips_dir/<id>.npy``; return (samples, silent)."""
+    """Normalize one manifest record into ``clips_dir/<id>.npy`` (atomically); return (samples, silent).
+
+    The stand-alone form; ``run`` uses ``_clip_task`` (cache, plain writes into a staged folder).
+    """
+    mono = normalized_audio(record, source, sample_rate, params, max_seconds)
+    fileio.write_npy(clips_dir / f"{record['id']}.npy", mono)
+    return int(mono.size), is_silent(mono)
+
+
+def normalized_audio(record: Mapping[str, str], source: Path, sample_rate: int, params: NormalizeParams,
+                     max_seconds: float) -> np.ndarray:
+    """Read and normalize one manifest record: (samples,) float32 mono at ``sample_rate``."""
     audio, rate_in = read_audio(source / record["path"], max_seconds)  # (frames, channels) float32
     if not np.isfinite(audio).all():
         raise DataError(f"{record['path']}: {np.count_nonzero(~np.isfinite(audio))} NaN/Inf sample(s)")
     mono = normalize_signal(audio, rate_in, sample_rate, params)  # (samples,) float32
     if mono.size == 0:
         raise DataError(f"{record['path']}: no samples to normalize")
-    fileio.write_npy(clips_dir / f"{record['id']}.npy", mono)
-    return int(mono.size), bool(np.max(np.abs(mono)) <= 10 ** (SILENT_DBFS / 20))
+    return mono
+
+
+def is_silent(mono: np.ndarray) -> bool:
+    return bool(np.max(np.abs(mono)) <= 10 ** (SILENT_DBFS / 20))
+
+
+def cache_settings(sample_rate: int, params: NormalizeParams, max_seconds: float) -> dict:
+    """Everything a cached clip depends on besides the source file's bytes: params, code, library versions."""
+    import soundfile
+
+    from audiocnn import audio
+
+    return {"sample_rate": sample_rate, "method": params.method, "target_dbfs": params.target_dbfs,
+            "trim_db": params.trim_db, "max_seconds": max_seconds,
+            "code": store.source_digest(sys.modules[__name__], audio, store), "numpy": np.__version__,
+            "soxr": soxr.__version__, "soundfile": soundfile.__version__, "libsndfile": soundfile.__libsndfile_version__}
+
+
+def _clip_task(record: Mapping[str, str], source: Path, clips_dir: str, sample_rate: int, params: NormalizeParams,
+               max_seconds: float, cache: store.ClipCache | None) -> tuple[int, bool]:
+    """One clip inside ``run``: from the cache (keyed by the manifest's sha256) or computed and cached."""
+    key = record.get("sha256", "") if cache else ""
+    cacheable = len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower())
+    data = cache.get(key, ".npy") if cacheable else None  # type: ignore[union-attr]
+    mono = None
+    if data is not None:
+        try:
+            mono = store.npy_array(data, key)
+        except ValueError as err:
+            cache.discard(key, ".npy", str(err))  # type: ignore[union-attr]
+        else:
+            if mono.ndim != 1 or mono.size == 0:
+                cache.discard(key, ".npy", f"of shape {mono.shape}")  # type: ignore[union-attr]
+                mono = None
+    out_path = os.path.join(clips_dir, f"{record['id']}.npy")
+    if mono is None:
+        mono = normalized_audio(record, source, sample_rate, params, max_seconds)
+        data = store.npy_bytes(mono)
+        store.write_bytes(out_path, data)
+        if cacheable:
+            cache.put(key, ".npy", data, written=out_path)  # type: ignore[union-attr]
+    else:
+        cache.copy_to(key, ".npy", out_path, data)  # type: ignore[union-attr,arg-type]
+    return int(mono.size), is_silent(mono)
 
 
 def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: NormalizeParams,
-        max_seconds: float) -> None:
-    """Normalize every clip in ``manifest``; write ``out/clips/<id>.npy`` and ``out/index.csv``."""
+        max_seconds: float, cache: store.ClipCache | None | str = "env") -> None:
+    """Normalize every clip in ``manifest``; write ``out/clips/<id>.npy`` and ``out/index.csv``.
+
+    ``cache``: a ClipCache, None (no cache) or "env" (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
+    """
     index = fileio.read_csv(manifest)
     missing = sorted({"id", "path"} - set(index.columns))
     if missing:
@@ -152,13 +213,17 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
     duplicated = index["id"][index["id"].duplicated()].tolist()
     if duplicated:
         raise DataError(f"{manifest}: duplicate id(s) {', '.join(duplicated[:5])}")
-    clips_dir = fileio.fresh_dir(out) / "clips"
-    clips_dir.mkdir()
-    work = functools.partial(normalize_clip, source=Path(source), clips_dir=clips_dir,
-                             sample_rate=audio.sample_rate, params=params, max_seconds=max_seconds)
-    results = parallel.map_clips(work, index.to_dict("records"), params.workers, "normalize")
-    index["samples"] = [samples for samples, _ in results]
-    fileio.write_csv(out / "index.csv", index)
+    if cache == "env":
+        cache = store.ClipCache.from_env("normalize", cache_settings(audio.sample_rate, params, max_seconds))
+    if cache is not None:
+        cache.prepare()
+    with store.staged_dir(out) as tmp:  # renamed to ``out`` once index.csv is written
+        (tmp / "clips").mkdir()
+        work = functools.partial(_clip_task, source=Path(source), clips_dir=str(tmp / "clips"),
+                                 sample_rate=audio.sample_rate, params=params, max_seconds=max_seconds, cache=cache)
+        results = parallel.map_clips(work, index.to_dict("records"), params.workers, "normalize")
+        index["samples"] = [samples for samples, _ in results]
+        fileio.write_csv(tmp / "index.csv", index)
     silent = [path for path, (_, is_silent) in zip(index["path"], results) if is_silent]
     if silent:
         log.warning("%d silent clip(s) (peak below %.0f dBFS) left unscaled, e.g. %s",

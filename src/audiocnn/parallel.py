@@ -56,19 +56,23 @@ def map_clips(
     workers: int,
     desc: str,
     name: Callable[[T], str] = lambda item: str(item["path"]),  # type: ignore[index]
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[R]:
     """``[fn(item) for item in items]`` over ``workers`` processes (0 = all cores, 1 = in-process).
 
     ``fn`` must be picklable (a top-level function or a ``functools.partial`` of one);
     ``name(item)`` labels an item in error messages (default: its ``path``). The first
-    failure stops the run and raises ClipError naming that item.
+    failure stops the run and raises ClipError naming that item. ``meanwhile()``, when
+    given, runs in this process while the workers compute (e.g. a figure), instead of after.
     """
     workers = resolve_workers(workers)
     names = [name(item) for item in items]
     try:
         if workers == 1 or len(items) <= 1:
+            if meanwhile is not None:
+                meanwhile()
             return _run_here(fn, items, names, desc)
-        return _run_pool(fn, items, names, desc, workers)
+        return _run_pool(fn, items, names, desc, workers, meanwhile)
     except ClipError as err:
         log.debug("%s\n%s", err, err.detail)
         raise
@@ -87,7 +91,8 @@ def _run_here(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], de
     return results
 
 
-def _run_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str, workers: int) -> list[R]:
+def _run_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str, workers: int,
+              meanwhile: Callable[[], object] | None) -> list[R]:
     size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (workers * 8))))
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     results: list[Any] = [None] * len(items)
@@ -97,6 +102,8 @@ def _run_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], de
         futures = {pool.submit(_run_chunk, fn, items[s : s + size], names[s : s + size]): s
                    for s in range(0, len(items), size)}
         try:
+            if meanwhile is not None:
+                meanwhile()
             with _progress(len(items), desc) as bar:
                 for future in cf.as_completed(futures):
                     chunk = future.result()

@@ -1,8 +1,8 @@
 """Predict with a trained model: a Keras model dir (models/) or an exported .tflite, on files or a live stream.
 
 A file goes through the pipeline's own code with the params the model was trained with
-(``preprocess.json``): ``audio.read_audio``, ``normalize.normalize_signal`` over the whole
-recording, then for Keras ``spectrogram.log_mel`` and ``data.sliding_windows`` (the model's
+(``preprocess.json``): ``normalize.normalized_audio`` (decode, downmix, resample, DC removal,
+loudness normalization over the whole recording), then for Keras ``spectrogram.log_mel`` and ``data.sliding_windows`` (the model's
 window, a start every hop, one aligned to the end), and the file's probabilities are the
 float64 mean over windows: what evaluate computes for a test clip. An exported .tflite
 (``audiocnn.tflite``) reads waveform windows cut at the same starts and computes the log-mel
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from audiocnn import audio, config, fileio, timeline
+from audiocnn import config, fileio, timeline
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError
 from audiocnn.errors import DataError
-from audiocnn.normalize import NormalizeParams, normalize_signal
+from audiocnn.normalize import NormalizeParams, normalized_audio
 
 if TYPE_CHECKING:  # spectrogram imports librosa: loaded only when a model needs it
     from audiocnn.spectrogram import SpectrogramParams
@@ -178,13 +178,18 @@ def waveform_windows(mono: np.ndarray, pre: Preprocess, hop_frames: int) -> tupl
 def load_model(path: str | Path) -> Model:
     """A model dir (model.keras, labels.json, preprocess.json) or a .tflite file; ModelError when absent."""
     path = Path(path)
-    if path.suffix == ".tflite":
-        from audiocnn.tflite import TFLiteModel
-
-        return TFLiteModel(path)
-    if not path.is_dir():
+    if path.suffix != ".tflite" and not path.is_dir():
         raise ModelError(f"model not found: {path} (expected a model directory or a .tflite file)")
-    return KerasModel(path)
+    try:
+        if path.suffix == ".tflite":
+            from audiocnn.tflite import TFLiteModel
+
+            return TFLiteModel(path)
+        return KerasModel(path)
+    except (OSError, ValueError) as err:  # a damaged model.keras or .tflite, unreadable metadata
+        if isinstance(err, ModelError):
+            raise
+        raise ModelError(f"cannot load model {path}: {err}") from None
 
 
 def default_hop_seconds(model: Model, params_path: Path | None) -> float:
@@ -213,14 +218,11 @@ def predict_waveform(model: Model, mono: np.ndarray, hop_seconds: float) -> Pred
 
 
 def load_waveform(path: str | Path, pre: Preprocess) -> np.ndarray:
-    """Decode ``path`` and normalize it as the normalize stage does: (samples,) float32 mono at the model's rate."""
-    samples, rate = audio.read_audio(path)  # (frames, channels) float32
-    if not np.isfinite(samples).all():
-        raise DataError(f"{path}: NaN or Inf samples")
-    mono = normalize_signal(samples, rate, pre.sample_rate, pre.normalize)
-    if mono.size == 0:
-        raise DataError(f"{path}: no audio samples")
-    return mono
+    """``path`` decoded and normalized by the normalize stage's own function: (samples,) float32 mono.
+
+    The whole file is read (the pipeline stops at ingest.max_duration, 600 s by default).
+    """
+    return normalized_audio({"path": str(path)}, Path(), pre.sample_rate, pre.normalize, math.inf)
 
 
 def predict_file(model: Model, path: str | Path, hop_seconds: float) -> Prediction:

@@ -2,24 +2,29 @@
 
 Per clip (a pure function of the index record and the settings, run in parallel):
 power STFT (centred), mel filterbank (built once per process), ``power_to_db`` with
-ref 1.0 floored at clip max - top_db, saved as float32 (frames, n_mels).
+ref 1.0 floored at clip max - top_db, saved as float32 (frames, n_mels). Results are
+cached by the normalized clip's content (``audiocnn.store``): a rerun after adding clips
+computes only the new ones.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-import librosa
 import numpy as np
 
-from audiocnn import fileio, images, parallel
+from audiocnn import fileio, images, melspec, parallel, store
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
+from audiocnn.melspec import expected_frames, log_mel, mel_basis, mel_frequencies  # noqa: F401  (the stage's API)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,39 +68,115 @@ def check_against_audio(params: SpectrogramParams, audio: AudioParams) -> None:
                           f"(audio.sample_rate={audio.sample_rate})")
 
 
-@functools.lru_cache(maxsize=4)
-def mel_basis(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    """(n_mels, n_fft//2+1) float32 mel filterbank, built once per process."""
-    return librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, dtype=np.float32)
+def cache_settings(sample_rate: int, params: SpectrogramParams) -> dict:
+    """Everything a cached feature depends on besides the clip: params, this code, library versions."""
+    import PIL
+
+    return {"sample_rate": sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
+            "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
+            "code": store.source_digest(sys.modules[__name__], melspec, images, store), "numpy": np.__version__,
+            "pillow": PIL.__version__}
 
 
-def log_mel(mono: np.ndarray, sample_rate: int, params: SpectrogramParams) -> np.ndarray:
-    """(samples,) float32 -> (frames, n_mels) float32 log-mel power, dB re 1.0, floored at max - top_db."""
-    stft = librosa.stft(mono, n_fft=params.n_fft, hop_length=params.hop_length, center=True)  # (bins, frames)
-    power = np.abs(stft) ** 2
-    mel = mel_basis(sample_rate, params.n_fft, params.n_mels, params.fmin, params.fmax) @ power  # (n_mels, frames)
-    db = librosa.power_to_db(mel, ref=1.0, top_db=params.top_db)
-    return np.ascontiguousarray(db.T, dtype=np.float32)  # (frames, n_mels)
+def features_of(mono: np.ndarray, sample_rate: int, params: SpectrogramParams,
+                image: bool = True) -> tuple[np.ndarray, bytes | None]:
+    """(samples,) -> (db (frames, n_mels) float32, PNG bytes; None when images are off or not asked for)."""
+    if mono.ndim != 1 or mono.size == 0:
+        raise DataError(f"expected a non-empty (samples,) array, got shape {mono.shape}")
+    db = log_mel(mono, sample_rate, params)
+    if not (image and params.images):
+        return db, None
+    return db, images.png_bytes(images.render(db, params.top_db, params.image_size))
 
 
 def spectrogram_clip(record: Mapping[str, str], clips_dir: Path, features_dir: Path, images_dir: Path,
                      sample_rate: int, params: SpectrogramParams) -> tuple[int, str]:
-    """Features (and image) of one normalized clip; return (frames, image path relative to images_dir)."""
+    """Features (and image) of one normalized clip, written atomically; return (frames, image path).
+
+    The stand-alone form (creates folders, one atomic write per file); ``run`` uses ``_clip_task``.
+    """
     mono = fileio.load_npy(clips_dir / f"{record['id']}.npy")  # (samples,) float32
-    if mono.ndim != 1 or mono.size == 0:
-        raise DataError(f"{clips_dir / record['id']}.npy: expected a non-empty (samples,) array, got {mono.shape}")
-    db = log_mel(mono, sample_rate, params)
+    try:
+        db, png = features_of(mono, sample_rate, params)
+    except DataError as err:
+        raise DataError(f"{clips_dir / record['id']}.npy: {err}") from None
     fileio.write_npy(features_dir / f"{record['id']}.npy", db)
     image = ""
-    if params.images:
+    if png is not None:
         image = f"{images.label_slug(record['label'])}/{record['id']}.png"
-        images.write_image(images_dir / image, db, params.top_db, params.image_size)
+        with fileio.atomic_path(images_dir / image) as tmp:
+            tmp.write_bytes(png)
     return db.shape[0], image
 
 
+def _clip_task(record: Mapping[str, str], clips_dir: str, features_dir: str, images_dir: str, sample_rate: int,
+               params: SpectrogramParams, slugs: Mapping[str, str], cache: store.ClipCache | None) -> tuple[int, str]:
+    """One clip inside ``run``: from the cache when it holds this clip's content, else computed (and cached).
+
+    Writes plain files: ``run`` builds the output folders under temporary names.
+    """
+    clip_path = os.path.join(clips_dir, f"{record['id']}.npy")
+    clip_bytes = store.read_bytes(clip_path)
+    mono = store.npy_array(clip_bytes, clip_path)  # (samples,) float32
+    if mono.ndim != 1 or mono.size == 0:
+        raise DataError(f"{clip_path}: expected a non-empty (samples,) array, got shape {mono.shape}")
+    image = f"{slugs[record['label']]}/{record['id']}.png" if params.images else ""
+    key = hashlib.sha256(clip_bytes).hexdigest() if cache is not None else ""
+    db_bytes, png = _cached(cache, key, expected_frames(mono.size, params), params)
+    feature_path = os.path.join(features_dir, f"{record['id']}.npy")
+    image_path = os.path.join(images_dir, image)
+    png_suffix = f".{params.image_size}px.png"
+    if db_bytes is None:
+        db, png = features_of(mono, sample_rate, params)
+        db_bytes = store.npy_bytes(db)
+        store.write_bytes(feature_path, db_bytes)
+        if cache is not None:
+            cache.put(key, ".npy", db_bytes, written=feature_path)
+    else:
+        cache.copy_to(key, ".npy", feature_path, db_bytes)  # type: ignore[union-attr]
+        if params.images and png is not None:
+            cache.copy_to(key, png_suffix, image_path, png)  # type: ignore[union-attr]
+            return expected_frames(mono.size, params), image
+        if params.images:  # features cached, image not (yet): render it from the features
+            png = images.png_bytes(images.render(store.npy_array(db_bytes, key), params.top_db, params.image_size))
+    if image:
+        store.write_bytes(image_path, png)  # type: ignore[arg-type]
+        if cache is not None:
+            cache.put(key, png_suffix, png, written=image_path)  # type: ignore[arg-type]
+    return expected_frames(mono.size, params), image
+
+
+def _cached(cache: store.ClipCache | None, key: str, frames: int,
+            params: SpectrogramParams) -> tuple[bytes | None, bytes | None]:
+    """(feature .npy bytes, PNG bytes) from the cache, each None when absent or corrupt (then discarded)."""
+    if cache is None:
+        return None, None
+    db_bytes = cache.get(key, ".npy")
+    if db_bytes is not None:
+        try:
+            shape = store.npy_array(db_bytes, key).shape
+        except ValueError as err:
+            shape, reason = None, str(err)
+        else:
+            reason = f"of shape {shape}, not ({frames}, {params.n_mels})"
+        if shape != (frames, params.n_mels):
+            cache.discard(key, ".npy", reason)
+            return None, None
+    if db_bytes is None or not params.images:
+        return db_bytes, None
+    png = cache.get(key, f".{params.image_size}px.png")
+    if png is not None and not images.is_complete_png(png):
+        cache.discard(key, f".{params.image_size}px.png", "not a complete PNG")
+        png = None
+    return db_bytes, png
+
+
 def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio: AudioParams,
-        params: SpectrogramParams) -> None:
-    """Features for every clip in ``normalized/index.csv``: arrays, index.csv, meta.json, PNGs, gallery."""
+        params: SpectrogramParams, cache: store.ClipCache | None | str = "env") -> None:
+    """Features for every clip in ``normalized/index.csv``: arrays, index.csv, meta.json, PNGs, gallery.
+
+    ``cache``: a ClipCache, None (no cache) or "env" (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
+    """
     index_path = normalized / "index.csv"
     index = fileio.read_csv(index_path)
     missing = sorted({"id", "label", "path"} - set(index.columns))
@@ -103,32 +184,64 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
         raise DataError(f"{index_path}: missing column(s) {', '.join(missing)}")
     if index.empty:
         raise DataError(f"{index_path}: no clips")
-    fileio.fresh_dir(features)
-    fileio.fresh_dir(images_dir)  # created even when images is false: dvc.yaml declares it
-    log_mel(np.zeros(params.n_fft, np.float32), audio.sample_rate, params)  # imports + filterbank, before workers fork
+    if cache == "env":
+        cache = store.ClipCache.from_env("spectrogram", cache_settings(audio.sample_rate, params))
+    if cache is not None:
+        cache.prepare()
+    slugs = {label: images.label_slug(label) for label in sorted(set(index["label"]))}
+    log_mel(np.zeros(params.n_fft, np.float32), audio.sample_rate, params)  # filterbank, before workers fork
     if params.images:
         images.magma_lut()
-    work = functools.partial(spectrogram_clip, clips_dir=normalized / "clips", features_dir=features,
-                             images_dir=images_dir, sample_rate=audio.sample_rate, params=params)
-    results = parallel.map_clips(work, index.to_dict("records"), params.workers, "spectrogram",
-                                 name=lambda record: f"{record['path']} (id {record['id']})")
-    index["frames"] = [frames for frames, _ in results]
-    index["image"] = [image for _, image in results]
-    fileio.write_csv(features / "index.csv", index)
-    fileio.write_json(features / "meta.json", {
-        "sample_rate": audio.sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
-        "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
-    })
-    write_gallery(index, features, gallery, audio, params)
+    gallery_bytes: list[bytes] = []
+    draw_gallery = functools.partial(_gallery, index, normalized / "clips", audio, params, cache, gallery_bytes)
+    # folders built under temporary names, renamed when complete (images first, then features with index.csv)
+    with store.staged_dir(features) as features_tmp, store.staged_dir(images_dir) as images_tmp:
+        if params.images:
+            for slug in slugs.values():
+                (images_tmp / slug).mkdir()
+        work = functools.partial(_clip_task, clips_dir=str(normalized / "clips"), features_dir=str(features_tmp),
+                                 images_dir=str(images_tmp), sample_rate=audio.sample_rate, params=params,
+                                 slugs=slugs, cache=cache)
+        results = parallel.map_clips(work, index.to_dict("records"), params.workers, "spectrogram",
+                                     name=lambda record: f"{record['path']} (id {record['id']})",
+                                     meanwhile=draw_gallery)
+        index["frames"] = [frames for frames, _ in results]
+        index["image"] = [image for _, image in results]
+        fileio.write_csv(features_tmp / "index.csv", index)
+        fileio.write_json(features_tmp / "meta.json", {
+            "sample_rate": audio.sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
+            "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
+        })
+    with fileio.atomic_path(gallery) as tmp:
+        tmp.write_bytes(gallery_bytes[0])
     log.info("log-mel features of %d clips (%d frames, %d mels) in %s; images %s", len(index),
              index["frames"].sum(), params.n_mels, features, images_dir if params.images else "off")
 
 
-def write_gallery(index: pd.DataFrame, features: Path, gallery: Path, audio: AudioParams,
-                  params: SpectrogramParams) -> None:
-    """reports/gallery.png: the first ``gallery_per_class`` ids (sorted) of every class."""
+def _gallery(index: pd.DataFrame, clips_dir: Path, audio: AudioParams, params: SpectrogramParams,
+             cache: store.ClipCache | None, out: list[bytes]) -> None:
+    """reports/gallery.png's bytes into ``out``: the first ``gallery_per_class`` ids (sorted) of every class.
+
+    Runs while the workers compute (``map_clips(meanwhile=...)``), from the normalized clips;
+    cached under a hash of its panels, so an unchanged gallery costs no matplotlib.
+    """
     chosen = index.sort_values("id").groupby("label", sort=True).head(params.gallery_per_class)
-    panels = [(row.label, row.id, fileio.load_npy(features / f"{row.id}.npy")) for row in chosen.itertuples()]
-    images.write_gallery(gallery, panels, params.gallery_per_class, audio.sample_rate, params.hop_length,
-                         params.fmin, params.fmax, params.top_db)
-    log.info("gallery of %d clips (%d classes) in %s", len(panels), chosen["label"].nunique(), gallery)
+    panels = []
+    digest = hashlib.sha256(f"{params.gallery_per_class}".encode())
+    for row in chosen.itertuples():
+        path = clips_dir / f"{row.id}.npy"
+        try:
+            db = features_of(fileio.load_npy(path), audio.sample_rate, params, image=False)[0]
+        except (OSError, ValueError) as err:  # DataError is a ValueError
+            raise DataError(f"{path} (path {row.path}): {err}") from None
+        panels.append((row.label, row.id, db))
+        digest.update(f"\0{row.label}\0{row.id}\0".encode() + db.tobytes())
+    key = digest.hexdigest()
+    png = cache.get(key, ".gallery.png") if cache is not None else None
+    if png is None or not images.is_complete_png(png):
+        png = images.gallery_png(panels, params.gallery_per_class, audio.sample_rate, params.hop_length,
+                                 params.fmin, params.fmax, params.top_db)
+        if cache is not None:
+            cache.put(key, ".gallery.png", png)
+    out.append(png)
+    log.info("gallery of %d clips (%d classes)", len(panels), chosen["label"].nunique())

@@ -1,7 +1,9 @@
 """The common frame of every ``stages/*.py`` script: logging, and clean failures.
 
 A stage that fails on bad params, bad data or an unwritable output logs one line
-naming the key or path and exits with status 2, instead of a traceback.
+naming the key or path and exits with status 2, instead of a traceback. Any other
+OSError (a disk or permission error outside ``audiocnn.fileio``, e.g. in the tracking
+store) is reported the same way, with its path; the traceback goes to the debug log.
 """
 
 from __future__ import annotations
@@ -33,4 +35,8 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
         main(argv)
     except (ParamsError, DataError, OutputError) as err:
         log.error("%s", err)
+        sys.exit(2)
+    except OSError as err:  # disk full, permissions, a vanished file: the message names the path
+        log.debug("traceback", exc_info=True)
+        log.error("%s: %s", type(err).__name__, err)
         sys.exit(2)

@@ -82,8 +82,11 @@ class TFLiteModel(Model):
         entry = next((m for m in meta.get("models", {}).values() if m.get("file") == path.name), None)
         if entry is None or entry.get("role") == "frontend":
             raise ModelError(f"{path}: not a classifier listed in {meta_path}")
-        self.labels, self.hop_seconds = list(meta["labels"]), meta.get("hop_seconds")
-        self.pre = read_preprocess(meta["preprocess"], meta_path)
+        try:
+            self.labels, self.hop_seconds = list(meta["labels"]), meta.get("hop_seconds")
+            self.pre = read_preprocess(meta["preprocess"], meta_path)
+        except (KeyError, TypeError) as err:
+            raise ModelError(f"{meta_path}: incomplete, no {err}") from None
         self.stages = [TFLiteRunner(path.parent / entry["frontend"])] if entry.get("frontend") else []
         self.stages.append(TFLiteRunner(path))
 

@@ -171,6 +171,28 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+def find_run(tag: str, value: str) -> str | None:
+    """The id of a run of the experiment tagged ``tag=value``, or None.
+
+    Among several (the same model trained twice, e.g. ``dvc repro --force``): a run of this DVC
+    experiment (DVC_EXP_NAME) first, then a FINISHED one, then the latest started.
+    """
+    client = _client()
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    experiment = _retry(client.get_experiment_by_name, name)
+    if experiment is None or not re.fullmatch(r"[\w.\-]+", value):
+        return None
+    runs = _retry(client.search_runs, [experiment.experiment_id], filter_string=f"tags.{tag} = '{value}'",
+                  order_by=["attributes.start_time DESC"], max_results=200)
+    exp_name = os.environ.get("DVC_EXP_NAME") or None
+
+    def rank(run: Any) -> tuple[bool, bool, int]:
+        return (exp_name is not None and run.data.tags.get("dvc_exp_name") == exp_name,
+                run.info.status == "FINISHED", run.info.start_time or 0)
+
+    return max(runs, key=rank).info.run_id if runs else None
+
+
 @contextlib.contextmanager
 def start_run(run_id: str | None = None, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open (or, with ``run_id``, resume) a run; FINISHED on exit, FAILED on an exception.
@@ -316,6 +338,24 @@ def epoch_logger() -> Any:
             log_metrics(values, step=epoch + 1)
 
     return EpochLogger()
+
+
+def environment_tags() -> dict[str, Any]:
+    """What bit-identical training depends on besides params, data and code (measured: the CPU, the
+    intra-op thread count, which defaults to the visible cores, and TF_ENABLE_ONEDNN_OPTS)."""
+    import platform
+
+    import tensorflow as tf
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    intra = tf.config.threading.get_intra_op_parallelism_threads() or os.environ.get("TF_NUM_INTRAOP_THREADS")
+    inter = tf.config.threading.get_inter_op_parallelism_threads() or os.environ.get("TF_NUM_INTEROP_THREADS")
+    return {"cpu": cpu, "cpu_cores": cores, "tf_intra_op_threads": intra or f"default ({cores} cores)",
+            "tf_inter_op_threads": inter or "default", "tf_onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+            "tensorflow": tf.__version__}
 
 
 def _is_number(value: Any) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from audiocnn import data, fileio
 from audiocnn.augment import AugmentParams
 from audiocnn.config import ParamsError, check, to_dict
 from audiocnn.errors import DataError
+from audiocnn.modelfile import write_model_dir  # noqa: F401  (callers use train.write_model_dir)
 from audiocnn.models import ModelParams
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 NORM_SAMPLE_CLIPS = 256  # training clips whose centre windows set the cnn's input normalization
 MIN_WINDOW_FRAMES = 8
+EPOCH_SEED_STRIDE = 100  # epoch seeds lie this far apart, so seeds derived from one epoch's never meet the next's
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class TrainParams:
         check(self.window_seconds > 0, "window_seconds", self.window_seconds, "must be > 0")
         check(self.patience >= 0, "patience", self.patience, "must be >= 0")
         check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
-        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        check(0 <= self.seed < 2**31, "seed", self.seed, "must be within 0..2**31-1")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,12 @@ def check_features(features_dir: Path, audio: "AudioParams", spectrogram: "Spect
 
 
 def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int, n_mels: int, image_size: int):
-    """(train dataset of (x, y, w) batches, val dataset of (x, y), labels, normalization sample or None)."""
+    """(train stream factory, val dataset of (x, y), labels, training clips, normalization sample or None).
+
+    ``train_stream(first_epoch)`` gives the (x, y, w) batches of epochs first_epoch..train.epochs-1,
+    each epoch's shuffle, crops, noise and augmentation drawn from ``epoch_seed(train.seed, epoch)``:
+    a training resumed at epoch k sees exactly the batches the uninterrupted one saw from epoch k.
+    """
     import tensorflow as tf
 
     from audiocnn import augment
@@ -119,28 +126,42 @@ def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int
     y_val = data.label_indices(val_frame, labels, str(paths.split / "val.csv"))
     weights = data.sample_weights(y_train, len(labels), params.class_weights)
     p = params.augment
+    noise: list[str] = []
 
     if arch == "seed":  # images: no dB-domain augmentation (masks, gain, noise); mixup still applies
         train_paths, val_paths = (data.clip_files(paths.images, f, images=True) for f in (train_frame, val_frame))
         def transform(path, label, weight, seed):  # noqa: E306
             return data.load_png_tf(path, image_size), tf.one_hot(label, len(labels)), weight
-        side, norm_sample = None, None
+        norm_sample = None
         val_ds = data.image_dataset(val_paths, y_val, len(labels), image_size).batch(params.batch_size)
     else:
         train_paths, val_paths = (data.clip_files(paths.features, f) for f in (train_frame, val_frame))
-        noise_label, side = (augment.noise_label(p, labels) if p.noise_prob > 0 else -1), None
+        noise_label = augment.noise_label(p, labels) if p.noise_prob > 0 else -1
         if p.noise_prob > 0:
             noise = [path for path, y in zip(train_paths, y_train) if noise_label < 0 or y == noise_label]
-            side = data.noise_stream(noise, frames, n_mels, params.seed + 10)
         transform = augment.window_transform(p, frames, n_mels, len(labels), noise_label)
         norm_sample = data.feature_sample(train_paths, frames, NORM_SAMPLE_CLIPS, params.seed)
         val_ds = data.eval_dataset(val_paths, y_val, len(labels), frames, n_mels, params.batch_size)
 
     mix = (lambda x, y, w, s: augment.mixup(x, y, w, s, p.mixup_alpha)) if p.mixup_alpha > 0 else None
     items = tf.data.Dataset.from_tensor_slices((train_paths, y_train, weights))
-    train_ds = data.train_stream(items, params.shuffle_buffer, params.seed, transform, params.batch_size, mix, side)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:  # epoch: int64 scalar
+        seed = epoch_seed(params.seed, epoch)
+        side = data.noise_stream(noise, frames, n_mels, seed + 10) if noise else None
+        return data.train_stream(items, params.shuffle_buffer, seed, transform, params.batch_size, mix, side)
+
+    def train_stream(first_epoch: int) -> tf.data.Dataset:
+        epochs = tf.data.Dataset.range(first_epoch, params.epochs)
+        return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
     log.info("train: %d clips, val: %d clips, %d classes, arch %s", len(train_paths), len(val_paths), len(labels), arch)
-    return train_ds, val_ds, labels, len(train_paths), norm_sample
+    return train_stream, val_ds, labels, len(train_paths), norm_sample
+
+
+def epoch_seed(seed: int, epoch: Any) -> Any:
+    """The data seed of one epoch (python int or int64 tensor); data.py derives seed+1, +2, +10, +11 from it."""
+    return seed * EPOCH_SEED_STRIDE * 1000 + epoch * EPOCH_SEED_STRIDE
 
 
 def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: int) -> None:
@@ -160,18 +181,23 @@ def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: in
 
 def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams", normalize: "NormalizeParams",
           spectrogram: "SpectrogramParams", model_params: ModelParams, params: TrainParams) -> dict[str, Any]:
-    """Train, write models/, metrics, history and curves, and log it all to one MLflow run; return the metrics."""
+    """Train, write models/, metrics, history and curves, and log it all to one MLflow run; return the metrics.
+
+    Resumable (audiocnn.checkpoint): a run killed after k epochs continues from epoch k+1 in the
+    same MLflow run (tag ``resumed_at_epoch``), and ends with the model and metrics of an
+    uninterrupted run. The MLflow run is tagged ``model_sha256`` (of model.keras): evaluate finds it so.
+    """
     import keras
     import tensorflow as tf
 
-    from audiocnn import models, plots, tracking
+    from audiocnn import checkpoint, modelfile, models, plots, tracking
 
     frames = input_frames(params, audio, spectrogram)
     check_features(paths.features, audio, spectrogram)
     keras.backend.clear_session()
     keras.utils.set_random_seed(params.seed)  # python, numpy, tf and keras seeds
     tf.config.experimental.enable_op_determinism()
-    train_ds, val_ds, labels, n_train, norm_sample = build_streams(
+    train_stream, val_ds, labels, n_train, norm_sample = build_streams(
         model_params.arch, paths, params, frames, spectrogram.n_mels, spectrogram.image_size)
     shape = (spectrogram.image_size,) * 2 + (3,) if model_params.arch == "seed" else (frames, spectrogram.n_mels, 1)
     model = models.build(model_params, len(labels), shape, norm_sample)
@@ -179,38 +205,63 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
     compile_model(model, params, steps)
     log.info("model %s: %d parameters, input %s", model_params.arch, model.count_params(), shape)
 
-    with tracking.start_run() as run:
-        tracking.log_params(raw_params)
-        tracking.set_data_tags([p for p in (paths.split / f"{n}.csv" for n in data.SPLITS) if p.is_file()])
-        epoch_log = epoch_logger(n_train, params.epochs)
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
-        started = time.perf_counter()
-        # repeat(): one pipeline for the whole fit (no refill per epoch); each pass reshuffles and re-crops
-        fit = model.fit(train_ds.repeat(), steps_per_epoch=steps, validation_data=val_ds, epochs=params.epochs,
-                        verbose=0, shuffle=False,
-                        callbacks=[epoch_log, stop, tracking.epoch_logger()])  # epoch_log first: adds "lr"
-        train_seconds, names = time.perf_counter() - started, ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
-        history = pd.DataFrame({"epoch": np.arange(1, len(fit.history["loss"]) + 1), **{k: fit.history[k] for k in names}})
-        best = int(history["val_loss"].idxmin())
-        metrics = {"best_epoch": best + 1, "best_val_loss": float(history["val_loss"][best]),
-                   "best_val_accuracy": float(history["val_accuracy"][best]), "epochs_run": len(history),
-                   "parameters": int(model.count_params())}
-        # Timings vary run to run: MLflow and a side file, never metrics/train.json (kept byte-reproducible).
-        timing = {"samples_per_second": round(epoch_log.samples_per_second(), 1), "train_seconds": round(train_seconds, 1)}
-        preprocess = {"audio": to_dict(audio), "normalize": to_dict(normalize), "spectrogram": to_dict(spectrogram),
-                      "window_seconds": params.window_seconds, "window_frames": frames, "arch": model_params.arch}
-        write_model_dir(paths.model_dir, model, labels, preprocess, run.info.run_id)
-        fileio.write_json(paths.metrics, metrics)
-        fileio.write_csv(paths.history, history)
-        plots.plot_history(history, paths.curves)
-        fileio.write_json(paths.history.with_name("timing.json"), timing)  # undeclared, git-ignored
-        tracking.log_metrics(metrics, prefix="train/")
-        tracking.log_metrics(timing, prefix="train/")
-        tracking.log_keras_model(model, labels)
-        tracking.log_artifacts([paths.model_dir / "preprocess.json", paths.metrics, paths.history, paths.curves])
+    split_files = [p for p in (paths.split / f"{n}.csv" for n in data.SPLITS) if p.is_file()]
+    key = checkpoint.training_key(raw_params, [*split_files, paths.features / "meta.json"])
+    backup = checkpoint.Backup.open(checkpoint.backup_root(tracking.repo_root()), key)
+    try:
+        state = backup.load(model) or checkpoint.TrainState()
+        run_id = backup.run_id()
+        if run_id and not tracking.run_exists(run_id):
+            run_id = None
+        with tracking.start_run(run_id=run_id) as run:
+            backup.set_run_id(run.info.run_id)
+            if state.epochs_done:
+                log.info("resuming training after epoch %d/%d from %s", state.epochs_done, params.epochs, backup.folder)
+                tracking.set_tags({"resumed_at_epoch": state.epochs_done})
+            tracking.log_params(raw_params)
+            tracking.set_data_tags(split_files)
+            tracking.set_tags(tracking.environment_tags())
+            epoch_log = epoch_logger(n_train, params.epochs)
+            stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience,
+                                                 restore_best_weights=True)
+            started = time.perf_counter()
+            # one pipeline for the whole fit (Keras keeps the iterator across epochs with steps_per_epoch)
+            model.fit(train_stream(state.epochs_done), steps_per_epoch=steps, validation_data=val_ds,
+                      initial_epoch=state.epochs_done, epochs=state.epochs_done if state.stopped else params.epochs,
+                      verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
+                      callbacks=[epoch_log, stop, tracking.epoch_logger(), checkpoint.callback(backup, stop, state)])
+            train_seconds = time.perf_counter() - started
+            history = pd.DataFrame(state.rows)[list(HISTORY_COLUMNS)].astype({"epoch": int})
+            metrics = train_metrics(history, model)
+            # Timings vary run to run: MLflow and a side file, never metrics/train.json (kept byte-reproducible).
+            timing = {"samples_per_second": round(epoch_log.samples_per_second(), 1),
+                      "train_seconds": round(train_seconds, 1)}
+            preprocess = {"audio": to_dict(audio), "normalize": to_dict(normalize), "spectrogram": to_dict(spectrogram),
+                          "window_seconds": params.window_seconds, "window_frames": frames, "arch": model_params.arch}
+            model_sha256 = modelfile.write_model_dir(paths.model_dir, model, labels, preprocess)
+            tracking.set_tags({"model_sha256": model_sha256})
+            fileio.write_json(paths.metrics, metrics)
+            fileio.write_csv(paths.history, history)
+            plots.plot_history(history, paths.curves)
+            fileio.write_json(paths.history.with_name("timing.json"), timing)  # undeclared, git-ignored
+            tracking.log_metrics(metrics, prefix="train/")
+            tracking.log_metrics(timing, prefix="train/")
+            tracking.log_keras_model(model, labels)
+            tracking.log_artifacts([paths.model_dir / "preprocess.json", paths.metrics, paths.history, paths.curves])
+        backup.remove()
+    finally:
+        backup.close()
     log.info("best epoch %d/%d: val_loss %.4f, val_accuracy %.4f; %.0f samples/s", metrics["best_epoch"],
              metrics["epochs_run"], metrics["best_val_loss"], metrics["best_val_accuracy"], timing["samples_per_second"])
     return metrics
+
+
+def train_metrics(history: pd.DataFrame, model: "keras.Model") -> dict[str, Any]:
+    """metrics/train.json from the history: the best epoch by val_loss (the weights early stopping kept)."""
+    best = int(history["val_loss"].idxmin())
+    return {"best_epoch": best + 1, "best_val_loss": float(history["val_loss"][best]),
+            "best_val_accuracy": float(history["val_accuracy"][best]), "epochs_run": len(history),
+            "parameters": int(model.count_params())}
 
 
 def epoch_logger(n_train: int, epochs: int) -> Any:
@@ -235,23 +286,8 @@ def epoch_logger(n_train: int, epochs: int) -> Any:
             log.info("epoch %d/%d: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
 
         def samples_per_second(self) -> float:
-            """Training throughput, leaving out the first epoch (graph tracing) when there are more."""
+            """Training throughput, leaving out the first epoch (graph tracing) when there are more; 0 if none ran."""
             seconds = self.seconds[1:] or self.seconds
-            return n_train * len(seconds) / sum(seconds)
+            return n_train * len(seconds) / sum(seconds) if seconds else 0.0
 
     return EpochLog()
-
-
-def write_model_dir(model_dir: Path, model: "keras.Model", labels: list[str], preprocess: dict, run_id: str) -> None:
-    """models/: model.keras, labels.json, preprocess.json and run.json (the MLflow run evaluate resumes)."""
-    fileio.fresh_dir(model_dir)
-    with fileio.atomic_path(model_dir / "model.keras") as tmp:
-        keras_tmp = tmp.with_name(tmp.name + ".keras")  # Keras insists on the suffix
-        try:
-            model.save(keras_tmp)
-            os.replace(keras_tmp, tmp)
-        finally:
-            keras_tmp.unlink(missing_ok=True)
-    fileio.write_json(model_dir / "labels.json", {"labels": labels})
-    fileio.write_json(model_dir / "preprocess.json", preprocess)
-    fileio.write_json(model_dir / "run.json", {"run_id": run_id})

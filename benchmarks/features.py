@@ -1,0 +1,188 @@
+"""Feature throughput: clips/s of the normalize and spectrogram stages against the seed notebook and plain librosa.
+
+    python benchmarks/features.py [--synthetic 30000] [--seed-clips 300] [--plain-clips 3000] [--repeats 3]
+
+On FSDD (read in place) and on ``--synthetic`` generated clips (FSDD-sized, in a temp folder),
+in the same run and on the same files:
+
+* ours: ``stages/normalize.py`` then ``stages/spectrogram.py`` as subprocesses, exactly as DVC
+  runs them (process start, imports, pool, index, gallery included), with 1 worker and with
+  all cores (``--workers``), the feature cache off; median of ``--repeats`` runs;
+* seed: the notebook's method on the first ``--seed-clips`` files: ``librosa.load`` at its
+  default 22050 Hz, ``librosa.feature.melspectrogram``, a matplotlib ``specshow`` figure
+  (default size, time and mel axes) saved as PNG, ``plt.close``; one process;
+* plain librosa: one process, ``librosa.load`` at audio.sample_rate, melspectrogram with our
+  front-end params, ``power_to_db``, ``np.save`` per clip, on the first ``--plain-clips``.
+
+Ratios compare rates measured in the same run. Outputs go to a temporary folder only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def source_files(params: dict[str, Any], limit: int) -> list[Path]:
+    """The first ``limit`` files of the ingest manifest (sorted by path), as absolute paths."""
+    import pandas as pd
+
+    manifest = pd.read_csv(params["_root"] / "dataset/ingest/manifest.csv", dtype=str, keep_default_na=False)
+    return [Path(params["ingest"]["source"]) / p for p in manifest["path"][:limit]]
+
+
+def seed_method(files: list[Path], out: Path) -> float:
+    """The notebook's per-clip loop; clips per second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import librosa
+    import librosa.display
+    import matplotlib.pyplot as plt
+
+    def one(path: Path, i: int) -> None:
+        y, sr = librosa.load(path)  # default sr=22050
+        mel = librosa.feature.melspectrogram(y=y, sr=sr)
+        plt.figure()
+        librosa.display.specshow(librosa.power_to_db(mel, ref=np.max), sr=sr, x_axis="time", y_axis="mel")
+        plt.savefig(out / f"{i:06d}.png")
+        plt.close()
+
+    out.mkdir(parents=True, exist_ok=True)
+    one(files[0], -1)  # imports and caches warm, as in a notebook that already ran a cell
+    start = time.perf_counter()
+    for i, path in enumerate(files):
+        one(path, i)
+    return len(files) / (time.perf_counter() - start)
+
+
+def plain_librosa(files: list[Path], out: Path, params: dict[str, Any]) -> float:
+    """A plain single-process librosa loop with our front-end params; clips per second."""
+    import librosa
+
+    sp, rate = params["spectrogram"], params["audio"]["sample_rate"]
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(path: Path, i: int) -> None:
+        y, _ = librosa.load(path, sr=rate)
+        mel = librosa.feature.melspectrogram(y=y, sr=rate, n_fft=sp["n_fft"], hop_length=sp["hop_length"],
+                                             n_mels=sp["n_mels"], fmin=sp["fmin"], fmax=sp["fmax"])
+        np.save(out / f"{i:06d}.npy", librosa.power_to_db(mel, ref=1.0, top_db=sp["top_db"]).T.astype(np.float32))
+
+    one(files[0], -1)
+    start = time.perf_counter()
+    for i, path in enumerate(files):
+        one(path, i)
+    return len(files) / (time.perf_counter() - start)
+
+
+def ours(root: Path, params: dict[str, Any], workers: int, repeats: int) -> dict[str, Any]:
+    """normalize + spectrogram stage subprocesses; median seconds over ``repeats``."""
+    params = copy.deepcopy({k: v for k, v in params.items() if not k.startswith("_")})
+    params["normalize"]["workers"] = params["spectrogram"]["workers"] = workers
+    path = common.write_params(root / f"params-w{workers}.yaml", params)
+    env = common.tool_env(AUDIOCNN_CACHE_DIR="off")
+    runs: dict[str, list[dict[str, Any]]] = {"normalize": [], "spectrogram": []}
+    for _ in range(repeats):
+        for stage in runs:
+            for out in {"normalize": ["dataset/normalize"],
+                        "spectrogram": ["dataset/features", "dataset/spectrograms"]}[stage]:
+                shutil.rmtree(root / out, ignore_errors=True)  # as dvc repro does before a stage
+            result = common.timed(common.stage_cmd(stage, path, root), root, env)
+            result.pop("output")
+            runs[stage].append(result)
+    return {stage: {"seconds": common.median([r["seconds"] for r in rs]), "runs": rs} for stage, rs in runs.items()}
+
+
+def measure(name: str, root: Path, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    params = dict(params, _root=root)
+    path = common.write_params(root / "params.yaml", {k: v for k, v in params.items() if not k.startswith("_")})
+    common.timed(common.stage_cmd("ingest", path, root), root, common.tool_env())
+    clips = len(source_files(params, 10**9))
+    print(f"[{name}] {clips} clips", file=sys.stderr, flush=True)
+    result: dict[str, Any] = {"clips": clips, "ours": {}}
+    for workers in args.workers:
+        timing = ours(root, params, workers, args.repeats)
+        total = timing["normalize"]["seconds"] + timing["spectrogram"]["seconds"]
+        timing["clips_per_second"] = {"normalize": clips / timing["normalize"]["seconds"],
+                                      "spectrogram": clips / timing["spectrogram"]["seconds"], "both": clips / total}
+        result["ours"][workers] = timing
+        print(f"[{name}] ours, {workers} worker(s): {timing['clips_per_second']}", file=sys.stderr, flush=True)
+    files = source_files(params, args.seed_clips)
+    result["seed"] = {"clips": len(files), "clips_per_second": seed_method(files, root / "seed")}
+    files = source_files(params, args.plain_clips)
+    result["plain"] = {"clips": len(files), "clips_per_second": plain_librosa(files, root / "plain", params)}
+    return result
+
+
+def markdown(results: dict[str, Any], command: str) -> list[str]:
+    lines = common.header("Feature throughput (normalize + spectrogram)", command, results["machine"])
+    rows = []
+    for name, r in results["datasets"].items():
+        seed, plain = r["seed"]["clips_per_second"], r["plain"]["clips_per_second"]
+        for workers, o in r["ours"].items():
+            cps = o["clips_per_second"]
+            rows.append([name, r["clips"], f"ours, {workers} worker(s)", f"{cps['normalize']:.0f}",
+                         f"{cps['spectrogram']:.0f}", f"{cps['both']:.0f}", f"{cps['both'] / seed:.1f}x",
+                         f"{cps['both'] / plain:.1f}x"])
+        rows.append([name, r["seed"]["clips"], "seed notebook (1 process)", "", "", f"{seed:.1f}", "1.0x", ""])
+        rows.append([name, r["plain"]["clips"], "plain librosa loop (1 process)", "", "", f"{plain:.0f}", "", "1.0x"])
+    lines += common.table(["data", "clips", "method", "normalize clips/s", "spectrogram clips/s",
+                           "both clips/s", "vs seed", "vs plain"], rows)
+    lines += ["", "Stage times are whole subprocesses (start, imports, pool, index, gallery), median of "
+              f"{results['repeats']} runs, feature cache off, PNGs on; 'both' = clips / (normalize s + spectrogram s)."]
+    for name, r in results["datasets"].items():
+        workers = sorted(r["ours"], key=int)
+        if len(workers) > 1:
+            one, many = r["ours"][workers[0]], r["ours"][workers[-1]]
+            lines.append(f"Scaling on {name}: {workers[-1]} workers / {workers[0]} worker = "
+                         f"{many['clips_per_second']['both'] / one['clips_per_second']['both']:.2f}x (both stages), "
+                         f"normalize {many['clips_per_second']['normalize'] / one['clips_per_second']['normalize']:.2f}x, "
+                         f"spectrogram "
+                         f"{many['clips_per_second']['spectrogram'] / one['clips_per_second']['spectrogram']:.2f}x.")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fsdd", type=Path, default=common.FSDD, help="FSDD recordings ('' to skip)")
+    parser.add_argument("--synthetic", type=int, default=30000, help="generated clips (0 to skip)")
+    parser.add_argument("--seed-clips", type=int, default=300)
+    parser.add_argument("--plain-clips", type=int, default=3000)
+    parser.add_argument("--workers", type=lambda s: [int(w) or len(os.sched_getaffinity(0)) for w in s.split(",")],
+                        default=[1, len(os.sched_getaffinity(0))], help="comma-separated worker counts (0 = all cores)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
+    parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "features")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/features.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    tmp = Path(tempfile.mkdtemp(prefix="audiocnn-features-", dir=args.workdir))
+    results: dict[str, Any] = {"repeats": args.repeats, "datasets": {}}
+    try:
+        if str(args.fsdd) not in ("", ".") and args.fsdd.is_dir():
+            results["datasets"]["FSDD"] = measure("FSDD", tmp / "fsdd", common.fsdd_params(args.fsdd.resolve()), args)
+        if args.synthetic:
+            source = common.synthetic_clips(tmp / "synthetic-source", args.synthetic)
+            results["datasets"][f"synthetic {args.synthetic}"] = measure(
+                "synthetic", tmp / "synthetic", common.folders_params(source), args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["machine"] = common.machine()
+    common.write_results(args.out, "features", results, markdown(results, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Pipeline overhead: a no-op `dvc repro`, `dvc exp run -S train.lr=...`, and `dvc repro` after adding 1% new clips.
+
+    python benchmarks/overhead.py [--clips 3000] [--epochs 1] [--noop-runs 5]
+
+A fresh git + DVC workspace (benchmarks/pipeline.py's helpers) in a temporary folder runs the
+pipeline on FSDD (``--clips`` files, hard-linked into a temporary source folder, never written)
+with the FSDD front end and ``train.epochs=--epochs``; the feature cache lives in the
+temporary folder (AUDIOCNN_CACHE_DIR), cold at the start. Measured:
+
+1. full run: every stage as its own timed `dvc repro --single-item` (DVC's checks and output
+   hashing included);
+2. no-op `dvc repro` (nothing changed), median of ``--noop-runs`` (target <= 1.5 s);
+3. +1% clips: new links in the source, the stages again (target: spectrogram <= 10% of its
+   full-run time, thanks to the feature cache);
+4. `dvc exp run -S train.lr=...`: which stages ran (target: only train and evaluate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import pipeline  # noqa: E402  (workspace helpers, shared with benchmarks/pipeline.py)
+
+NOOP_TARGET_S = 1.5
+INCREMENTAL_TARGET = 0.10
+
+
+def dvc(args: list[str], root: Path, env: dict[str, str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed in {root}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def all_stages(root: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    return {stage: pipeline.timed_stage(root, stage, env) for stage in pipeline.STAGES}
+
+
+def stages_alone(tmp: Path, files: list[Path], held_out: list[Path], params: dict[str, Any]) -> dict[str, Any]:
+    """normalize + spectrogram as plain subprocesses (no DVC): cold cache, then after adding ``held_out``."""
+    source, root = tmp / "alone-source", tmp / "alone"
+    source.mkdir()
+    for path in files:
+        if path not in held_out:
+            link(path, source / path.name)
+    path = common.write_params(root / "params.yaml", dict(params, ingest={**params["ingest"], "source": str(source)}))
+    env = common.tool_env(AUDIOCNN_CACHE_DIR=str(tmp / "alone-cache"))
+    result: dict[str, Any] = {}
+    for run in ("full", "added"):
+        if run == "added":
+            for held in held_out:
+                link(held, source / held.name)
+        result[run] = {}
+        for stage in ("ingest", "normalize", "spectrogram"):
+            timing = common.timed(common.stage_cmd(stage, path, root), root, env)
+            timing.pop("output")
+            result[run][stage] = timing
+    return result
+
+
+def link(path: Path, dest: Path) -> None:
+    """A hard link (ingest refuses symlinks that leave the source), else a copy; the original is never written."""
+    try:
+        os.link(path, dest)
+    except OSError:
+        shutil.copy2(path, dest)
+
+
+def git(args: list[str], root: Path, env: dict[str, str]) -> None:
+    subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fsdd", type=Path, default=common.FSDD)
+    parser.add_argument("--clips", type=int, default=3000, help="FSDD files used (evenly spaced in name order)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--noop-runs", type=int, default=5)
+    parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
+    parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "overhead")
+    args = parser.parse_args(argv)
+    command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    tmp = Path(tempfile.mkdtemp(prefix="audiocnn-overhead-", dir=args.workdir))
+    results: dict[str, Any] = {}
+    try:
+        every = sorted(args.fsdd.resolve().glob("*.wav"))
+        files = every[:: max(1, len(every) // args.clips)][: args.clips]  # spread over classes and speakers
+        held_out = files[::100]  # 1%: added later
+        source = tmp / "source"
+        source.mkdir()
+        for path in files:
+            if path not in held_out:
+                link(path, source / path.name)
+        params = common.fsdd_params(source, train={"epochs": args.epochs, "warmup_epochs": 0},
+                                    split={"strategy": "stratified", "test_folds": [], "val_folds": []})
+        root = pipeline.make_workspace(tmp / "workspace", params)
+        env = common.tool_env(AUDIOCNN_CACHE_DIR=str(tmp / "cache"),
+                              MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'workspace' / 'mlflow.db'}")
+        print(f"[overhead] full run on {len(files) - len(held_out)} clips", file=sys.stderr, flush=True)
+        results["full"] = all_stages(root, env)
+        git(["add", "-A"], root, env)
+        git(["commit", "-qm", "full run"], root, env)
+        noop = []
+        for _ in range(args.noop_runs):
+            seconds, output = dvc(["repro"], root, env)
+            noop.append({"seconds": round(seconds, 3), "ran": stages_run(output)})
+        results["noop"] = {"runs": noop, "median_s": common.median([r["seconds"] for r in noop])}
+        for path in held_out:
+            link(path, source / path.name)
+        print(f"[overhead] +{len(held_out)} clips", file=sys.stderr, flush=True)
+        results["added"] = {"clips": len(held_out), "stages": all_stages(root, env)}
+        git(["add", "-A"], root, env)
+        git(["commit", "-qm", "+1% clips"], root, env)
+        seconds, output = dvc(["exp", "run", "-S", f"train.lr={params['train']['lr'] * 1.5:g}"], root, env)
+        results["exp_run"] = {"seconds": round(seconds, 2), "ran": stages_run(output)}
+        print("[overhead] stages alone", file=sys.stderr, flush=True)
+        results["alone"] = stages_alone(tmp, files, held_out, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results.update(clips=len(files), machine=common.machine())
+    common.write_results(args.out, "overhead", results, markdown(results, command))
+    return 0
+
+
+def markdown(results: dict[str, Any], command: str) -> list[str]:
+    lines = common.header("Pipeline overhead (DVC)", command, results["machine"])
+    full, added = results["full"], results["added"]["stages"]
+    rows = []
+    for stage in full:
+        ratio = added[stage]["seconds"] / full[stage]["seconds"]
+        rows.append([stage, f"{full[stage]['seconds']:.1f}" + ("" if full[stage]["ran"] else "*"),
+                     f"{added[stage]['seconds']:.1f}" + ("" if added[stage]["ran"] else "*"), f"{ratio:.2f}"])
+    total_full = sum(s["seconds"] for s in full.values())
+    total_added = sum(s["seconds"] for s in added.values())
+    rows.append(["**all**", f"{total_full:.1f}", f"{total_added:.1f}", f"{total_added / total_full:.2f}"])
+    lines += common.table(["stage", f"full run s ({results['clips'] - results['added']['clips']} clips)",
+                           f"+{results['added']['clips']} clips s", "ratio"], rows)
+    spec = added["spectrogram"]["seconds"] / full["spectrogram"]["seconds"]
+    noop = results["noop"]
+    lines += ["", "`*`: DVC found the stage up to date. Each stage is one `dvc repro --single-item` (DVC's "
+              "dependency checks and output hashing included).", "",
+              f"- no-op `dvc repro`: median {noop['median_s']:.2f} s of {len(noop['runs'])} "
+              f"({', '.join(format(r['seconds'], '.2f') for r in noop['runs'])}); stages run: "
+              f"{sorted({s for r in noop['runs'] for s in r['ran']}) or 'none'}; target <= {NOOP_TARGET_S} s: "
+              f"{'met' if noop['median_s'] <= NOOP_TARGET_S else '**not met**'}",
+              f"- spectrogram after +1% clips: {100 * spec:.1f}% of its full-run time; target <= "
+              f"{100 * INCREMENTAL_TARGET:.0f}%: {'met' if spec <= INCREMENTAL_TARGET else '**not met**'}",
+              f"- `dvc exp run -S train.lr=...`: {results['exp_run']['seconds']:.1f} s, stages run: "
+              f"{results['exp_run']['ran']} (target: train and evaluate only)", "",
+              "The same two stages as plain subprocesses (no DVC), cold feature cache, then after adding the 1%:", ""]
+    alone = results["alone"]
+    lines += common.table(["stage", "full run s", "+1% clips s", "ratio"], [
+        [stage, f"{alone['full'][stage]['seconds']:.2f}", f"{alone['added'][stage]['seconds']:.2f}",
+         f"{alone['added'][stage]['seconds'] / alone['full'][stage]['seconds']:.2f}"] for stage in alone["full"]])
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

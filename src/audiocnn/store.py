@@ -1,0 +1,223 @@
+"""Where per-clip outputs go: a stage's output folder, completed atomically, and the feature cache.
+
+``staged_dir`` builds a whole output folder under a temporary sibling name and renames it
+into place only when every file is written, so files inside need no temp file each (one
+``open``/``write`` per clip instead of mkstemp + chmod + rename): a killed stage leaves no
+folder under the output's name, only a ``.<name>.*.tmp`` sibling that the next run removes.
+
+``ClipCache`` keeps a copy of each clip's result under
+``<root>/<stage>/<settings hash>/<key[:2]>/<key><suffix>`` (root: $AUDIOCNN_CACHE_DIR, default
+``.cache/audiocnn`` in the working directory; ``off`` disables it). ``key`` names the clip's
+input content (a sha256), the settings hash everything else the result depends on (params,
+the stage's own source code, library versions), so a hit is the result the stage would
+compute. Entries are written atomically; a stage validates what it reads back and
+recomputes an entry that does not load or has the wrong shape. Entries and outputs are
+hard links of one another where possible (no second copy on disk, one syscall instead of a
+file creation); either name can be removed without affecting the other, and stages never
+write into an existing file, so DVC sees complete, ordinary outputs either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from audiocnn.fileio import OutputError
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "AUDIOCNN_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path(".cache") / "audiocnn"
+DISABLED = {"off", "none", "0", "false"}
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out``; on success it replaces ``out``.
+
+    ``out`` and any ``.<name>.*.tmp`` left by a killed run are removed first, so a
+    half-built folder is never found under the output's name. On an exception the
+    temporary folder is removed and ``out`` stays absent.
+    """
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the usual mode
+    except OSError as err:
+        raise OutputError(f"cannot create output directory {out}: {err.strerror or err}") from err
+    try:
+        yield tmp
+        os.rename(tmp, out)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise OutputError(f"cannot write {out}: {err.strerror or err}") from err
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file with one open/write/close (inside a ``staged_dir``: no temp file needed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb", buffering=0) as handle:
+        return handle.readall()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The .npy file of ``array`` (what ``np.save`` writes, no pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+_NPY_HEADER = re.compile(rb"\{'descr': '<f4', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")
+
+
+def npy_array(data: bytes, where: str) -> np.ndarray:
+    """A float32 array from .npy bytes; ValueError naming ``where`` if they are not a complete .npy file.
+
+    The usual header (what ``npy_bytes`` writes) is parsed directly, without ``np.load``'s
+    ``literal_eval``; any other valid .npy goes through ``np.load``.
+    """
+    match = None
+    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        match = _NPY_HEADER.fullmatch(data, 10, end)
+    if match is None:
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"{where}: not a complete .npy file ({err})") from None
+    shape = tuple(int(n) for n in match.group(1).split(b",") if n.strip())
+    count = math.prod(shape)
+    if len(data) - end != 4 * count:
+        raise ValueError(f"{where}: truncated .npy file ({len(data) - end} data bytes for shape {shape})")
+    return np.frombuffer(data, dtype="<f4", offset=end).reshape(shape)
+
+
+def source_digest(*modules: Any) -> str:
+    """sha256 of the modules' source files: a code change invalidates the cache, as it reruns DVC."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def cache_root(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The cache root from $AUDIOCNN_CACHE_DIR (default ``.cache/audiocnn``); None when it is ``off``."""
+    value = (os.environ if environ is None else environ).get(CACHE_ENV, "")
+    if value.strip().lower() in DISABLED:
+        return None
+    return Path(value) if value.strip() else DEFAULT_CACHE_DIR
+
+
+class ClipCache:
+    """Content-addressed per-clip files of one stage under one settings hash (see the module doc)."""
+
+    def __init__(self, root: str | Path, stage: str, settings: Mapping[str, Any]) -> None:
+        text = json.dumps(settings, sort_keys=True, default=str)
+        self.settings_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        self.root = Path(root)
+        self.dir = self.root / stage / self.settings_hash
+
+    @classmethod
+    def from_env(cls, stage: str, settings: Mapping[str, Any]) -> ClipCache | None:
+        root = cache_root()
+        return None if root is None else cls(root, stage, settings)
+
+    def prepare(self) -> None:
+        """Create the folders (once, before workers start); the root gets a ``.gitignore`` of ``*``."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            ignore = self.root / ".gitignore"
+            if not ignore.exists():
+                write_bytes(str(ignore), b"# audiocnn feature cache: never committed\n*\n")
+            for a in "0123456789abcdef":
+                for b in "0123456789abcdef":
+                    (self.dir / (a + b)).mkdir(exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the feature cache {self.dir}: {err.strerror or err} "
+                              f"(set {CACHE_ENV}=off to run without it)") from err
+
+    def path(self, key: str, suffix: str) -> str:
+        key = key.lower()
+        return os.path.join(self.dir, key[:2], key + suffix)
+
+    def get(self, key: str, suffix: str) -> bytes | None:
+        """The entry's bytes, or None when there is none (the caller validates them)."""
+        try:
+            return read_bytes(self.path(key, suffix))
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            log.warning("feature cache: cannot read %s (%s): recomputing", self.path(key, suffix), err)
+            return None
+
+    def put(self, key: str, suffix: str, data: bytes, written: str | None = None) -> None:
+        """Store ``data`` atomically; ``written``: a complete file holding it, hard-linked instead of copied.
+
+        A link appears whole or not at all, so it needs no temp file; where links are not
+        possible (another file system) the bytes are written to a temp file and renamed.
+        A failure only logs: the cache is optional.
+        """
+        final = self.path(key, suffix)
+        if written is not None:
+            try:
+                os.link(written, final)
+                return
+            except FileExistsError:  # stored meanwhile by another worker or run: same content
+                return
+            except OSError:
+                pass
+        tmp = f"{final}.{os.getpid()}.tmp"
+        try:
+            write_bytes(tmp, data)
+            os.replace(tmp, final)
+        except OSError as err:
+            log.warning("feature cache: cannot write %s (%s)", final, err)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def copy_to(self, key: str, suffix: str, dest: str, data: bytes) -> None:
+        """Put the entry (whose bytes, already validated, are ``data``) at ``dest``: a hard link, else a copy."""
+        try:
+            os.link(self.path(key, suffix), dest)
+        except OSError:
+            write_bytes(dest, data)
+
+    def discard(self, key: str, suffix: str, reason: str) -> None:
+        """Remove a corrupt entry (it is then recomputed and stored again)."""
+        log.warning("feature cache: %s is %s: recomputing", self.path(key, suffix), reason)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path(key, suffix))

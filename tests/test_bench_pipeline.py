@@ -1,0 +1,111 @@
+"""benchmarks/pipeline.py: config checks, source resolution, summaries, and a tiny FSDD run end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import FSDD, REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import pipeline  # noqa: E402
+
+CONFIGS = REPO / "benchmarks" / "configs"
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_deep_merge_replaces_lists_and_merges_mappings():
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    merged = pipeline.deep_merge(base, {"a": {"c": [3]}, "e": {"f": 2}})
+    assert merged == {"a": {"b": 1, "c": [3]}, "d": 1, "e": {"f": 2}}
+    assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 1}  # not modified
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "fsdd_official.yaml", "fsdd_loso.yaml"])
+def test_shipped_configs_give_valid_params_for_every_run(name):
+    """Every run of every config validates with the stages' own dataclasses (no typo reaches a 5-minute run)."""
+    from audiocnn import config, evaluate, ingest, models, split, train
+    from audiocnn.audio import AudioParams
+    from audiocnn.normalize import NormalizeParams
+    from audiocnn.spectrogram import SpectrogramParams, check_against_audio
+
+    cfg = pipeline.read_config(CONFIGS / name)
+    base = pipeline.base_params(cfg)
+    for run in cfg["runs"]:
+        params = pipeline.deep_merge(base, run.get("overrides") or {})
+        sections = {"audio": AudioParams, "ingest": ingest.IngestParams, "normalize": NormalizeParams,
+                    "spectrogram": SpectrogramParams, "split": split.SplitParams, "model": models.ModelParams,
+                    "train": train.TrainParams, "evaluate": evaluate.EvaluateParams}
+        loaded = {key: config.load_section(params, key, cls) for key, cls in sections.items()}
+        check_against_audio(loaded["spectrogram"], loaded["audio"])
+        train.input_frames(loaded["train"], loaded["audio"], loaded["spectrogram"])
+        if loaded["model"].arch == "seed":
+            assert loaded["spectrogram"].images
+        source = params["ingest"]["source"]
+        assert source == "dataset/demo" if name == "demo.yaml" else Path(source) == FSDD
+
+
+def test_read_config_rejects_unknown_keys_and_duplicate_runs(tmp_path):
+    with pytest.raises(SystemExit, match="unknown key"):
+        pipeline.read_config(write_config(tmp_path / "a.yaml", {"name": "x", "overide": {}}))
+    with pytest.raises(SystemExit, match="unique"):
+        pipeline.read_config(write_config(tmp_path / "b.yaml", {"name": "x", "runs": [{"name": "r"}, {"name": "r"}]}))
+    assert [r["name"] for r in pipeline.read_config(write_config(tmp_path / "c.yaml", {"name": "x"}))["runs"]] == ["x"]
+
+
+def test_summary_and_markdown():
+    row = {"accuracy": 0.9, "macro_f1": 0.8, "test_clips": 10, "epochs_run": 3, "samples_per_second": 500.0,
+           "train_seconds": 60.0, "peak_rss_mib": 900.0, "load_1min": [1.0, 2.0],
+           "stages": {"split": {"seconds": 1.0, "ran": True}, "train": {"seconds": 70.0, "ran": False}}}
+    runs = {"a": row, "b": {**row, "accuracy": 1.0, "train_seconds": 100.0}}
+    summary = pipeline.summarize(runs)
+    assert summary["accuracy_mean"] == pytest.approx(0.95) and summary["accuracy_std"] == pytest.approx(0.05)
+    assert summary["train_seconds_max"] == 100.0
+    results = {"name": "t", "description": "About t.", "runs": runs, "summary": summary, "wall_seconds": 90,
+               "machine": {"cores": 2, "cpu": "CPU", "python": "3", "load_average": [1, 1, 1], "date": "today"}}
+    text = "\n".join(pipeline.markdown(results, "python benchmarks/pipeline.py t.yaml"))
+    assert "| a | 0.9000 | 0.8000 | 10 | 3 | 500 | 60 | 1.0 | 70.0* | 900 | 1.0 / 2.0 |" in text
+    assert "**0.9500** (std 0.0500)" in text and "About t." in text and "`python benchmarks/pipeline.py t.yaml`" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FSDD.is_dir(), reason="FSDD recordings not available")
+def test_tiny_fsdd_run_end_to_end(tmp_path):
+    """40 FSDD clips (2 digits, 2 speakers, index 0-9) copied to tmp_path, the official config's pattern and
+    split, shrunk training; a cnn and a seed run in one workspace, their results table and JSON."""
+    source = tmp_path / "fsdd"
+    source.mkdir()
+    for digit in "01":
+        for speaker in ("george", "jackson"):
+            for index in range(10):
+                shutil.copy(FSDD / f"{digit}_{speaker}_{index}.wav", source)
+    official = yaml.safe_load((CONFIGS / "fsdd_official.yaml").read_text(encoding="utf-8"))
+    shrink = {"ingest": {"source": str(source)}, "normalize": {"workers": 1},
+              "spectrogram": {"workers": 1, "image_size": 64, "gallery_per_class": 1},
+              "train": {"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "patience": 2}}
+    config = write_config(tmp_path / "tiny.yaml", {
+        "name": "tiny", "summary": True, "overrides": pipeline.deep_merge(official["overrides"], shrink),
+        "runs": [{"name": "cnn"}, {"name": "seed", "overrides": {"model": {"arch": "seed"}}}]})
+    out = tmp_path / "results"
+    assert pipeline.main([str(config), "--out", str(out)]) == 0
+
+    results = json.loads((out / "tiny" / "results.json").read_text())
+    cnn, seed = results["runs"]["cnn"], results["runs"]["seed"]
+    assert cnn["test_clips"] == seed["test_clips"] == 20  # index 0-4 of 2 digits x 2 speakers
+    assert "demo" not in cnn["stages"]  # ingest reads FSDD, not the demo set
+    assert all(cnn["stages"][s]["ran"] for s in ("ingest", "normalize", "spectrogram", "split", "train"))
+    assert not seed["stages"]["spectrogram"]["ran"] and seed["stages"]["train"]["ran"]  # only what changed
+    assert 0.0 <= cnn["accuracy"] <= 1.0 and cnn["samples_per_second"] > 0 and cnn["peak_rss_mib"] > 100
+    assert results["params"]["seed"]["model"]["arch"] == "seed" and results["summary"]["runs"] == 2
+    markdown = (out / "tiny" / "results.md").read_text()
+    assert markdown.startswith("### tiny") and "| cnn |" in markdown and "| seed |" in markdown
+    assert not list(Path(FSDD).parent.glob("*.dvc"))  # nothing written next to the dataset

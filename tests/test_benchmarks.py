@@ -1,0 +1,102 @@
+"""Smoke tests of the benchmark runners (benchmarks/*.py): tiny inputs, they run and write their tables.
+
+Not timed tests: nothing here asserts a speed. The full DVC (overhead) and training runs take
+minutes (TensorFlow, several `dvc repro`) and are marked slow; their cheap parts run here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def bench(name: str):
+    return importlib.import_module(name)
+
+
+def test_features_runner_writes_its_table(tmp_path):
+    features = bench("features")
+    out = tmp_path / "out"
+    assert features.main(["--fsdd", "", "--synthetic", "20", "--seed-clips", "2", "--plain-clips", "4",
+                          "--repeats", "1", "--workers", "1,2", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    assert "| synthetic 20 | 20 | ours, 1 worker(s) |" in text and "seed notebook" in text and "Scaling on" in text
+    data = json.loads((out / "results.json").read_text())
+    assert data["datasets"]["synthetic 20"]["ours"]["2"]["clips_per_second"]["both"] > 0
+    assert data["machine"]["cores"] >= 1 and list(tmp_path.iterdir()) == [out]  # temp folder removed
+
+
+def test_memory_runner_writes_its_table(tmp_path):
+    memory = bench("memory")
+    out = tmp_path / "out"
+    assert memory.main(["--sizes", "40,50", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    for stage in ("ingest", "normalize", "spectrogram", "split"):
+        assert f"| {stage} |" in text
+    data = json.loads((out / "results.json").read_text())
+    assert 10 < data["sizes"]["50"]["spectrogram"]["peak_rss_mib"] < 2000
+
+
+def test_overhead_stages_alone_and_table(tmp_path):
+    overhead, common = bench("overhead"), bench("common")
+    source = common.synthetic_clips(tmp_path / "src", 12, classes=2)
+    files = sorted(source.rglob("*.wav"))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in files:
+        overhead.link(path, flat / path.name)
+    params = common.folders_params(flat)
+    params["ingest"]["layout"] = "pattern"
+    params["ingest"]["pattern"] = r"(?P<label>class\d+)_\d+\.wav"
+    alone = overhead.stages_alone(tmp_path, sorted(flat.glob("*.wav")), sorted(flat.glob("*.wav"))[:2], params)
+    assert set(alone) == {"full", "added"} and alone["added"]["spectrogram"]["seconds"] > 0
+    assert any((tmp_path / "alone-cache" / "spectrogram").rglob("*.npy"))  # the cache was used
+    stage = {"seconds": 1.0, "peak_rss_mib": 1.0, "ran": True}
+    results = {"full": {"spectrogram": stage}, "added": {"clips": 2, "stages": {"spectrogram": dict(stage, seconds=0.05)}},
+               "noop": {"runs": [{"seconds": 0.9, "ran": []}], "median_s": 0.9},
+               "exp_run": {"seconds": 9.0, "ran": ["train", "evaluate"]}, "alone": alone, "clips": 12,
+               "machine": common.machine()}
+    text = "\n".join(overhead.markdown(results, "python benchmarks/overhead.py"))
+    assert "no-op `dvc repro`: median 0.90 s" in text and "5.0% of its full-run time" in text
+
+
+def test_training_table_and_target_recorder(tmp_path):
+    training, common = bench("training"), bench("common")
+    recorder = training.TargetRecorder(0.95, stop=True)
+
+    class Model:
+        stop_training = False
+
+    recorder.callback.set_model(Model())
+    recorder.callback.on_train_begin()
+    for epoch, accuracy in enumerate([0.5, 0.96, 0.97]):
+        recorder.callback.on_epoch_end(epoch, {"val_accuracy": accuracy})
+    assert recorder.reached["epoch"] == 2 and recorder.callback.model.stop_training
+    results = {"clips": 10, "epochs": 1, "machine": common.machine(),
+               "throughput": {"cnn": {"samples_per_second": 100.0, "train_seconds": 1.0, "stage_seconds": 2.0,
+                                      "peak_rss_mib": 900.0, "parameters": 5}},
+               "fsdd": {"target": 0.95, "reached": recorder.reached, "epochs": recorder.epochs,
+                        "data_stages_seconds": 3.0, "stopped_at_target": True}}
+    text = "\n".join(training.markdown(results, "python benchmarks/training.py"))
+    assert "| cnn | 5 | 100 |" in text and "first at epoch 2" in text
+
+
+@pytest.mark.slow
+def test_overhead_runner_end_to_end(tmp_path):
+    assert bench("overhead").main(["--clips", "60", "--noop-runs", "1", "--workdir", str(tmp_path),
+                                   "--out", str(tmp_path / "out")]) == 0
+    assert "no-op `dvc repro`" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_training_runner_end_to_end(tmp_path):
+    assert bench("training").main(["--archs", "cnn", "--clips", "30", "--epochs", "1", "--fsdd-target", "0",
+                                   "--workdir", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "| cnn |" in (tmp_path / "out" / "results.md").read_text()

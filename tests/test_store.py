@@ -1,0 +1,237 @@
+"""store: staged output folders (kill -9 safe), .npy bytes, and the feature cache used by normalize/spectrogram."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from audiocnn import config, fileio, normalize, spectrogram, store
+from audiocnn.audio import AudioParams
+from audiocnn.normalize import NormalizeParams
+from audiocnn.spectrogram import SpectrogramParams
+
+REPO = Path(__file__).resolve().parents[1]
+RATE = 16000
+
+
+def section(name: str, cls, **overrides):
+    values = {**config.read_params(REPO / "params.yaml")[name], "workers": 1, **overrides}
+    return config.load_section({name: values}, name, cls)
+
+
+# --- staged output folders --------------------------------------------------------------------------------------
+
+
+def test_staged_dir_replaces_the_output_only_when_complete(tmp_path):
+    out = tmp_path / "out"
+    (out / "old").mkdir(parents=True)
+    with store.staged_dir(out) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.") and not out.exists()
+        store.write_bytes(str(tmp / "a.npy"), b"data")
+    assert sorted(p.name for p in out.iterdir()) == ["a.npy"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(RuntimeError), store.staged_dir(out) as tmp:
+        store.write_bytes(str(tmp / "b.npy"), b"half")
+        raise RuntimeError("stage failed")
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
+
+
+def test_staged_dir_after_kill_9_leaves_no_output_and_is_cleaned(tmp_path):
+    code = (f"import os, signal\nfrom audiocnn import store\n"
+            f"with store.staged_dir({str(tmp_path / 'out')!r}) as tmp:\n"
+            f"    store.write_bytes(str(tmp / 'a.npy'), b'x' * 100)\n"
+            f"    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -9
+    assert not (tmp_path / "out").exists()
+    leftovers = list(tmp_path.glob(".out.*.tmp"))
+    assert len(leftovers) == 1  # the half-built folder, never under the output's name
+    with store.staged_dir(tmp_path / "out"):
+        assert not leftovers[0].exists()  # removed by the next run
+
+
+def test_npy_bytes_round_trip_and_truncation(tmp_path):
+    db = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    data = store.npy_bytes(db)
+    np.save(tmp_path / "x.npy", db)
+    assert data == (tmp_path / "x.npy").read_bytes()
+    np.testing.assert_array_equal(store.npy_array(data, "x"), db)
+    with pytest.raises(ValueError, match="x: truncated"):
+        store.npy_array(data[:-4], "x")
+    with pytest.raises(ValueError, match="y: not a complete .npy"):
+        store.npy_array(b"garbage", "y")
+    ints = store.npy_bytes(np.arange(3))  # any other .npy still loads (through np.load)
+    np.testing.assert_array_equal(store.npy_array(ints, "z"), np.arange(3))
+
+
+def test_cache_root_from_environment(tmp_path):
+    assert store.cache_root({}) == Path(".cache/audiocnn")
+    assert store.cache_root({"AUDIOCNN_CACHE_DIR": str(tmp_path)}) == tmp_path
+    assert store.cache_root({"AUDIOCNN_CACHE_DIR": "off"}) is None
+
+
+def test_cache_put_get_link_and_settings_hash(tmp_path):
+    cache = store.ClipCache(tmp_path / "c", "stage", {"a": 1})
+    cache.prepare()
+    assert (tmp_path / "c" / ".gitignore").read_text().splitlines()[-1] == "*"
+    key = hashlib.sha256(b"clip").hexdigest()
+    assert cache.get(key, ".npy") is None
+    out = tmp_path / "out.npy"
+    store.write_bytes(str(out), b"result")
+    cache.put(key, ".npy", b"result", written=str(out))
+    assert cache.get(key, ".npy") == b"result"
+    assert os.path.samefile(cache.path(key, ".npy"), out)  # a hard link, not a second copy
+    cache.copy_to(key, ".npy", str(tmp_path / "again.npy"), b"result")
+    assert (tmp_path / "again.npy").read_bytes() == b"result"
+    assert store.ClipCache(tmp_path / "c", "stage", {"a": 2}).dir != cache.dir
+    assert store.ClipCache(tmp_path / "c", "stage", {"a": 1}).dir == cache.dir
+
+
+# --- the cache in the stages ----------------------------------------------------------------------------------------
+
+
+def make_manifest(tmp_path: Path, clips: int = 4) -> tuple[Path, Path]:
+    """``clips`` WAVs (2 labels) and a manifest with their real sha256."""
+    source = tmp_path / "source"
+    source.mkdir()
+    rows = []
+    for k in range(clips):
+        t = np.arange(int(RATE * (0.3 + 0.1 * k))) / RATE
+        path = source / f"c{k}.wav"
+        sf.write(path, (0.2 * np.sin(2 * np.pi * (200 + 150 * k) * t)).astype(np.float32), RATE)
+        rows.append({"id": f"c{k}", "path": path.name, "label": "ab"[k % 2], "group": "", "fold": "",
+                     "duration": str(t.size / RATE), "sample_rate": str(RATE), "channels": "1",
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    manifest = tmp_path / "manifest.csv"
+    fileio.write_csv(manifest, pd.DataFrame(rows))
+    return source, manifest
+
+
+def run_both(tmp_path: Path, name: str, cache, norm=None, spec=None) -> Path:
+    """normalize + spectrogram into tmp_path/name with ``cache`` (a root folder or None)."""
+    source, manifest = tmp_path / "source", tmp_path / "manifest.csv"
+    norm = norm or section("normalize", NormalizeParams)
+    spec = spec or section("spectrogram", SpectrogramParams, image_size=32, gallery_per_class=1)
+    out, audio = tmp_path / name, AudioParams(RATE)
+    ncache = scache = None
+    if cache is not None:
+        ncache = store.ClipCache(cache, "normalize", normalize.cache_settings(RATE, norm, 600.0))
+        scache = store.ClipCache(cache, "spectrogram", spectrogram.cache_settings(RATE, spec))
+    normalize.run(source, manifest, out / "normalize", audio, norm, 600.0, cache=ncache)
+    spectrogram.run(out / "normalize", out / "features", out / "images", out / "gallery.png", audio, spec,
+                    cache=scache)
+    return out
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of clips actually normalized and analysed (not taken from the cache)."""
+    counts = {"normalize": 0, "spectrogram": 0}
+    norm_fn, spec_fn = normalize.normalized_audio, spectrogram.features_of
+
+    def norm_counted(*args, **kwargs):
+        counts["normalize"] += 1
+        return norm_fn(*args, **kwargs)
+
+    def spec_counted(*args, **kwargs):
+        counts["spectrogram"] += kwargs.get("image", True)  # the gallery's own panels are not stage work
+        return spec_fn(*args, **kwargs)
+
+    monkeypatch.setattr(normalize, "normalized_audio", norm_counted)
+    monkeypatch.setattr(spectrogram, "features_of", spec_counted)
+    return counts
+
+
+def test_miss_then_hit_with_identical_outputs(tmp_path, counted):
+    make_manifest(tmp_path)
+    plain = run_both(tmp_path, "plain", None)
+    assert counted == {"normalize": 4, "spectrogram": 4}
+    first = run_both(tmp_path, "first", tmp_path / "cache")
+    assert counted == {"normalize": 8, "spectrogram": 8}  # cold cache: everything computed
+    second = run_both(tmp_path, "second", tmp_path / "cache")
+    assert counted == {"normalize": 8, "spectrogram": 8}  # warm: nothing computed
+    for out in (first, second):
+        got = files(out)
+        assert got == files(plain) and any(name.endswith(".png") for name in got)
+
+
+def test_new_clips_are_the_only_ones_computed(tmp_path, counted):
+    source, manifest = make_manifest(tmp_path, clips=5)
+    full = fileio.read_csv(manifest)
+    fileio.write_csv(manifest, full.iloc[:4])
+    run_both(tmp_path, "four", tmp_path / "cache")
+    fileio.write_csv(manifest, full)
+    out = run_both(tmp_path, "five", tmp_path / "cache")
+    assert counted == {"normalize": 5, "spectrogram": 5}
+    assert len(fileio.read_csv(out / "features" / "index.csv")) == 5
+
+
+def test_params_change_invalidates(tmp_path, counted):
+    make_manifest(tmp_path)
+    run_both(tmp_path, "a", tmp_path / "cache")
+    run_both(tmp_path, "b", tmp_path / "cache", norm=section("normalize", NormalizeParams, target_dbfs=-23.0))
+    assert counted == {"normalize": 8, "spectrogram": 8}  # new levels: new clips, so new features too
+    spec = section("spectrogram", SpectrogramParams, n_mels=32, image_size=32, gallery_per_class=1)
+    out = run_both(tmp_path, "c", tmp_path / "cache", spec=spec)
+    assert counted == {"normalize": 8, "spectrogram": 12}  # same clips (cached), new features
+    assert fileio.load_npy(out / "features" / "c0.npy").shape[1] == 32
+    spec = section("spectrogram", SpectrogramParams, image_size=48, gallery_per_class=1)
+    out = run_both(tmp_path, "d", tmp_path / "cache", spec=spec)
+    assert counted["spectrogram"] == 12  # image size: features reused, images rendered from them
+    assert files(out) == files(run_both(tmp_path, "d-plain", None, spec=spec))
+
+
+def test_corrupt_entries_are_recomputed(tmp_path, counted):
+    make_manifest(tmp_path)
+    plain = run_both(tmp_path, "plain", None)
+    cache = tmp_path / "cache"
+    run_both(tmp_path, "first", cache)
+    entries = sorted(cache.rglob("*.npy"))
+    assert len(entries) == 8  # 4 clips + 4 features
+    for entry in entries[:3]:  # truncate some (a new inode: the outputs linked to them stay whole)
+        data = entry.read_bytes()
+        entry.unlink()
+        entry.write_bytes(data[: len(data) // 2])
+    (entries[3]).unlink()
+    entries[3].write_bytes(b"\x93NUMPY garbage")
+    for png in sorted(cache.rglob("*.png"))[:2]:
+        png.unlink()
+        png.write_bytes(b"\x89PNG\r\n\x1a\n")
+    before = dict(counted)
+    out = run_both(tmp_path, "again", cache)
+    assert counted["normalize"] + counted["spectrogram"] > before["normalize"] + before["spectrogram"]
+    assert files(out) == files(plain)
+    assert all(store.npy_array(p.read_bytes(), p.name).size for p in cache.rglob("*.npy"))  # repaired
+
+
+def test_manifest_without_a_real_sha256_is_not_cached(tmp_path, counted):
+    source, manifest = make_manifest(tmp_path)
+    frame = fileio.read_csv(manifest)
+    frame["sha256"] = "x"
+    fileio.write_csv(manifest, frame)
+    run_both(tmp_path, "a", tmp_path / "cache")
+    run_both(tmp_path, "b", tmp_path / "cache")
+    assert counted["normalize"] == 8 and not list((tmp_path / "cache" / "normalize").rglob("*.npy"))
+
+
+def test_stage_uses_the_cache_from_the_environment(tmp_path, monkeypatch):
+    make_manifest(tmp_path)
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", str(tmp_path / "envcache"))
+    norm = section("normalize", NormalizeParams)
+    normalize.run(tmp_path / "source", tmp_path / "manifest.csv", tmp_path / "n", AudioParams(RATE), norm, 600.0)
+    assert len(list((tmp_path / "envcache" / "normalize").rglob("*.npy"))) == 4
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", "off")
+    normalize.run(tmp_path / "source", tmp_path / "manifest.csv", tmp_path / "n", AudioParams(RATE), norm, 600.0)
+    assert len(list((tmp_path / "envcache" / "normalize").rglob("*.npy"))) == 4
