@@ -282,6 +282,44 @@ def test_damaged_or_busy_backup_means_starting_over(tmp_path, caplog):
     assert "unusable" in caplog.text and "starts over" in caplog.text
 
 
+def test_resuming_an_early_stopped_training_only_restores_the_best_weights(tmp_path):
+    import keras
+
+    model, x, y = tiny_model()
+    best = [w + 1.0 for w in model.get_weights()]
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=1, restore_best_weights=True)
+    state = checkpoint.TrainState(epochs_done=3, best=0.1, wait=1, best_epoch=1, stopped=True, best_weights=best)
+    model.fit(x, y, initial_epoch=3, epochs=3, verbose=0,  # what train.py does for a stopped state: no epoch
+              callbacks=[stop, checkpoint.callback(checkpoint.Backup(None), stop, state)])
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), best)) and state.rows == []
+
+
+def test_unwritable_backup_is_dropped_and_training_goes_on(tmp_path, caplog):
+    model, x, y = tiny_model()
+    backup = checkpoint.Backup.open(tmp_path, "k")
+    (tmp_path / "k" / "lock").unlink()
+    (tmp_path / "k").rename(tmp_path / "gone")
+    (tmp_path / "k").write_text("a file where the folder was")  # every write below it fails
+    backup.save(model, checkpoint.TrainState(epochs_done=1))
+    assert backup.folder is None and "continuing without one" in caplog.text
+    backup.save(model, checkpoint.TrainState(epochs_done=2))  # a no-op now
+
+
+def test_abandoned_backups_of_other_trainings_are_pruned(tmp_path):
+    import fcntl
+
+    for key in ("old", "old-in-use", "recent"):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "lock").write_text("")
+        if key.startswith("old"):
+            for path in (tmp_path / key, tmp_path / key / "lock"):
+                os.utime(path, (time.time() - 8 * 86400,) * 2)
+    with open(tmp_path / "old-in-use" / "lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        checkpoint.Backup.open(tmp_path, "mine").close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "old-in-use", "recent"]
+
+
 def test_backup_root(tmp_path, monkeypatch):
     monkeypatch.delenv(checkpoint.ENV_DIR, raising=False)
     assert checkpoint.backup_root(tmp_path) is None  # not a DVC repo: no .dvc/tmp to create
@@ -289,6 +327,8 @@ def test_backup_root(tmp_path, monkeypatch):
     assert checkpoint.backup_root(tmp_path) == tmp_path / ".dvc" / "tmp" / "audiocnn" / "train-backup"
     monkeypatch.setenv(checkpoint.ENV_DIR, str(tmp_path / "elsewhere"))
     assert checkpoint.backup_root(tmp_path) == tmp_path / "elsewhere"
+    monkeypatch.setenv(checkpoint.ENV_DIR, "off")
+    assert checkpoint.backup_root(tmp_path) is None
 
 
 # --- a training killed mid-epoch resumes and ends exactly as an uninterrupted one -------------------------

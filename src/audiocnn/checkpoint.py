@@ -7,14 +7,16 @@ stream a function of (train.seed, epoch), so the resumed run ends with the same 
 Keras' BackupAndRestore keeps only weights, optimizer and the epoch number: with
 ``restore_best_weights`` and our history.csv the result would differ, hence this module.
 
-Where: ``$AUDIOCNN_TRAIN_BACKUP_DIR/<key>``, else ``<main repo>/.dvc/tmp/audiocnn/train-backup/<key>``
+Where: ``$AUDIOCNN_TRAIN_BACKUP_DIR/<key>`` (``off`` disables it), else ``<main repo>/.dvc/tmp/audiocnn/train-backup/<key>``
 (git-ignored, never a DVC out, so DVC's removal of outs before a rerun keeps it); without either
 (no ``.dvc`` folder) training is not resumable. ``key`` hashes params, split files, features
 meta and the package code: a backup is only ever resumed by the same training. Each epoch goes
 to a new folder, then the ``latest`` pointer is replaced atomically, so a kill at any moment
 leaves the previous epoch loadable. An exclusive flock keeps two identical concurrent trainings
 (e.g. two queued experiments) out of one folder: the second trains without a backup. The
-folder is removed when the stage succeeds. It also holds ``run.json``, the MLflow run to continue.
+folder is removed when the stage succeeds; backups of trainings never rerun (params changed
+after a kill) are removed after MAX_AGE_DAYS. It also holds ``run.json``, the MLflow run to continue.
+A backup that cannot be written (disk full) is dropped with a warning: training goes on.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ENV_DIR = "AUDIOCNN_TRAIN_BACKUP_DIR"
 REPO_DIR = Path(".dvc") / "tmp" / "audiocnn" / "train-backup"
+MAX_AGE_DAYS = 7  # other trainings' backups untouched this long are abandoned: removed when a training starts
 
 
 @dataclasses.dataclass
@@ -70,9 +73,9 @@ def training_key(params: Mapping[str, Any], files: Iterable[Path]) -> str:
 
 
 def backup_root(repo_root: Path) -> Path | None:
-    """``$AUDIOCNN_TRAIN_BACKUP_DIR``, else ``<repo_root>/.dvc/tmp/...`` when ``repo_root`` is a DVC repo, else None."""
+    """``$AUDIOCNN_TRAIN_BACKUP_DIR`` (``off``: None), else ``<repo_root>/.dvc/tmp/...`` in a DVC repo, else None."""
     if os.environ.get(ENV_DIR):
-        return Path(os.environ[ENV_DIR])
+        return None if os.environ[ENV_DIR] == "off" else Path(os.environ[ENV_DIR])
     return repo_root / REPO_DIR if (repo_root / ".dvc").is_dir() else None
 
 
@@ -81,11 +84,12 @@ class Backup:
 
     def __init__(self, folder: Path | None, lock: IO[str] | None = None) -> None:
         self.folder, self._lock = folder, lock
+        self._best: tuple[str, int] | None = None  # (epoch folder, best_epoch) whose best.npz can be linked
 
     @classmethod
     def open(cls, root: Path | None, key: str) -> "Backup":
         if root is None:
-            log.info("no .dvc folder and %s unset: training is not resumable", ENV_DIR)
+            log.info("no .dvc folder and %s unset (or off): training is not resumable", ENV_DIR)
             return cls(None)
         import fcntl
 
@@ -102,6 +106,7 @@ class Backup:
             lock.close()
             log.warning("training backup %s is in use by another training of the same key: not resumable", folder)
             return cls(None)
+        _prune(root, keep=key)
         return cls(folder, lock)
 
     def run_id(self) -> str | None:
@@ -129,6 +134,7 @@ class Backup:
                 _check_shapes(variables, arrays, where)
             if (where / "best.npz").is_file():
                 state.best_weights = _load_arrays(where / "best.npz")
+                self._best = (where.name, state.best_epoch)
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
             log.warning("training backup %s is unusable (%s): training starts over", where, err)
             return None
@@ -149,8 +155,10 @@ class Backup:
             tmp.mkdir()
             _save_arrays(tmp / "model.npz", [v.numpy() for v in model.variables])
             _save_arrays(tmp / "optimizer.npz", [v.numpy() for v in model.optimizer.variables])
-            if state.best_weights is not None:
-                _save_arrays(tmp / "best.npz", state.best_weights)
+            if state.best_weights is not None:  # unchanged since the last epoch: a hard link, not another copy
+                previous = self.folder / self._best[0] / "best.npz" if self._best else None
+                if previous is None or self._best[1] != state.best_epoch or not _link(previous, tmp / "best.npz"):
+                    _save_arrays(tmp / "best.npz", state.best_weights)
             fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "best_weights"}
             fileio.write_json(tmp / "state.json", fields)
             shutil.rmtree(self.folder / name, ignore_errors=True)
@@ -158,6 +166,7 @@ class Backup:
             fileio.write_text(self.folder / "latest", name + "\n")
 
         if self._try(write):
+            self._best = (name, state.best_epoch) if state.best_weights is not None else None
             for old in self.folder.iterdir():
                 if old.is_dir() and old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
@@ -183,6 +192,31 @@ class Backup:
             self.folder = None
             return False
         return True
+
+
+def _prune(root: Path, keep: str, max_age_s: float = MAX_AGE_DAYS * 86400) -> None:
+    """Remove backups of other trainings untouched for ``max_age_s`` that no process holds (abandoned)."""
+    import fcntl
+    import time
+
+    for folder in root.iterdir():
+        if folder.name == keep or not folder.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            if time.time() - max(p.stat().st_mtime for p in [folder, *folder.iterdir()]) < max_age_s:
+                continue
+            with open(folder / "lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError when in use: kept
+                log.info("removing abandoned training backup %s", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _link(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    return True
 
 
 def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:

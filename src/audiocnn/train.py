@@ -1,8 +1,10 @@
 """Training (params section ``train``): streams, optimizer, fit, and every output of the train stage.
 
-Deterministic on CPU: ``keras.utils.set_random_seed`` + op determinism, seeded shuffles and
-stateless per-example augmentation, so the same params and data give the same weights and
-metrics (timings aside). AdamW with a cosine or constant schedule after a linear warmup
+Deterministic on CPU: ``keras.utils.set_random_seed`` + op determinism, shuffles and
+stateless per-example augmentation seeded per (train.seed, epoch), so the same params and data
+give the same weights and metrics (timings aside) on the same CPU with the same intra-op thread
+count and oneDNN setting. Resumable: a training killed after k epochs restarts at epoch k+1
+(audiocnn.checkpoint) and ends as the uninterrupted one would have. AdamW with a cosine or constant schedule after a linear warmup
 (both are Keras' CosineDecay: alpha 1 keeps it constant), label smoothing, balanced class
 weights as sample weights, early stopping on val_loss that restores the best weights.
 """
