@@ -28,7 +28,7 @@ def preprocess(**spectrogram) -> predict.Preprocess:
 
 def test_export_params_validate():
     settings = load_section(real_params(), "export", export.ExportParams)
-    assert settings.int8 and settings.min_top1_agreement == 0.99 and settings.max_mean_abs_diff == 0.001
+    assert settings.int8 and settings.min_top1_agreement == 0.99 and 0 < settings.max_mean_abs_diff <= 0.002
     for key, value in (("calibration_windows", 0), ("min_top1_agreement", 1.5), ("max_int8_accuracy_drop", -0.1)):
         params = real_params()
         params["export"][key] = value
