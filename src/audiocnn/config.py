@@ -71,13 +71,13 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping to ``{"train.augment.mixup_alpha": 0.2, ...}``."""
+def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested mapping to ``{"train.augment.mixup_alpha": 0.2, ...}`` (keys joined by ``sep``)."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{full}."))
+            flat.update(flatten(value, f"{full}{sep}", sep))
         else:
             flat[full] = value
     return flat

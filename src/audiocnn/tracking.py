@@ -287,14 +287,11 @@ def metric_key(key: str) -> str:
 def flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Nested numbers to ``{"per_class/<label>/f1": 0.9, ...}``; non-numbers are skipped."""
     flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flat_metrics(value, f"{full}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[metric_key(full)] = float(value)
+    for key, value in flatten(metrics, prefix, sep="/").items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[metric_key(key)] = float(value)
         else:
-            log.debug("metric %s=%r is not a number: not logged", full, value)
+            log.debug("metric %s=%r is not a number: not logged", key, value)
     return flat
 
 
