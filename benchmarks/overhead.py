@@ -12,7 +12,10 @@ temporary folder (AUDIOCNN_CACHE_DIR), cold at the start. Measured:
 2. no-op `dvc repro` (nothing changed), median of ``--noop-runs`` (target <= 1.5 s);
 3. +1% clips: new links in the source, the stages again (target: spectrogram <= 10% of its
    full-run time, thanks to the feature cache);
-4. `dvc exp run -S train.lr=...`: which stages ran (target: only train and evaluate).
+4. `dvc exp run -S train.lr=...`: which stages ran (target: only train, evaluate and export).
+
+The export stage runs without its parity gates: they judge a trained model, and a model of one
+epoch on a few clips can flip a near-tie between int8 and float; this benchmark times DVC.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ import pipeline  # noqa: E402  (workspace helpers, shared with benchmarks/pipeli
 NOOP_TARGET_S = 1.5
 INCREMENTAL_TARGET = 0.10
 
+
+UNGATED_EXPORT = {"min_top1_agreement": 0.0, "max_mean_abs_diff": 1.0, "max_int8_accuracy_drop": 1.0,
+                  "calibration_windows": 32}
 
 def dvc(args: list[str], root: Path, env: dict[str, str]) -> tuple[float, str]:
     start = time.perf_counter()
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             if path not in held_out:
                 link(path, source / path.name)
         params = common.fsdd_params(source, train={"epochs": args.epochs, "warmup_epochs": 0},
-                                    split={"strategy": "stratified", "test_folds": [], "val_folds": []})
+                                    split={"strategy": "stratified", "test_folds": [], "val_folds": []},
+                                    export=UNGATED_EXPORT)
         root = pipeline.make_workspace(tmp / "workspace", params)
         env = common.tool_env(AUDIOCNN_CACHE_DIR=str(tmp / "cache"),
                               MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'workspace' / 'mlflow.db'}")
@@ -162,7 +169,7 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
               f"- spectrogram after +1% clips: {100 * spec:.1f}% of its full-run time; target <= "
               f"{100 * INCREMENTAL_TARGET:.0f}%: {'met' if spec <= INCREMENTAL_TARGET else '**not met**'}",
               f"- `dvc exp run -S train.lr=...`: {results['exp_run']['seconds']:.1f} s, stages run: "
-              f"{results['exp_run']['ran']} (target: train and evaluate only)", "",
+              f"{results['exp_run']['ran']} (target: train, evaluate and export only)", "",
               "The same two stages as plain subprocesses (no DVC), cold feature cache, then after adding the 1%:", ""]
     alone = results["alone"]
     lines += common.table(["stage", "full run s", "+1% clips s", "ratio"], [

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py: machine facts, timed subprocesses, tables)
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["demo", "ingest", "normalize", "spectrogram", "split", "train", "evaluate"]
+STAGES = ["demo", "ingest", "normalize", "spectrogram", "split", "train", "evaluate", "export"]
 PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore", ".gitignore"]
 CONFIG_KEYS = {"name", "description", "overrides", "runs", "summary"}
 RUN_KEYS = {"name", "overrides"}
@@ -114,7 +114,8 @@ def timed_stage(root: Path, stage: str, env: dict[str, str]) -> dict[str, Any]:
 def run_variant(root: Path, params: dict, env: dict[str, str]) -> dict[str, Any]:
     """Write ``params``, reproduce the stages, collect test metrics, training speed and the load around it."""
     write_params(root, params)
-    stages = [s for s in STAGES if s != "demo" or params["ingest"]["source"] in stage_outputs()]
+    stages = [s for s in STAGES if (s != "demo" or params["ingest"]["source"] in stage_outputs())
+              and (s != "export" or params["model"]["arch"] == "cnn")]  # export takes the log-mel cnn only
     load_before = os.getloadavg()[0]
     timings = {stage: timed_stage(root, stage, env) for stage in stages}
     evaluation = json.loads((root / "metrics/eval.json").read_text())
@@ -126,10 +127,25 @@ def run_variant(root: Path, params: dict, env: dict[str, str]) -> dict[str, Any]
         "samples_per_second": training.get("samples_per_second"), "train_seconds": training.get("train_seconds"),
         "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
         "best_val_accuracy": training.get("best_val_accuracy"), "parameters": training.get("parameters"),
+        "export": export_figures(root) if "export" in timings else None,
         "peak_rss_mib": max(t["peak_rss_mib"] for t in timings.values()),
         "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "stages": timings,
     }
+
+
+def export_figures(root: Path) -> dict[str, Any]:
+    """The exported model's parity with evaluate on the test split (metrics/export.json)."""
+    figures = json.loads((root / "metrics/export.json").read_text())
+    return {"top1_agreement": figures["float"]["top1_agreement"], "mean_abs_diff": figures["float"]["mean_abs_diff"],
+            "int8_accuracy": figures.get("int8", {}).get("accuracy")}
+
+
+def export_cell(figures: dict[str, Any] | None) -> str:
+    if not figures:
+        return "-"
+    int8 = f" / {figures['int8_accuracy']:.4f}" if figures.get("int8_accuracy") is not None else ""
+    return f"{figures['top1_agreement']:.3f} / {figures['mean_abs_diff']:.1e}{int8}"
 
 
 def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -149,14 +165,15 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
         lines[1:1] = ["", results["description"].strip()]
     stage_names = [s for s in STAGES if any(s in r["stages"] for r in results["runs"].values())]
     columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "train samples/s", "train s",
-               *(f"{s} s" for s in stage_names), "peak MiB", "load 1 min (start/end)"]
+               *(f"{s} s" for s in stage_names), "export: agreement / mean abs dp / int8 accuracy", "peak MiB",
+               "load 1 min (start/end)"]
     rows = []
     for name, r in results["runs"].items():
         cells = [f"{r['stages'][s]['seconds']:.1f}" + ("" if r["stages"][s]["ran"] else "*") if s in r["stages"]
                  else "-" for s in stage_names]
         rows.append([name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", r["test_clips"], r["epochs_run"],
                      f"{r['samples_per_second'] or 0:.0f}", f"{r['train_seconds'] or 0:.0f}", *cells,
-                     f"{r['peak_rss_mib']:.0f}", "{:.1f} / {:.1f}".format(*r["load_1min"])])
+                     export_cell(r.get("export")), f"{r['peak_rss_mib']:.0f}", "{:.1f} / {:.1f}".format(*r["load_1min"])])
     lines += common.table(columns, rows)
     if "summary" in results:
         s = results["summary"]
@@ -164,7 +181,9 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
                   f"(std {s['accuracy_std']:.4f}); macro-F1 {s['macro_f1_mean']:.4f} (std {s['macro_f1_std']:.4f}); "
                   f"training {s['train_seconds_mean']:.0f} s per run on average, at most {s['train_seconds_max']:.0f} s."]
     lines += ["", f"Total wall time {results['wall_seconds'] / 60:.1f} min. `*`: stage up to date (DVC skipped it; "
-              "the time is DVC's check). `train s`: the fit itself; the train stage column adds start-up and writing."]
+              "the time is DVC's check). `train s`: the fit itself; the train stage column adds start-up and writing. "
+              "Export: the exported float model's top-1 agreement with evaluate, its mean absolute probability "
+              "difference, and the int8 model's test accuracy."]
     return lines
 
 

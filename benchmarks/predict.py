@@ -41,7 +41,7 @@ def build_models(root: Path) -> tuple[Path, Path]:
     audio = config.load_section(params, "audio", AudioParams)
     spec = config.load_section(params, "spectrogram", SpectrogramParams)
     window_s = float(params["train"]["window_seconds"])
-    frames = data.window_frames(window_s, audio.sample_rate, spec.hop_length)
+    frames = data.window_frames(window_s, audio.sample_rate, spec.hop_length, spec.n_fft)
     labels = ["background", "chainsaw", "engine", "storm"]
     norm = np.random.default_rng(0).normal(-40, 12, (8, frames, spec.n_mels)).astype(np.float32)
     model = models.build_cnn(len(labels), (frames, spec.n_mels, 1), params["model"]["width"], 0.3, norm)
@@ -53,7 +53,7 @@ def build_models(root: Path) -> tuple[Path, Path]:
     wave, front = frontend.waveform_models(model, pre)
     for name, net in (("waveform", wave), ("frontend", front), ("classifier", model)):
         net.export(str(root / name), format="tf_saved_model", verbose=False)
-    calibration = [[front.predict(np.random.default_rng(i).normal(0, 0.1, (1, pre.window_samples)).astype(np.float32),
+    calibration = [[front.predict(np.random.default_rng(i).normal(0, 0.1, (1, pre.segment_samples)).astype(np.float32),
                                   verbose=0)] for i in range(16)]
     files = {"model.tflite": to_tflite(root / "waveform"), "frontend.tflite": to_tflite(root / "frontend"),
              "model_int8.tflite": to_tflite(root / "classifier", lambda: iter(calibration))}

@@ -149,7 +149,7 @@ def test_time_stretch_and_freq_warp_run_in_the_training_transform(tmp_path):
 
     fileio.write_npy(tmp_path / "a.npy", window())
     p = params(time_stretch=0.2, freq_warp=0.1, time_shift=True)
-    transform = augment.window_transform(p, frames=30, n_mels=16, n_classes=3)
+    transform = augment.window_transform(p, frames=30, n_mels=16, top_db=80.0, n_classes=3)
     items = tf.data.Dataset.from_tensor_slices(([str(tmp_path / "a.npy")] * 8, [1] * 8, [1.0] * 8,
                                                 tf.constant([[7, i] for i in range(8)], tf.int64)))
     out = list(items.map(transform).as_numpy_iterator())

@@ -66,14 +66,16 @@ def test_summary_and_markdown():
     row = {"accuracy": 0.9, "macro_f1": 0.8, "test_clips": 10, "epochs_run": 3, "samples_per_second": 500.0,
            "train_seconds": 60.0, "peak_rss_mib": 900.0, "load_1min": [1.0, 2.0],
            "stages": {"split": {"seconds": 1.0, "ran": True}, "train": {"seconds": 70.0, "ran": False}}}
-    runs = {"a": row, "b": {**row, "accuracy": 1.0, "train_seconds": 100.0}}
+    exported = {"top1_agreement": 1.0, "mean_abs_diff": 2.6e-6, "int8_accuracy": 0.98}
+    runs = {"a": row, "b": {**row, "accuracy": 1.0, "train_seconds": 100.0, "export": exported}}
     summary = pipeline.summarize(runs)
     assert summary["accuracy_mean"] == pytest.approx(0.95) and summary["accuracy_std"] == pytest.approx(0.05)
     assert summary["train_seconds_max"] == 100.0
     results = {"name": "t", "description": "About t.", "runs": runs, "summary": summary, "wall_seconds": 90,
                "machine": {"cores": 2, "cpu": "CPU", "python": "3", "load_average": [1, 1, 1], "date": "today"}}
     text = "\n".join(pipeline.markdown(results, "python benchmarks/pipeline.py t.yaml"))
-    assert "| a | 0.9000 | 0.8000 | 10 | 3 | 500 | 60 | 1.0 | 70.0* | 900 | 1.0 / 2.0 |" in text
+    assert "| a | 0.9000 | 0.8000 | 10 | 3 | 500 | 60 | 1.0 | 70.0* | - | 900 | 1.0 / 2.0 |" in text
+    assert "| 1.000 / 2.6e-06 / 0.9800 |" in text
     assert "**0.9500** (std 0.0500)" in text and "About t." in text and "`python benchmarks/pipeline.py t.yaml`" in text
 
 
@@ -91,7 +93,8 @@ def test_tiny_fsdd_run_end_to_end(tmp_path):
     official = yaml.safe_load((CONFIGS / "fsdd_official.yaml").read_text(encoding="utf-8"))
     shrink = {"ingest": {"source": str(source)}, "normalize": {"workers": 1},
               "spectrogram": {"workers": 1, "image_size": 64, "gallery_per_class": 1},
-              "train": {"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "patience": 2}}
+              "train": {"epochs": 2, "warmup_epochs": 0, "batch_size": 8, "patience": 2},
+              "export": {"calibration_windows": 16, "max_int8_accuracy_drop": 1.0}}  # 2 epochs: near-ties
     config = write_config(tmp_path / "tiny.yaml", {
         "name": "tiny", "summary": True, "overrides": pipeline.deep_merge(official["overrides"], shrink),
         "runs": [{"name": "cnn"}, {"name": "seed", "overrides": {"model": {"arch": "seed"}}}]})
@@ -102,7 +105,8 @@ def test_tiny_fsdd_run_end_to_end(tmp_path):
     cnn, seed = results["runs"]["cnn"], results["runs"]["seed"]
     assert cnn["test_clips"] == seed["test_clips"] == 20  # index 0-4 of 2 digits x 2 speakers
     assert "demo" not in cnn["stages"]  # ingest reads FSDD, not the demo set
-    assert all(cnn["stages"][s]["ran"] for s in ("ingest", "normalize", "spectrogram", "split", "train"))
+    assert all(cnn["stages"][s]["ran"] for s in ("ingest", "normalize", "spectrogram", "split", "train", "export"))
+    assert "export" not in seed["stages"] and cnn["export"]["top1_agreement"] >= 0.99  # parity on real clips
     assert not seed["stages"]["spectrogram"]["ran"] and seed["stages"]["train"]["ran"]  # only what changed
     assert 0.0 <= cnn["accuracy"] <= 1.0 and cnn["samples_per_second"] > 0 and cnn["peak_rss_mib"] > 100
     assert results["params"]["seed"]["model"]["arch"] == "seed" and results["summary"]["runs"] == 2

@@ -1,4 +1,4 @@
-"""data.py: windowing math, floor padding, sliding windows, images, and the tf.data streams."""
+"""data.py: windowing math, silence padding, sliding windows, images, and the tf.data streams."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from audiocnn import data, fileio
 from audiocnn.errors import DataError
 
 N_MELS = 8
+TOP_DB = 10.0  # silence in ramp(n) features: their peak (n - 81) - TOP_DB = n - 91 dB
 
 
 def ramp(frames: int) -> np.ndarray:
@@ -24,40 +25,64 @@ def write_clips(tmp_path, lengths: dict[str, int]) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("window_seconds", "sample_rate", "hop_length", "expected"),
-    [(1.0, 16000, 160, 101), (0.5, 16000, 160, 51), (1.0, 8000, 256, 32), (0.01, 16000, 160, 2), (0.3, 16000, 160, 31)],
+    ("window_seconds", "sample_rate", "hop_length", "n_fft", "expected"),
+    [(1.0, 16000, 160, 512, 102), (0.5, 16000, 160, 512, 52), (1.0, 8000, 80, 256, 102), (1.0, 8000, 256, 256, 32),
+     (0.01, 16000, 160, 512, 3), (0.3, 16000, 160, 400, 32)],
 )
-def test_window_frames(window_seconds, sample_rate, hop_length, expected):
-    assert data.window_frames(window_seconds, sample_rate, hop_length) == expected
+def test_window_frames(window_seconds, sample_rate, hop_length, n_fft, expected):
+    assert data.window_frames(window_seconds, sample_rate, hop_length, n_fft) == expected
+    # as many frames as log_mel gives for a clip exactly one window long
+    from audiocnn.melspec import overlapping_frames
+
+    assert overlapping_frames(round(window_seconds * sample_rate), n_fft, hop_length) == expected
 
 
-def test_pad_to_uses_clip_floor_not_zero():
-    x = ramp(5)  # values -80..-76 dB
-    padded = data.pad_to(x, 9)
+def test_pad_to_pads_with_silence_not_the_clip_minimum():
+    x = ramp(5)  # values -80..-76 dB: less dynamic range than TOP_DB
+    padded = data.pad_to(x, 9, TOP_DB)
     assert padded.shape == (9, N_MELS)
     np.testing.assert_array_equal(padded[:5], x)
-    assert np.all(padded[5:] == -80.0)
-    assert data.pad_to(x, 3) is x  # long enough: unchanged
+    assert np.all(padded[5:] == -86.0)  # peak -76 - TOP_DB, below the clip's minimum -80
+    assert data.pad_to(x, 3, TOP_DB) is x  # long enough: unchanged
+    quiet = np.full((2, N_MELS), -95.0, np.float32)
+    assert np.all(data.pad_to(quiet, 4, TOP_DB)[2:] == -100.0)  # never below log_mel's -100 dB (power 1e-10)
+
+
+def test_silence_padding_equals_features_of_a_zero_padded_waveform():
+    """A short clip padded in the feature domain = log_mel of the clip zero-padded to the window (the export)."""
+    from audiocnn.melspec import log_mel
+    from audiocnn.spectrogram import SpectrogramParams
+
+    p = SpectrogramParams(n_fft=256, hop_length=64, n_mels=16, fmin=20.0, fmax=4000.0, top_db=80.0, workers=1,
+                          images=False, image_size=32, gallery_per_class=1)
+    rng = np.random.default_rng(0)
+    clip = (0.1 * rng.standard_normal(1600) + 0.01).astype(np.float32)  # 0.2 s at 8 kHz, noisy: < 80 dB range
+    window = np.zeros(8000, np.float32)  # 1 s
+    window[: clip.size] = clip
+    whole = log_mel(window, 8000, p)[:126]  # (126, 16): the window's frames
+    own = log_mel(clip, 8000, p)
+    assert len(own) == 1 + 1600 // 64 + 1  # librosa's frames + the one that still overlaps the clip's end
+    np.testing.assert_allclose(data.pad_to(own, 126, p.top_db), whole, atol=1e-4)
 
 
 def test_center_crop():
-    np.testing.assert_array_equal(data.center_crop(ramp(10), 4)[:, 0], np.array([3, 4, 5, 6]) - 80.0)
-    assert data.center_crop(ramp(2), 4)[:, 0].tolist() == [-80.0, -79.0, -80.0, -80.0]
+    np.testing.assert_array_equal(data.center_crop(ramp(10), 4, TOP_DB)[:, 0], np.array([3, 4, 5, 6]) - 80.0)
+    assert data.center_crop(ramp(2), 4, TOP_DB)[:, 0].tolist() == [-80.0, -79.0, -89.0, -89.0]
 
 
 def test_sliding_windows_cover_clip_and_end_aligned():
-    windows = data.sliding_windows(ramp(10), 4, 3)  # starts 0, 3, 6 (6 + 4 = 10: already at the end)
+    windows = data.sliding_windows(ramp(10), 4, 3, TOP_DB)  # starts 0, 3, 6 (6 + 4 = 10: already at the end)
     assert windows.shape == (3, 4, N_MELS)
     assert windows[:, 0, 0].tolist() == [-80.0, -77.0, -74.0]
-    windows = data.sliding_windows(ramp(11), 4, 3)  # starts 0, 3, 6 and the end-aligned 7
+    windows = data.sliding_windows(ramp(11), 4, 3, TOP_DB)  # starts 0, 3, 6 and the end-aligned 7
     assert windows[:, 0, 0].tolist() == [-80.0, -77.0, -74.0, -73.0]
     assert windows[-1, -1, 0] == 10 - 80.0  # the last frame is covered
 
 
 def test_sliding_windows_short_clip_is_one_padded_window():
-    windows = data.sliding_windows(ramp(3), 5, 2)
+    windows = data.sliding_windows(ramp(3), 5, 2, TOP_DB)
     assert windows.shape == (1, 5, N_MELS)
-    assert windows[0, 3:, 0].tolist() == [-80.0, -80.0]
+    assert windows[0, 3:, 0].tolist() == [-88.0, -88.0]
 
 
 def test_load_features_errors_name_the_file(tmp_path):
@@ -98,7 +123,7 @@ def test_train_stream_crops_vary_per_epoch_but_repeat_per_seed(tmp_path):
     labels = np.arange(6, dtype=np.int32)
 
     def crop(path, label, seed):
-        return data.crop_tf(data.load_npy_tf(path, N_MELS), 10, seed), label
+        return data.crop_tf(data.load_npy_tf(path, N_MELS), 10, TOP_DB, seed), label
 
     def stream(seed):
         items = tf.data.Dataset.from_tensor_slices((paths, labels))
@@ -116,32 +141,33 @@ def test_train_stream_crops_vary_per_epoch_but_repeat_per_seed(tmp_path):
 
 def test_eval_dataset_centre_windows(tmp_path):
     paths = write_clips(tmp_path, {"long": 20, "short": 3})
-    ds = data.eval_dataset(paths, np.array([1, 0], np.int32), n_classes=2, frames=6, n_mels=N_MELS, batch_size=8)
+    ds = data.eval_dataset(paths, np.array([1, 0], np.int32), n_classes=2, frames=6, n_mels=N_MELS,
+                           top_db=TOP_DB, batch_size=8)
     x, y = next(iter(ds))
     assert x.shape == (2, 6, N_MELS, 1) and y.shape == (2, 2)
     np.testing.assert_array_equal(x[0, :, 0, 0], np.arange(7, 13) - 80.0)  # centre of 20 frames
-    np.testing.assert_array_equal(x[1, :, 0, 0], [-80, -79, -78, -80, -80, -80])  # floor-padded
+    np.testing.assert_array_equal(x[1, :, 0, 0], [-80, -79, -78, -88, -88, -88])  # silence-padded
     np.testing.assert_array_equal(y.numpy(), [[0, 1], [1, 0]])
 
 
 def test_feature_sample_is_bounded_and_seeded(tmp_path):
     paths = write_clips(tmp_path, {f"c{i}": 12 for i in range(5)})
-    sample = data.feature_sample(paths, 8, limit=3, seed=1)
+    sample = data.feature_sample(paths, 8, TOP_DB, limit=3, seed=1)
     assert sample.shape == (3, 8, N_MELS)
-    np.testing.assert_array_equal(sample, data.feature_sample(paths, 8, limit=3, seed=1))
+    np.testing.assert_array_equal(sample, data.feature_sample(paths, 8, TOP_DB, limit=3, seed=1))
 
 
 def test_crop_tf_time_shift_places_short_clips_at_random_offsets(tmp_path):
     import tensorflow as tf
 
-    x = tf.constant(ramp(4))  # frames -80..-77 dB, floor -80
+    x = tf.constant(ramp(4))  # frames -80..-77 dB, silence -87
     starts = set()
     for i in range(40):
-        out = data.crop_tf(x, 10, tf.constant([3, i], tf.int64), shift=True).numpy()[:, 0]
+        out = data.crop_tf(x, 10, TOP_DB, tf.constant([3, i], tf.int64), shift=True).numpy()[:, 0]
         start = int(np.argmax(out == -79.0)) - 1  # the clip's second frame is unique
         np.testing.assert_array_equal(out[start : start + 4], [-80, -79, -78, -77])
-        assert np.sum(out == -80.0) == 7  # the clip's own first frame + 6 floor frames
+        assert np.sum(out == -87.0) == 6  # silence on either side
         starts.add(start)
     assert starts == set(range(7))  # every offset 0..frames-4 occurs
-    unshifted = data.crop_tf(x, 10, tf.constant([3, 0], tf.int64)).numpy()[:, 0]
+    unshifted = data.crop_tf(x, 10, TOP_DB, tf.constant([3, 0], tf.int64)).numpy()[:, 0]
     np.testing.assert_array_equal(unshifted[:4], [-80, -79, -78, -77])  # default: padded at the end only

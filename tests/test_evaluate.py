@@ -67,12 +67,12 @@ def window_predict(calls: list[int]):
 def test_clip_prediction_is_mean_over_its_windows(tmp_path):
     ramp = np.linspace(0, 1, 10, dtype=np.float32)[:, None].repeat(2, axis=1)  # (10 frames, 2 mels)
     short = np.full((2, 2), 0.5, dtype=np.float32)
-    short[0, 0] = 0.1  # floor 0.1: padded frames take it
+    short[0, 0] = 0.1  # peak 0.5: with top_db 0.4 the padded frames take silence = 0.1
     fileio.write_npy(tmp_path / "long.npy", ramp)
     fileio.write_npy(tmp_path / "short.npy", short)
     rows = [{"id": "long", "image": ""}, {"id": "short", "image": ""}]
     inputs = [models.model_input("cnn", r, features_dir=tmp_path, images_dir=tmp_path, window_frames=4,
-                                 hop_frames=3) for r in rows]
+                                 hop_frames=3, top_db=0.4) for r in rows]
     assert inputs[0].shape == (3, 4, 2, 1)  # starts 0, 3, 6: the last window ends at the clip's end
     calls: list[int] = []
     probs = evaluate.clip_probabilities(iter(inputs), window_predict(calls), chunk=1000)
@@ -107,7 +107,7 @@ def test_reports_written(tmp_path):
 
 # --- the stage, with a fake model (no TensorFlow) ---------------------------------------------
 
-SR, HOP = 1000, 10  # window 0.1 s -> 11 frames, hop 0.05 s -> 5 frames
+SR, HOP, N_FFT = 1000, 10, 20  # window 0.1 s -> 11 frames (1 + (100 + 9) // 10), hop 0.05 s -> 5 frames
 
 
 class BandModel:
@@ -143,7 +143,7 @@ def run_stage(root: Path, dirs: dict[str, Path], window_seconds: float = 0.1) ->
     return evaluate.run(features_dir=dirs["features"], images_dir=root / "images", split_dir=dirs["split"],
                         model_dir=dirs["models"], metrics_path=root / "metrics" / "eval.json",
                         reports_dir=root / "reports" / "eval", arch="cnn", window_seconds=window_seconds,
-                        sample_rate=SR, hop_length=HOP, params=params, all_params=real_params())
+                        sample_rate=SR, hop_length=HOP, n_fft=N_FFT, top_db=80.0, params=params, all_params=real_params())
 
 
 @pytest.fixture(scope="session")
@@ -260,7 +260,7 @@ def test_stage_seed_arch_uses_one_image_per_clip(tmp_path, store, monkeypatch):
     metrics = evaluate.run(features_dir=dirs["features"], images_dir=tmp_path / "images", split_dir=dirs["split"],
                            model_dir=dirs["models"], metrics_path=tmp_path / "eval.json",
                            reports_dir=tmp_path / "eval", arch="seed", window_seconds=0.1, sample_rate=SR,
-                           hop_length=HOP, params=params, all_params=real_params())
+                           hop_length=HOP, n_fft=N_FFT, top_db=80.0, params=params, all_params=real_params())
     assert metrics["accuracy"] == 1.0 and metrics["loss"] == pytest.approx(-math.log(0.9 + 0.1 / 3), abs=1e-6)
 
 

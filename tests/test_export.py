@@ -22,7 +22,7 @@ def preprocess(**spectrogram) -> predict.Preprocess:
     params = model_params()
     params["spectrogram"].update(spectrogram)
     rate = params["audio"]["sample_rate"]
-    frames = data.window_frames(0.5, rate, params["spectrogram"]["hop_length"])
+    frames = data.window_frames(0.5, rate, params["spectrogram"]["hop_length"], params["spectrogram"]["n_fft"])
     return predict.read_preprocess({**params, "window_seconds": 0.5, "window_frames": frames}, "test")
 
 
@@ -55,11 +55,32 @@ def test_front_end_matches_librosa_log_mel(spectrogram):
     click[3000] = 0.9
     waves = np.stack([0.1 * rng.normal(size=t.size), 0.5 * np.sin(2 * np.pi * 440 * t) + 0.01 * rng.normal(size=t.size),
                       click, 0.99 * np.sign(np.sin(2 * np.pi * 97 * t))]).astype(np.float32)  # (4, samples)
-    ours = np.asarray(frontend.front_end(pre)(waves))[..., 0]  # (4, frames, n_mels) dB
+    segments = np.stack([predict.waveform_segment(w, 0, pre) for w in waves])  # each wave a clip of its own
+    ours = np.asarray(frontend.front_end(pre)(segments))[..., 0]  # (4, frames, n_mels) dB
     for got, wave in zip(ours, waves):
         expected = log_mel(wave, SAMPLE_RATE, pre.spectrogram)
         assert got.shape == expected.shape == (pre.window_frames, pre.spectrogram.n_mels)
         assert np.abs(got - expected).max() < 1e-3  # dB
+
+
+def test_front_end_on_a_segment_gives_the_clips_own_frames():
+    """A window inside a longer clip, with its context: the frames evaluate slices from the clip's log-mel."""
+    from audiocnn.spectrogram import log_mel
+
+    pre = preprocess()
+    hop = pre.spectrogram.hop_length
+    rng = np.random.default_rng(3)
+    clip = (0.2 * rng.normal(size=3 * pre.window_samples) * np.linspace(0.05, 1, 3 * pre.window_samples))
+    clip = clip.astype(np.float32)
+    whole = log_mel(clip, SAMPLE_RATE, pre.spectrogram)  # (frames, n_mels), floored at the clip's max - top_db
+    starts = [0, 37, len(whole) - pre.window_frames]  # the clip's start, inside, its end
+    segments = np.stack([predict.waveform_segment(clip, s * hop, pre) for s in starts])
+    assert segments.shape == (3, pre.segment_samples)
+    ours = np.asarray(frontend.front_end(pre)(segments))[..., 0]
+    for got, s in zip(ours, starts):
+        expected = whole[s : s + pre.window_frames]
+        floor = max(float(got.max()), float(expected.max())) - pre.spectrogram.top_db
+        np.testing.assert_allclose(np.maximum(got, floor), np.maximum(expected, floor), atol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +103,11 @@ def test_float_tflite_equals_the_keras_pipeline_on_the_same_windows(waveform):
     _, classifier, wave_model, tflite_bytes, pre = waveform
     rng = np.random.default_rng(2)
     windows = (rng.normal(size=(3, pre.window_samples)) * np.array([[0.01], [0.1], [0.5]])).astype(np.float32)
+    segments = np.stack([predict.waveform_segment(w, 0, pre) for w in windows])  # each window a clip of its own
     runner = TFLiteRunner(tflite_bytes)
-    assert runner.input["shape"].tolist() == [1, pre.window_samples] and runner.output["shape"].tolist() == [1, 3]
-    tflite = runner(windows)
-    keras_wave = wave_model.predict(windows, verbose=0)
+    assert runner.input["shape"].tolist() == [1, pre.segment_samples] and runner.output["shape"].tolist() == [1, 3]
+    tflite = runner(segments)
+    keras_wave = wave_model.predict(segments, verbose=0)
     pipeline = classifier.predict(np.stack([log_mel(w, SAMPLE_RATE, pre.spectrogram) for w in windows])[..., None],
                                   verbose=0)
     np.testing.assert_allclose(tflite, keras_wave, atol=1e-5)
@@ -155,7 +177,7 @@ def train_tiny(model_dir: Path, root: Path, pre: predict.Preprocess) -> None:
     rng = np.random.default_rng(0)
     x, y = [], []
     for clip_id, label in zip(frame["id"], frame["label"]):
-        feats = data.pad_to(data.load_features(root / "features", clip_id), pre.window_frames)
+        feats = data.pad_to(data.load_features(root / "features", clip_id), pre.window_frames, pre.spectrogram.top_db)
         for _ in range(3):
             start = int(rng.integers(0, feats.shape[0] - pre.window_frames + 1))
             x.append(feats[start : start + pre.window_frames])
@@ -186,7 +208,9 @@ def test_export_end_to_end_then_predict_with_tflite(tmp_path, capsys):
     for entry in meta["models"].values():
         if "file" in entry:
             assert (out / entry["file"]).stat().st_size == entry["bytes"]
-    assert meta["models"]["int8"]["input"]["dtype"] == "int8" and meta["models"]["float"]["input"]["shape"] == [1, 8000]
+    assert meta["models"]["int8"]["input"]["dtype"] == "int8" and meta["models"]["float"]["input"]["shape"] == [1, 8672]
+    # 256 (n_fft // 2) before the 0.5 s window, then to the end of its 52nd frame: (52 - 1) * 160 + 512
+    assert meta["context_samples"] == 256 and meta["segment_samples"] == pre.segment_samples == 8672
     assert (out / "saved_model" / "saved_model.pb").is_file()
     exported = fileio.read_json(tmp_path / "metrics" / "export.json")
     assert exported["float"] == figures["float"] and exported["bytes"]["int8"] == meta["models"]["int8"]["bytes"]

@@ -33,6 +33,24 @@ def test_cnn_size_and_output_at_the_default_width():
     assert {"Normalization", "BatchNormalization", "GlobalAveragePooling2D", "Dropout"} <= kinds
 
 
+def test_band_norm_makes_the_cnn_blind_to_a_fixed_spectral_colouring():
+    """With model.band_norm, adding a constant per mel band (a microphone's response) changes nothing."""
+    import keras
+
+    rng = np.random.default_rng(4)
+    sample = rng.normal(-50, 10, (4, 20, 8)).astype(np.float32)
+    x = rng.normal(-50, 10, (3, 20, 8, 1)).astype(np.float32)
+    colour = rng.normal(0, 6, (1, 1, 8, 1)).astype(np.float32)  # dB per band, the same in every frame
+    keras.utils.set_random_seed(0)
+    plain = models.build_cnn(3, (20, 8, 1), width=8, dropout=0.0, norm_sample=sample)
+    keras.utils.set_random_seed(0)
+    banded = models.build_cnn(3, (20, 8, 1), width=8, dropout=0.0, norm_sample=sample, band_norm=True)
+    np.testing.assert_allclose(banded.predict(x + colour, verbose=0), banded.predict(x, verbose=0), atol=1e-5)
+    assert np.abs(plain.predict(x + colour, verbose=0) - plain.predict(x, verbose=0)).max() > 1e-4
+    assert models.build(load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": True}},
+                                     "model", ModelParams), 3, (20, 8, 1), sample).get_layer("band_mean")
+
+
 def test_cnn_normalization_is_adapted_per_mel_inside_the_model():
     import keras
 
@@ -50,7 +68,7 @@ def test_cnn_accepts_small_inputs():
 
 
 def test_seed_is_the_notebook_network():
-    model = models.build(ModelParams(arch="seed", width=32, dropout=0.3), 10, (224, 224, 3))
+    model = models.build(ModelParams(arch="seed", width=32, dropout=0.3, band_norm=False), 10, (224, 224, 3))
     stack = [(type(layer).__name__, getattr(layer, "filters", None) or getattr(layer, "units", None))
              for layer in model.layers[1:]]
     assert stack == [("Conv2D", 32), ("MaxPooling2D", None), ("Conv2D", 128), ("MaxPooling2D", None),
@@ -67,9 +85,9 @@ def test_model_input_per_arch(tmp_path):
     Image.fromarray(np.full((224, 224, 3), 255, np.uint8)).save(tmp_path / "img" / "dog" / "clip-1.png")
     row = {"id": "clip-1", "image": "dog/clip-1.png"}
     windows = model_input("cnn", row, features_dir=tmp_path, images_dir=tmp_path / "img", window_frames=101,
-                          hop_frames=50)
+                          hop_frames=50, top_db=80.0)
     assert windows.shape == (4, 101, 64, 1)  # starts 0, 50, 100 and the end-aligned 149
     np.testing.assert_array_equal(windows[-1, -1, :, 0], x[-1])
     image = model_input("seed", row, features_dir=tmp_path, images_dir=tmp_path / "img", window_frames=101,
-                        hop_frames=50)
+                        hop_frames=50, top_db=80.0)
     assert image.shape == (1, 224, 224, 3) and image.max() == 1.0

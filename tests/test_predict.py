@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiocnn import data, fileio, predict, stream, timeline
+from audiocnn import data, fileio, predict, spectrogram, stream, timeline
 from audiocnn.audio import AudioReadError
 from audiocnn.config import ParamsError, load_section, to_dict
 from audiocnn.errors import DataError
@@ -44,7 +44,7 @@ def make_model_dir(model_dir: Path, seed: int = 0) -> Path:
     params = model_params()
     audio = load_section(params, "audio", AudioParams)
     spec = load_section(params, "spectrogram", SpectrogramParams)
-    frames = data.window_frames(WINDOW_SECONDS, audio.sample_rate, spec.hop_length)
+    frames = data.window_frames(WINDOW_SECONDS, audio.sample_rate, spec.hop_length, spec.n_fft)
     keras.utils.set_random_seed(seed)
     norm = np.random.default_rng(seed).normal(-40.0, 12.0, (4, frames, spec.n_mels)).astype(np.float32)
     model = models.build_cnn(len(LABELS), (frames, spec.n_mels, 1), 8, 0.1, norm)
@@ -88,9 +88,9 @@ def model(model_dir) -> predict.Model:
                                                        (250, 51, 60), (51, 51, 1)])
 def test_window_starts_are_the_windows_sliding_windows_cuts(frames, window, hop):
     x = np.arange(frames * 3, dtype=np.float32).reshape(frames, 3)
-    windows = data.sliding_windows(x, window, hop)
+    windows = data.sliding_windows(x, window, hop, 80.0)
     starts = timeline.window_starts(frames, window, hop)
-    padded = data.pad_to(x, window)
+    padded = data.pad_to(x, window, 80.0)
     assert len(starts) == len(windows)
     for start, w in zip(starts, windows):
         np.testing.assert_array_equal(w, padded[start : start + window])
@@ -160,9 +160,10 @@ def pipeline_probabilities(wav: Path, model_dir: Path, tmp: Path, hop_seconds: f
     spectrogram.spectrogram_clip(record, tmp / "clips", tmp / "features", tmp / "images", SAMPLE_RATE, spec)
     keras_model, labels = evaluate.load_model(model_dir)
     assert labels == LABELS
-    frames = data.window_frames(WINDOW_SECONDS, SAMPLE_RATE, spec.hop_length)
+    frames = data.window_frames(WINDOW_SECONDS, SAMPLE_RATE, spec.hop_length, spec.n_fft)
     x = models.model_input("cnn", record | {"image": ""}, features_dir=tmp / "features", images_dir=tmp / "images",
-                           window_frames=frames, hop_frames=evaluate.hop_frames(hop_seconds, SAMPLE_RATE, 160))
+                           window_frames=frames, hop_frames=evaluate.hop_frames(hop_seconds, SAMPLE_RATE, 160),
+                           top_db=spec.top_db)
     return evaluate.clip_probabilities([x], lambda b: keras_model.predict(b, batch_size=64, verbose=0), chunk=1024)[0]
 
 
@@ -172,8 +173,8 @@ def test_prediction_equals_the_pipeline_for_the_same_clip(tmp_path, model_dir, m
     expected = pipeline_probabilities(wav, model_dir, tmp_path, hop_seconds)
     got = predict.predict_file(model, wav, hop_seconds)
     np.testing.assert_allclose(got.probabilities, expected, atol=1e-5, rtol=0)
-    frames = 1 + round(got.duration_s * SAMPLE_RATE) // 160
-    windows = timeline.window_starts(frames, 51, timeline.hop_frames(hop_seconds, SAMPLE_RATE, 160))
+    frames = spectrogram.expected_frames(round(got.duration_s * SAMPLE_RATE), model.pre.spectrogram)
+    windows = timeline.window_starts(frames, model.pre.window_frames, timeline.hop_frames(hop_seconds, SAMPLE_RATE, 160))
     assert len(got.window_probabilities) == len(got.starts_s) == len(windows)
     assert got.starts_s[0] == 0.0 and got.ends_s[-1] == pytest.approx(seconds, abs=0.01)
     assert np.all(got.ends_s - got.starts_s <= WINDOW_SECONDS + 1e-9)
@@ -305,7 +306,7 @@ def test_seed_model_predicts_the_clip_image_the_pipeline_renders(tmp_path):
                                             SAMPLE_RATE, spec)
     keras_model, _ = evaluate.load_model(tmp_path / "models")
     x = models.model_input("seed", record | {"image": image}, features_dir=tmp_path / "features",
-                           images_dir=tmp_path / "images", window_frames=51, hop_frames=25)
+                           images_dir=tmp_path / "images", window_frames=51, hop_frames=25, top_db=spec.top_db)
     expected = evaluate.clip_probabilities([x], lambda b: keras_model.predict(b, verbose=0), chunk=64)[0]
     got = predict.predict_file(predict.load_model(tmp_path / "models"), wav, 0.25)
     np.testing.assert_allclose(got.probabilities, expected, atol=1e-5, rtol=0)

@@ -25,9 +25,7 @@ from conftest import make_pipeline_repo, real_params, run, shrink, stages_run, t
 pytestmark = pytest.mark.slow
 
 EPOCHS = 4
-# Up to evaluate: export's SavedModel bytes differ run to run (not yet reproducible), so these
-# reproducibility and fault tests run `dvc repro evaluate`.
-ALL_STAGES = ["demo", "ingest", "normalize", "spectrogram", "split", "train", "evaluate"]
+ALL_STAGES = ["demo", "ingest", "normalize", "spectrogram", "split", "train", "evaluate", "export"]
 
 
 def params() -> dict:
@@ -40,7 +38,7 @@ def params() -> dict:
 def reference(tmp_path_factory) -> Path:
     """The pipeline run once, uninterrupted, with dvc.lock and the metrics committed."""
     repo = make_pipeline_repo(tmp_path_factory.mktemp("reference"), params())
-    assert stages_run(run(["dvc", "repro", "evaluate"], repo).stdout)[-1] == "evaluate"
+    assert stages_run(run(["dvc", "repro"], repo).stdout)[-1] == "export"
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "reference run"], repo)
     return repo
@@ -59,13 +57,13 @@ def clone(reference: Path, dest: Path) -> Path:
 def committed_state_is_reproduced(repo: Path) -> None:
     """dvc.lock and every git-tracked output equal the committed ones; DVC sees nothing to do."""
     assert run(["git", "status", "--porcelain"], repo).stdout == ""
-    assert run(["dvc", "status", "evaluate"], repo).stdout.strip().endswith("up to date.")
+    assert run(["dvc", "status"], repo).stdout.strip().endswith("up to date.")
 
 
 def start_repro(repo: Path) -> tuple[subprocess.Popen, Path]:
     log = repo.parent / f"{repo.name}.log"
     with open(log, "w") as handle:
-        proc = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=repo, env=tool_env(), stdout=handle,
+        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=tool_env(), stdout=handle,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
 
@@ -89,13 +87,13 @@ def backup_epoch(repo: Path) -> int:
 
 def test_fresh_clone_reproduces_the_committed_lock_and_metrics(reference, tmp_path):
     repo = clone(reference, tmp_path / "clone")
-    assert stages_run(run(["dvc", "repro", "evaluate"], repo).stdout) == ALL_STAGES  # nothing cached: all ran
+    assert stages_run(run(["dvc", "repro"], repo).stdout) == ALL_STAGES  # nothing cached: all ran
     committed_state_is_reproduced(repo)
 
 
 def test_forced_repro_is_byte_identical(reference):
     before = (reference / "models" / "model.keras").read_bytes()
-    proc = run(["dvc", "repro", "--force", "evaluate"], reference)
+    proc = run(["dvc", "repro", "--force"], reference)
     assert stages_run(proc.stdout) == ALL_STAGES
     committed_state_is_reproduced(reference)
     assert (reference / "models" / "model.keras").read_bytes() == before  # hence the same predictions
@@ -119,8 +117,8 @@ def test_kill_during_spectrogram_then_repro(reference, tmp_path):
         assert fileio.load_npy(path).ndim == 2
     assert "spectrogram" in run(["dvc", "status"], repo).stdout  # DVC does not take it as done
 
-    again = run(["dvc", "repro", "evaluate"], repo)
-    assert stages_run(again.stdout) == ["spectrogram", "split", "train", "evaluate"]
+    again = run(["dvc", "repro"], repo)
+    assert stages_run(again.stdout) == ["spectrogram", "split", "train", "evaluate", "export"]
     committed_state_is_reproduced(repo)
     assert not list(features.glob(".*.tmp")) and not list(features.parent.glob(".*.tmp"))
     for path in sorted((reference / "dataset" / "features").iterdir()):
@@ -136,8 +134,8 @@ def test_kill_during_training_resumes_from_the_last_epoch(reference, tmp_path):
     done = backup_epoch(repo)
     assert 2 <= done < EPOCHS
 
-    again = run(["dvc", "repro", "evaluate"], repo)
-    assert stages_run(again.stdout) == ["train", "evaluate"]
+    again = run(["dvc", "repro"], repo)
+    assert stages_run(again.stdout) == ["train", "evaluate", "export"]
     assert f"resuming training after epoch {done}/{EPOCHS}" in again.stderr + again.stdout
     committed_state_is_reproduced(repo)
     assert not backup.exists()
@@ -153,7 +151,7 @@ def test_kill_during_training_resumes_from_the_last_epoch(reference, tmp_path):
 @pytest.mark.timeout(900)
 def test_two_queued_experiments_run_at_once(reference, tmp_path):
     repo = clone(reference, tmp_path / "queue")
-    run(["dvc", "repro", "evaluate"], repo)  # the baseline's outputs, so the experiments rerun train + evaluate only
+    run(["dvc", "repro"], repo)  # the baseline's outputs, so the experiments rerun train, evaluate and export only
     lrs = {"fast-lr": 0.01, "slow-lr": 0.001}
     for name, lr in lrs.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], repo)

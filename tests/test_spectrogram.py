@@ -61,10 +61,12 @@ def test_log_mel_matches_librosa():
     params = spec_params()
     x = (0.1 * np.random.default_rng(0).standard_normal(12345)).astype(np.float32)
     db = spectrogram.log_mel(x, 16000, params)
-    assert db.dtype == np.float32 and db.shape == (1 + 12345 // params.hop_length, params.n_mels)
+    frames = 1 + 12345 // params.hop_length  # librosa's centred frames
+    assert db.dtype == np.float32 and db.shape == (frames + 1, params.n_mels)  # + 1 that overlaps the clip's end
+    assert db.shape[0] == spectrogram.expected_frames(12345, params)  # 12345 + 256 samples reach into frame 78
     mel = librosa.feature.melspectrogram(y=x, sr=16000, n_fft=params.n_fft, hop_length=params.hop_length,
                                          n_mels=params.n_mels, fmin=params.fmin, fmax=params.fmax, center=True)
-    np.testing.assert_allclose(db, librosa.power_to_db(mel, ref=1.0, top_db=params.top_db).T, atol=1e-3)
+    np.testing.assert_allclose(db[:frames], librosa.power_to_db(mel, ref=1.0, top_db=params.top_db).T, atol=1e-3)
     assert db.max() - db.min() <= params.top_db + 1e-4
 
 
@@ -106,7 +108,7 @@ def test_run_outputs_and_workers_identical(tmp_path):
     one, two = run_stage(tmp_path, "one"), run_stage(tmp_path, "two", workers=2)
     index = fileio.read_csv(one / "features" / "index.csv")
     assert list(index.columns) == ["id", "path", "label", "group", "fold", "samples", "frames", "image"]
-    assert index["frames"].astype(int).tolist() == [1 + int(s) // 160 for s in index["samples"]]
+    assert index["frames"].astype(int).tolist() == [1 + (int(s) + 255) // 160 for s in index["samples"]]  # frames overlapping the clip
     assert fileio.read_json(one / "features" / "meta.json") == {
         "sample_rate": 16000, "n_fft": 512, "hop_length": 160, "n_mels": 64, "fmin": 20.0, "fmax": 8000.0,
         "top_db": 80.0}
@@ -171,5 +173,8 @@ def test_log_mel_matches_librosa_for_other_sizes(n_fft, hop, samples):
     mel = librosa.feature.melspectrogram(y=x, sr=16000, n_fft=n_fft, hop_length=hop, n_mels=40, fmin=params.fmin,
                                          fmax=params.fmax, center=True, pad_mode="constant")
     expected = librosa.power_to_db(mel, ref=1.0, top_db=params.top_db).T
-    assert db.shape == expected.shape == (spectrogram.expected_frames(samples, params), 40)
-    np.testing.assert_allclose(db, expected, atol=1e-3)
+    assert expected.shape == (1 + samples // hop, 40) and db.shape == (spectrogram.expected_frames(samples, params), 40)
+    np.testing.assert_allclose(db[: len(expected)], expected, atol=1e-3)
+    padded = np.concatenate([x, np.zeros(n_fft, np.float32)])  # the frames after librosa's: the clip's tail
+    np.testing.assert_allclose(db[len(expected) :], spectrogram.log_mel(padded, 16000, params)[len(expected) : len(db)],
+                               atol=1e-3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,32 @@ def test_resume_adds_to_the_same_run(store):
     got = get_run(first.info.run_id)
     assert got.data.metrics == {"loss": 1.0, "macro_f1": 0.75} and got.info.status == "FINISHED"
     assert tracking.run_exists(first.info.run_id) and not tracking.run_exists("0" * 32)
+
+
+def test_a_run_whose_process_died_is_marked_killed_by_the_next_start(store):
+    """SIGKILL cannot end a run; the next run started on this machine marks it KILLED, and only it."""
+    died = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, signal
+        from audiocnn import tracking
+        with tracking.start_run() as run:
+            print(run.info.run_id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)], cwd=store.parent, env=tool_env(), capture_output=True, text=True, timeout=120)
+    assert died.returncode == -9
+    orphan = died.stdout.split()[-1]
+    assert get_run(orphan).info.status == "RUNNING" and get_run(orphan).data.tags["pid"].isdigit()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
+    alive = client.create_run(experiment, tags={"host": tracking.socket.gethostname(), "pid": str(os.getpid())})
+    remote = client.create_run(experiment, tags={"host": "another-machine", "pid": "1"})
+    untagged = client.create_run(experiment)
+
+    with tracking.start_run() as run:
+        pass
+    assert get_run(orphan).info.status == "KILLED"
+    for other in (alive, remote, untagged):  # a live process, another machine's, unknown: left alone
+        assert get_run(other.info.run_id).info.status == "RUNNING"
+    assert get_run(run.info.run_id).info.status == "FINISHED"
 
 
 # --- params, tags, metrics, artifacts -------------------------------------------------------

@@ -175,11 +175,11 @@ def noise_label(p: AugmentParams, labels: Sequence[str]) -> int:
     return labels.index(p.noise_class)
 
 
-def window_transform(p: AugmentParams, frames: int, n_mels: int, n_classes: int,
+def window_transform(p: AugmentParams, frames: int, n_mels: int, top_db: float, n_classes: int,
                      noise_label: int = -1) -> Callable[..., Any]:
     """The per-clip training map: (path, label, weight, [noise window,] seed) -> (x, one-hot y, weight).
 
-    Loads the clip, takes a random floor-padded window, augments it: x (frames, n_mels, 1) dB.
+    Loads the clip, takes a random silence-padded window, augments it: x (frames, n_mels, 1) dB.
     """
     import tensorflow as tf
 
@@ -189,7 +189,7 @@ def window_transform(p: AugmentParams, frames: int, n_mels: int, n_classes: int,
         x = data.load_npy_tf(path, n_mels)  # (T, n_mels) dB
         if p.time_stretch > 0:
             x = stretch(x, tf.random.experimental.stateless_fold_in(seed, STRETCH_STREAM), p.time_stretch, axis=0)
-        x = data.crop_tf(x, frames, crop_seed, p.time_shift)  # (frames, n_mels) dB
+        x = data.crop_tf(x, frames, top_db, crop_seed, p.time_shift)  # (frames, n_mels) dB
         x = augment_window(x, label, noise[0] if noise else None, aug_seed, p, noise_label)
         return x[..., tf.newaxis], tf.one_hot(label, n_classes), weight  # (frames, n_mels, 1)
 

@@ -1,6 +1,6 @@
 """Model inputs from the pipeline's files: windowing math, clip loading, tf.data streams.
 
-The numpy helpers (window sizes, floor padding, sliding windows, images) are shared by training
+The numpy helpers (window sizes, silence padding, sliding windows, images) are shared by training
 and evaluation, so both cut clips alike. The tf.data builders stream per-clip ``.npy`` files:
 only paths are shuffled (``train.shuffle_buffer`` costs no feature memory), arrays are loaded
 inside the pipeline. Training crops a random window per clip and epoch; validation takes the
@@ -11,7 +11,6 @@ averages the model over ``sliding_windows``.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from audiocnn import fileio
 from audiocnn.errors import DataError
+from audiocnn.melspec import SILENCE_DB, overlapping_frames
 
 if TYPE_CHECKING:  # tensorflow is imported lazily: stages that do not train must not pay for it
     import tensorflow as tf
@@ -28,10 +28,13 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def window_frames(window_seconds: float, sample_rate: int, hop_length: int) -> int:
-    """Frames in a window: 1 + floor(window_seconds * sample_rate / hop_length) (centred STFT frames)."""
-    hops = window_seconds * sample_rate / hop_length
-    return 1 + int(math.floor(hops + 1e-9))  # 1e-9: 1.0 * 16000 / 160 must give 100, not 99.999
+def window_frames(window_seconds: float, sample_rate: int, hop_length: int, n_fft: int) -> int:
+    """Frames in a model window: the centred STFT frames that overlap window_seconds of audio.
+
+    As many as ``log_mel`` gives for a clip exactly one window long, so such a clip (or a stream
+    window) is one model input, and the exported model computes the same frames from the samples.
+    """
+    return overlapping_frames(int(round(window_seconds * sample_rate)), n_fft, hop_length)
 
 
 def load_features(features_dir: str | Path, clip_id: str) -> np.ndarray:
@@ -46,34 +49,45 @@ def load_features(features_dir: str | Path, clip_id: str) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def pad_to(x: np.ndarray, frames: int) -> np.ndarray:
-    """Pad (frames, n_mels) dB features at the end to at least ``frames``, with the clip's floor (its minimum).
+def silence_db(x: np.ndarray, top_db: float) -> np.float32:
+    """What digital silence is in a clip's (frames, n_mels) dB features: its peak - top_db, at least -100 dB.
 
-    The features are absolute dB, so zero would be a loud pad; the floor is what silence looks like in
-    this clip. Clips already long enough are returned unchanged.
+    ``log_mel`` floors every frame there (power 1e-10 is -100 dB), so padding with it equals
+    computing the features of the clip zero-padded as a waveform, which is what the exported
+    waveform model does with a short clip. The clip's minimum would not: a recording with less
+    than top_db of dynamic range never reaches the floor.
+    """
+    return np.maximum(x.max() - np.float32(top_db), np.float32(SILENCE_DB))
+
+
+def pad_to(x: np.ndarray, frames: int, top_db: float) -> np.ndarray:
+    """Pad (frames, n_mels) dB features at the end to at least ``frames`` with silence (``silence_db``).
+
+    The features are absolute dB, so zero would be a loud pad. Clips already long enough are
+    returned unchanged.
     """
     missing = frames - x.shape[0]
     if missing <= 0:
         return x
-    return np.pad(x, ((0, missing), (0, 0)), constant_values=x.min())
+    return np.pad(x, ((0, missing), (0, 0)), constant_values=silence_db(x, top_db))
 
 
-def center_crop(x: np.ndarray, frames: int) -> np.ndarray:
-    """The centre ``frames`` of (frames, n_mels) features, floor-padded first when shorter (as validation does)."""
-    x = pad_to(x, frames)
+def center_crop(x: np.ndarray, frames: int, top_db: float) -> np.ndarray:
+    """The centre ``frames`` of (frames, n_mels) features, silence-padded first when shorter (as validation does)."""
+    x = pad_to(x, frames, top_db)
     start = (x.shape[0] - frames) // 2
     return x[start : start + frames]
 
 
-def sliding_windows(x: np.ndarray, window_frames: int, hop_frames: int) -> np.ndarray:
+def sliding_windows(x: np.ndarray, window_frames: int, hop_frames: int, top_db: float) -> np.ndarray:
     """(frames, n_mels) -> (n_windows, window_frames, n_mels) windows covering the whole clip.
 
     Windows start every ``hop_frames``; a last window aligned to the clip's end is added when the
-    hop grid does not reach it. A clip shorter than one window gives one floor-padded window.
+    hop grid does not reach it. A clip shorter than one window gives one silence-padded window.
     """
     if window_frames < 1 or hop_frames < 1:
         raise ValueError(f"window_frames={window_frames} and hop_frames={hop_frames} must be >= 1")
-    x = pad_to(x, window_frames)
+    x = pad_to(x, window_frames, top_db)
     last = x.shape[0] - window_frames
     starts = list(range(0, last + 1, hop_frames))
     if starts[-1] != last:
@@ -143,13 +157,13 @@ def sample_weights(labels: np.ndarray, n_classes: int, balanced: bool) -> np.nda
     return (len(labels) / (n_classes * counts[labels])).astype(np.float32)
 
 
-def feature_sample(paths: Sequence[str], frames: int, limit: int, seed: int) -> np.ndarray:
+def feature_sample(paths: Sequence[str], frames: int, top_db: float, limit: int, seed: int) -> np.ndarray:
     """Centre windows of up to ``limit`` clips drawn with ``seed``: (n, frames, n_mels) float32 dB.
 
     A bounded sample, e.g. to adapt the model's input normalization without loading every clip.
     """
     order = np.random.default_rng(seed).permutation(len(paths))[:limit]
-    return np.stack([center_crop(fileio.load_npy(paths[i]).astype(np.float32), frames) for i in sorted(order)])
+    return np.stack([center_crop(fileio.load_npy(paths[i]).astype(np.float32), frames, top_db) for i in sorted(order)])
 
 
 # --- tf.data -----------------------------------------------------------------------------------
@@ -166,11 +180,13 @@ def load_npy_tf(path: "tf.Tensor", n_mels: int) -> "tf.Tensor":
     return x
 
 
-def crop_tf(x: "tf.Tensor", frames: int, seed: "tf.Tensor | None", shift: bool = False) -> "tf.Tensor":
-    """Floor-pad (T, n_mels) to ``frames``, then crop: at a stateless-random start, or the centre if seed is None.
+def crop_tf(x: "tf.Tensor", frames: int, top_db: float, seed: "tf.Tensor | None",
+            shift: bool = False) -> "tf.Tensor":
+    """Silence-pad (T, n_mels) to ``frames``, then crop: at a stateless-random start, or the centre if seed is None.
 
     A clip shorter than ``frames`` is padded at the end (as evaluation pads it), or with ``shift`` (and a
-    seed) placed at a random offset, the floor on both sides: a time-shift augmentation for short clips.
+    seed) placed at a random offset, silence on both sides: a time-shift augmentation for short clips.
+    The pad is ``silence_db``: the clip's peak - top_db, at least -100 dB.
     """
     import tensorflow as tf
 
@@ -179,7 +195,7 @@ def crop_tf(x: "tf.Tensor", frames: int, seed: "tf.Tensor | None", shift: bool =
     if shift and seed is not None:
         seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         before = tf.random.stateless_uniform([], shift_seed, minval=0, maxval=missing + 1, dtype=tf.int32)
-    x = tf.pad(x, [[before, missing - before], [0, 0]], constant_values=tf.reduce_min(x))
+    x = tf.pad(x, [[before, missing - before], [0, 0]], constant_values=tf.maximum(tf.reduce_max(x) - top_db, SILENCE_DB))
     last = tf.shape(x)[0] - frames  # last valid start, >= 0
     if seed is None:
         start = last // 2
@@ -189,12 +205,12 @@ def crop_tf(x: "tf.Tensor", frames: int, seed: "tf.Tensor | None", shift: bool =
 
 
 def eval_dataset(paths: Sequence[str], labels: np.ndarray, n_classes: int, frames: int, n_mels: int,
-                 batch_size: int) -> "tf.data.Dataset":
+                 top_db: float, batch_size: int) -> "tf.data.Dataset":
     """Validation stream: centre window per clip -> ((batch, frames, n_mels, 1), one-hot (batch, classes))."""
     import tensorflow as tf
 
     def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = crop_tf(load_npy_tf(path, n_mels), frames, None)
+        x = crop_tf(load_npy_tf(path, n_mels), frames, top_db, None)
         return x[..., tf.newaxis], tf.one_hot(label, n_classes)
 
     ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
@@ -219,14 +235,14 @@ def image_dataset(paths: Sequence[str], labels: np.ndarray, n_classes: int, size
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def noise_stream(paths: Sequence[str], frames: int, n_mels: int, seed: int) -> "tf.data.Dataset":
+def noise_stream(paths: Sequence[str], frames: int, n_mels: int, top_db: float, seed: int) -> "tf.data.Dataset":
     """Endless random windows (frames, n_mels) dB of the clips at ``paths`` (background-noise source)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices(list(paths))
     ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
     seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
-    return tf.data.Dataset.zip(ds, seeds).map(lambda path, s: crop_tf(load_npy_tf(path, n_mels), frames, s),
+    return tf.data.Dataset.zip(ds, seeds).map(lambda path, s: crop_tf(load_npy_tf(path, n_mels), frames, top_db, s),
                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 

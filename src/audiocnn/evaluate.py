@@ -213,7 +213,8 @@ def checked_inputs(inputs: Iterable[np.ndarray], input_shape: Sequence[int | Non
 
 
 def run(*, features_dir: Path, images_dir: Path, split_dir: Path, model_dir: Path, metrics_path: Path,
-        reports_dir: Path, arch: str, window_seconds: float, sample_rate: int, hop_length: int,
+        reports_dir: Path, arch: str, window_seconds: float, sample_rate: int, hop_length: int, n_fft: int,
+        top_db: float,
         params: EvaluateParams, all_params: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate models/ on ``split_dir``/test.csv; write outputs; log to the train run.
 
@@ -228,10 +229,11 @@ def run(*, features_dir: Path, images_dir: Path, split_dir: Path, model_dir: Pat
             tracking.set_data_tags([split_dir / "test.csv"])
         model, labels = load_model(model_dir)
         y_true = data.label_indices(test, labels, str(split_dir / "test.csv"))
-        frames = data.window_frames(window_seconds, sample_rate, hop_length)
+        frames = data.window_frames(window_seconds, sample_rate, hop_length, n_fft)
         hop = hop_frames(params.hop_seconds, sample_rate, hop_length)
         inputs = (models.model_input(arch, row, features_dir=features_dir, images_dir=images_dir,
-                                     window_frames=frames, hop_frames=hop) for row in test.to_dict("records"))
+                                     window_frames=frames, hop_frames=hop, top_db=top_db)
+                  for row in test.to_dict("records"))
 
         def predict(x: np.ndarray) -> np.ndarray:  # (windows, ...) -> (windows, classes)
             return model.predict(x, batch_size=params.batch_size, verbose=0)

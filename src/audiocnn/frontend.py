@@ -1,8 +1,10 @@
 """The log-mel front end as Keras ops, so an exported model takes the waveform (no librosa on a device).
 
-It computes what ``spectrogram.log_mel`` computes, window by window: the STFT as a strided
-convolution with a periodic-Hann DFT basis (centred frames with zero padding, as
-``librosa.stft`` pads by default), the power spectrum, the librosa mel filterbank
+It computes the frames of ``spectrogram.log_mel`` that a window covers: its input is every sample
+under them (``Preprocess.segment_samples``: from ``n_fft // 2`` before the window to the end of
+its last frame; zeros outside the clip, which is how ``librosa.stft`` pads centred frames), so
+frame i is centred on the window's sample i * hop_length as in the whole clip's log-mel. The STFT is a
+strided convolution with a periodic-Hann DFT basis, then the power spectrum, the librosa mel filterbank
 (``spectrogram.mel_basis``) as a constant, ``10 * log10(max(power, 1e-10))`` (ref 1.0) and the
 top_db floor below the window's maximum. No RFFT op: convolution, square, matmul and log
 convert to TFLite builtins (and the convolution would quantize if the front end ever had to).
@@ -34,7 +36,7 @@ def dft_kernel(n_fft: int) -> np.ndarray:
 
 
 def front_end(pre: Preprocess) -> "keras.layers.Layer":
-    """A Keras layer: (batch, samples) waveform -> (batch, frames, n_mels, 1) dB, as spectrogram.log_mel computes."""
+    """A Keras layer: (batch, segment_samples) waveform -> (batch, window_frames, n_mels, 1) dB (``log_mel``'s frames)."""
     import keras
     from keras import ops
 
@@ -46,10 +48,9 @@ def front_end(pre: Preprocess) -> "keras.layers.Layer":
     kernel = dft_kernel(sp.n_fft)
 
     class LogMel(keras.layers.Layer):
-        def call(self, x):  # (batch, samples)
-            pad = sp.n_fft // 2
-            x = ops.pad(x[:, :, None], [[0, 0], [pad, pad], [0, 0]])  # centred frames, zero padding
-            spec = ops.conv(x, kernel, strides=sp.hop_length, padding="valid")  # (batch, frames, 2 * bins)
+        def call(self, x):  # (batch, segment_samples): n_fft // 2 before the window, the window, the last frame's end
+            x = x[:, :, None]  # frame i spans [i * hop, i * hop + n_fft): centred on window sample i * hop
+            spec = ops.conv(x, kernel, strides=sp.hop_length, padding="valid")  # (batch, window_frames, 2 * bins)
             power = ops.matmul(ops.square(spec), mel2)  # (batch, frames, n_mels)
             db = ops.log(ops.maximum(power, AMIN)) * (10.0 / np.log(10.0))
             db = ops.maximum(db, ops.max(db, axis=(1, 2), keepdims=True) - sp.top_db)  # floor below the window max
@@ -66,6 +67,6 @@ def waveform_models(classifier: "keras.Model", pre: Preprocess) -> tuple["keras.
     if tuple(classifier.input_shape[1:]) != expected:
         raise DataError(f"model input {classifier.input_shape[1:]} is not the log-mel window {expected}: "
                         "export supports model.arch cnn")
-    wave = keras.Input((pre.window_samples,), name="waveform")  # (batch, samples) normalized mono
+    wave = keras.Input((pre.segment_samples,), name="waveform")  # (batch, segment_samples) mono
     logmel = front_end(pre)(wave)
     return keras.Model(wave, classifier(logmel), name="waveform_classifier"), keras.Model(wave, logmel, name="frontend")

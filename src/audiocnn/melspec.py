@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SLANEY_F_SP = 200.0 / 3  # Hz per mel below 1 kHz (Slaney's scale, librosa's default)
 SLANEY_LOGSTEP = np.log(6.4) / 27.0  # log-Hz per mel above 1 kHz
 AMIN = 1e-10  # power floor before log10 (librosa.power_to_db's amin)
+SILENCE_DB = -100.0  # 10 * log10(AMIN): the dB of zero power
 
 
 def hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -75,13 +76,14 @@ def log_mel(mono: np.ndarray, sample_rate: int, params: SpectrogramParams) -> np
     """(samples,) float32 -> (frames, n_mels) float32 log-mel power, dB re 1.0, floored at max - top_db.
 
     Centred frames with zero padding, periodic Hann, power 2 (librosa's defaults), one
-    batched RFFT over a strided view of the frames; frames = 1 + samples // hop_length.
+    batched RFFT over a strided view of the frames; ``expected_frames`` frames: librosa's, plus the
+    one or two after them that still overlap the clip's last samples.
     """
     n_fft, hop = params.n_fft, params.hop_length
     pad = n_fft // 2
-    padded = np.zeros(mono.size + 2 * pad, dtype=np.float32)
+    n_frames = expected_frames(mono.size, params)
+    padded = np.zeros(max((n_frames - 1) * hop + n_fft, pad + mono.size), dtype=np.float32)
     padded[pad : pad + mono.size] = mono
-    n_frames = 1 + (padded.size - n_fft) // hop
     frames = np.lib.stride_tricks.as_strided(padded, (n_frames, n_fft), (hop * 4, 4), writeable=False)
     spectrum = np.fft.rfft(frames * hann_window(n_fft), axis=1)  # (frames, bins) complex64
     power = np.square(spectrum.real) + np.square(spectrum.imag)  # (frames, bins) float32
@@ -92,5 +94,17 @@ def log_mel(mono: np.ndarray, sample_rate: int, params: SpectrogramParams) -> np
 
 
 def expected_frames(samples: int, params: SpectrogramParams) -> int:
-    """Frames of ``log_mel`` for a clip of ``samples`` samples."""
-    return 1 + (samples + 2 * (params.n_fft // 2) - params.n_fft) // params.hop_length
+    """Frames of ``log_mel`` for a clip of ``samples`` samples: every centred frame that overlaps it.
+
+    Frame j is centred on sample j * hop_length and spans n_fft // 2 on each side, so frames
+    j < (samples + n_fft // 2) / hop_length see the clip. librosa's centred STFT stops at
+    1 + samples // hop_length; the one or two frames after it hold the clip's last samples, and
+    an exported model that zero-pads the waveform computes them. Kept here, padding the features
+    with silence (``data.silence_db``) equals zero-padding the waveform, frame for frame.
+    """
+    return overlapping_frames(samples, params.n_fft, params.hop_length)
+
+
+def overlapping_frames(samples: int, n_fft: int, hop_length: int) -> int:
+    """Centred frames (hop ``hop_length``, ``n_fft // 2`` each side) that overlap ``samples`` samples."""
+    return 1 + (max(samples, 1) + n_fft // 2 - 1) // hop_length

@@ -33,6 +33,7 @@ class ModelParams:
     arch: Arch  # cnn | seed
     width: int  # filters in the first block (cnn); doubles per block
     dropout: float  # before the classifier
+    band_norm: bool  # cnn: subtract each mel band's mean over the window (removes a microphone's colouring)
 
     def __post_init__(self) -> None:
         check(4 <= self.width <= 512, "width", self.width, "must be within 4..512")
@@ -40,7 +41,7 @@ class ModelParams:
 
 
 def model_input(arch: str, row: Mapping[str, str], *, features_dir: str | Path, images_dir: str | Path,
-                window_frames: int, hop_frames: int) -> np.ndarray:
+                window_frames: int, hop_frames: int, top_db: float) -> np.ndarray:
     """One clip (a split CSV row: ``id``, ``image``) as a batch of model inputs.
 
     ``cnn``: (n_windows, window_frames, n_mels, 1) float32 dB, sliding windows over the whole clip;
@@ -49,7 +50,7 @@ def model_input(arch: str, row: Mapping[str, str], *, features_dir: str | Path, 
     """
     if arch == "cnn":
         x = data.load_features(features_dir, row["id"])  # (frames, n_mels) float32 dB
-        return data.sliding_windows(x, window_frames, hop_frames)[..., np.newaxis]
+        return data.sliding_windows(x, window_frames, hop_frames, top_db)[..., np.newaxis]
     if arch == "seed":
         return data.load_image(images_dir, row["image"])[np.newaxis]
     raise ValueError(f"model.arch={arch!r} must be one of 'cnn', 'seed'")
@@ -63,13 +64,20 @@ def build(params: ModelParams, n_classes: int, input_shape: tuple[int, ...],
     Normalization layer uses; without it, adapt ``model.get_layer("normalize")`` before training.
     """
     if params.arch == "cnn":
-        return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample)
+        return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample, params.band_norm)
     return build_seed(n_classes, input_shape)
 
 
 def build_cnn(n_classes: int, input_shape: tuple[int, ...], width: int, dropout: float,
-              norm_sample: np.ndarray | None = None) -> "keras.Model":
-    """Compact log-mel CNN: (batch, frames, n_mels, 1) dB -> (batch, n_classes) probabilities."""
+              norm_sample: np.ndarray | None = None, band_norm: bool = False) -> "keras.Model":
+    """Compact log-mel CNN: (batch, frames, n_mels, 1) dB -> (batch, n_classes) probabilities.
+
+    ``band_norm``: after the global per-band normalization, subtract each band's mean over the
+    window (cepstral mean normalization on the mel axis): a fixed spectral colouring, such as
+    one microphone's response or one room's, is removed before the network sees it. Built from
+    stock layers (average pooling over time, a broadcast subtraction): safe-mode loading and
+    TFLite conversion need nothing custom.
+    """
     import keras
     from keras import layers
 
@@ -87,6 +95,9 @@ def build_cnn(n_classes: int, input_shape: tuple[int, ...], width: int, dropout:
 
     inputs = keras.Input(shape=input_shape, name="logmel")  # (batch, frames, n_mels, 1) dB
     x = norm(inputs)
+    if band_norm:
+        band_mean = layers.AveragePooling2D(pool_size=(input_shape[0], 1), name="band_mean")(x)  # (batch, 1, n_mels, 1)
+        x = layers.Subtract(name="minus_band_mean")([x, band_mean])
     x = conv(x, width // 2, strides=2, name="stem")  # (batch, frames/2, n_mels/2, w/2)
     x = conv(x, width, name="b1")
     x = layers.MaxPooling2D(2, padding="same", name="b1_pool")(x)  # (batch, frames/4, n_mels/4, w)

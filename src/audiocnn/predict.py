@@ -5,8 +5,8 @@ A file goes through the pipeline's own code with the params the model was traine
 loudness normalization over the whole recording), then for Keras ``spectrogram.log_mel`` and ``data.sliding_windows`` (the model's
 window, a start every hop, one aligned to the end), and the file's probabilities are the
 float64 mean over windows: what evaluate computes for a test clip. An exported .tflite
-(``audiocnn.tflite``) reads waveform windows cut at the same starts and computes the log-mel
-inside the model. TensorFlow is imported only when a Keras model is loaded.
+(``audiocnn.tflite``) reads waveform windows cut at the same starts, with half a frame of
+neighbouring audio on each side, and computes the log-mel inside the model. TensorFlow is imported only when a Keras model is loaded.
 """
 
 from __future__ import annotations
@@ -56,6 +56,21 @@ class Preprocess:
     @property
     def window_samples(self) -> int:
         return int(round(self.window_seconds * self.audio.sample_rate))
+
+    @property
+    def context_samples(self) -> int:
+        """Samples before a waveform window in an exported model's input: half an STFT frame (n_fft // 2)."""
+        return self.spectrogram.n_fft // 2
+
+    @property
+    def segment_samples(self) -> int:
+        """An exported model's waveform input: every sample under the window's frames.
+
+        From ``context_samples`` before the window to the end of its last frame, which overlaps
+        the window's end: the frames see the audio around the window, as the frames of the
+        clip's log-mel that evaluate slices do, instead of zero padding.
+        """
+        return (self.window_frames - 1) * self.spectrogram.hop_length + self.spectrogram.n_fft
 
 
 def read_preprocess(raw: Mapping[str, Any], where: str | Path) -> Preprocess:
@@ -141,7 +156,7 @@ class KerasModel(Model):
         if self.pre.arch == "seed":
             return self._image(db), [0]
         starts = timeline.window_starts(len(db), self.pre.window_frames, hop_frames)
-        return data.sliding_windows(db, self.pre.window_frames, hop_frames)[..., np.newaxis], starts
+        return data.sliding_windows(db, self.pre.window_frames, hop_frames, self.pre.spectrogram.top_db)[..., np.newaxis], starts
 
     def window_input(self, mono: np.ndarray) -> np.ndarray:
         from audiocnn import data
@@ -149,30 +164,42 @@ class KerasModel(Model):
         db = self._log_mel(mono)
         if self.pre.arch == "seed":
             return self._image(db)
-        return data.center_crop(db, self.pre.window_frames)[np.newaxis, ..., np.newaxis]
+        x = data.pad_to(db, self.pre.window_frames, self.pre.spectrogram.top_db)[: self.pre.window_frames]
+        return x[np.newaxis, ..., np.newaxis]  # the window's frames from its start, as the .tflite computes them
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(self.model.predict_on_batch(x[i : i + BATCH_WINDOWS]))
                                for i in range(0, len(x), BATCH_WINDOWS)])
 
 
-def fit_window(mono: np.ndarray, samples: int) -> np.ndarray:
-    """(n,) -> (samples,) float32: zero-padded or cut at the end."""
-    return np.pad(mono[:samples], (0, max(0, samples - len(mono)))).astype(np.float32, copy=False)
+def waveform_segment(mono: np.ndarray, start: int, pre: Preprocess) -> np.ndarray:
+    """(segment_samples,) float32: ``mono[start - context_samples :][:segment_samples]``, zeros outside the clip.
+
+    The zeros are what the clip's centred STFT pads with, so the front end's frames of a
+    segment are the clip's frames (``Preprocess.context_samples``).
+    """
+    lo = start - pre.context_samples
+    segment = np.zeros(pre.segment_samples, np.float32)
+    a, b = max(lo, 0), min(lo + pre.segment_samples, len(mono))
+    if b > a:
+        segment[a - lo : b - lo] = mono[a:b]
+    return segment
 
 
 def waveform_windows(mono: np.ndarray, pre: Preprocess, hop_frames: int) -> tuple[np.ndarray, list[int]]:
-    """(samples,) normalized -> (windows, window_samples) float32 and their start frames.
+    """(samples,) normalized -> (windows, segment_samples) float32 and their start frames.
 
     The starts are those of evaluate's feature windows (``timeline.window_starts`` over the
-    clip's 1 + samples // hop_length centred frames): window k begins at sample start * hop_length,
-    so its centred frames are the clip's frames start..start+window_frames-1, apart from the two
-    edge frames of each side (zero padding instead of the neighbouring audio) and the top_db floor
-    (the window's max instead of the clip's).
+    clip's ``melspec.expected_frames``): window k begins at sample start * hop_length and comes
+    with its context, so the front end computes the clip's frames start..start+window_frames-1,
+    and past a short clip's end the silence that evaluate pads with. What remains different is
+    the top_db floor inside a long clip (the window's max instead of the clip's).
     """
+    from audiocnn.melspec import expected_frames
+
     hop_length = pre.spectrogram.hop_length
-    starts = timeline.window_starts(1 + len(mono) // hop_length, pre.window_frames, hop_frames)
-    return np.stack([fit_window(mono[s * hop_length :], pre.window_samples) for s in starts]), starts
+    starts = timeline.window_starts(expected_frames(len(mono), pre.spectrogram), pre.window_frames, hop_frames)
+    return np.stack([waveform_segment(mono, s * hop_length, pre) for s in starts]), starts
 
 
 def load_model(path: str | Path) -> Model:

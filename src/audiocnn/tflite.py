@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from audiocnn import fileio
-from audiocnn.predict import Model, ModelError, fit_window, read_preprocess, waveform_windows
+from audiocnn.predict import Model, ModelError, read_preprocess, waveform_segment, waveform_windows
 
 
 def interpreter_class() -> type:
@@ -94,7 +94,7 @@ class TFLiteModel(Model):
         return waveform_windows(mono, self.pre, hop_frames)
 
     def window_input(self, mono: np.ndarray) -> np.ndarray:
-        return fit_window(mono, self.pre.window_samples)[np.newaxis]
+        return waveform_segment(mono[: self.pre.window_samples], 0, self.pre)[np.newaxis]  # a clip of its own
 
     def run(self, x: np.ndarray) -> np.ndarray:
         for stage in self.stages:

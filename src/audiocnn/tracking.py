@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -193,21 +194,62 @@ def find_run(tag: str, value: str) -> str | None:
     return max(runs, key=rank).info.run_id if runs else None
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, someone else's
+    return True
+
+
+def end_orphaned_runs(client: MlflowClient, keep: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process (tags ``host``, ``pid``) died on this machine; their ids.
+
+    A stage killed outright (SIGKILL, out of memory, power) cannot end its run, which would then
+    stay RUNNING in the UI for ever. Runs of other machines, of live processes, without the tags,
+    and ``keep`` (a run about to be resumed) are left alone.
+    """
+    experiment = _retry(client.get_experiment_by_name, os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    if experiment is None:
+        return []
+    host = socket.gethostname()
+    runs = _retry(client.search_runs, [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                  max_results=1000)
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        if run.info.run_id == keep or tags.get("host") != host or not tags.get("pid", "").isdigit():
+            continue
+        if not _alive(int(tags["pid"])):
+            _retry(client.set_terminated, run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+            log.warning("MLflow run %s: its process %s died without ending it; marked KILLED", run.info.run_id,
+                        tags["pid"])
+    return ended
+
+
 @contextlib.contextmanager
 def start_run(run_id: str | None = None, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open (or, with ``run_id``, resume) a run; FINISHED on exit, FAILED on an exception.
 
     A new run is named ``run_name`` (default: the DVC experiment name) and tagged with
-    :func:`run_tags`. Exceptions are re-raised.
+    :func:`run_tags`. Every run is tagged with this process (``host``, ``pid``), so that a later
+    start can mark it KILLED if the process dies without ending it (:func:`end_orphaned_runs`).
+    Exceptions are re-raised.
     """
     client = _client()
     experiment_id = None if run_id else _experiment_id(client)
+    end_orphaned_runs(client, keep=run_id)
     name = run_name or (None if run_id else os.environ.get("DVC_EXP_NAME") or None)
     active = _retry(mlflow.start_run, run_id=run_id, experiment_id=experiment_id, run_name=name)
     log.info("MLflow run %s %s in %s", active.info.run_id, "resumed" if run_id else "started", client.tracking_uri)
     status, body_error = "FINISHED", None
     try:
         with active:  # ActiveRun.__exit__ ends the run FINISHED, or FAILED on an exception
+            set_tags({"host": socket.gethostname(), "pid": os.getpid()})
             if not run_id:
                 set_tags(run_tags())
             try:

@@ -89,7 +89,7 @@ class TrainPaths:
 
 def input_frames(params: TrainParams, audio: "AudioParams", spectrogram: "SpectrogramParams") -> int:
     """Window frames of the model input; ParamsError naming the keys when too short for the cnn."""
-    frames = data.window_frames(params.window_seconds, audio.sample_rate, spectrogram.hop_length)
+    frames = data.window_frames(params.window_seconds, audio.sample_rate, spectrogram.hop_length, spectrogram.n_fft)
     if frames < MIN_WINDOW_FRAMES:
         raise ParamsError(f"train.window_seconds={params.window_seconds} gives {frames} frames at "
                           f"audio.sample_rate={audio.sample_rate}, spectrogram.hop_length={spectrogram.hop_length}; "
@@ -109,7 +109,7 @@ def check_features(features_dir: Path, audio: "AudioParams", spectrogram: "Spect
             raise DataError(f"{meta_path}: {key}={meta.get(key)!r} but params say {value!r}: rerun the spectrogram stage")
 
 
-def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int, n_mels: int, image_size: int):
+def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int, spectrogram: "SpectrogramParams"):
     """(train stream factory, val dataset of (x, y), labels, training clips, normalization sample or None).
 
     ``train_stream(first_epoch)`` gives the (x, y, w) batches of epochs first_epoch..train.epochs-1,
@@ -120,6 +120,7 @@ def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int
 
     from audiocnn import augment
 
+    n_mels, image_size, top_db = spectrogram.n_mels, spectrogram.image_size, spectrogram.top_db
     train_frame, val_frame = data.read_split(paths.split, "train"), data.read_split(paths.split, "val")
     labels = data.class_labels(train_frame)
     if len(labels) < 2:
@@ -141,16 +142,16 @@ def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int
         noise_label = augment.noise_label(p, labels) if p.noise_prob > 0 else -1
         if p.noise_prob > 0:
             noise = [path for path, y in zip(train_paths, y_train) if noise_label < 0 or y == noise_label]
-        transform = augment.window_transform(p, frames, n_mels, len(labels), noise_label)
-        norm_sample = data.feature_sample(train_paths, frames, NORM_SAMPLE_CLIPS, params.seed)
-        val_ds = data.eval_dataset(val_paths, y_val, len(labels), frames, n_mels, params.batch_size)
+        transform = augment.window_transform(p, frames, n_mels, top_db, len(labels), noise_label)
+        norm_sample = data.feature_sample(train_paths, frames, top_db, NORM_SAMPLE_CLIPS, params.seed)
+        val_ds = data.eval_dataset(val_paths, y_val, len(labels), frames, n_mels, top_db, params.batch_size)
 
     mix = (lambda x, y, w, s: augment.mixup(x, y, w, s, p.mixup_alpha)) if p.mixup_alpha > 0 else None
     items = tf.data.Dataset.from_tensor_slices((train_paths, y_train, weights))
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:  # epoch: int64 scalar
         seed = epoch_seed(params.seed, epoch)
-        side = data.noise_stream(noise, frames, n_mels, seed + 10) if noise else None
+        side = data.noise_stream(noise, frames, n_mels, top_db, seed + 10) if noise else None
         return data.train_stream(items, params.shuffle_buffer, seed, transform, params.batch_size, mix, side)
 
     def train_stream(first_epoch: int) -> tf.data.Dataset:
@@ -200,7 +201,7 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
     keras.utils.set_random_seed(params.seed)  # python, numpy, tf and keras seeds
     tf.config.experimental.enable_op_determinism()
     train_stream, val_ds, labels, n_train, norm_sample = build_streams(
-        model_params.arch, paths, params, frames, spectrogram.n_mels, spectrogram.image_size)
+        model_params.arch, paths, params, frames, spectrogram)
     shape = (spectrogram.image_size,) * 2 + (3,) if model_params.arch == "seed" else (frames, spectrogram.n_mels, 1)
     model = models.build(model_params, len(labels), shape, norm_sample)
     steps = math.ceil(n_train / params.batch_size)  # one pass over the training clips
