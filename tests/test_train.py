@@ -148,12 +148,14 @@ def test_stage_trains_writes_every_output_and_is_deterministic(tmp_path, params,
     assert first["epochs_run"] == 3 and 1 <= first["best_epoch"] <= 3
     history = pd.read_csv(out / "history.csv")
     assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
-    assert history["epoch"].tolist() == [1, 2, 3] and history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert history["epoch"].tolist() == [1, 2, 3] and np.isfinite(history.drop(columns="epoch").values).all()
+    # learning itself is test_learns_the_synthetic_bands' job: 3 steps per epoch here are noise
+    assert history["lr"].tolist() == pytest.approx([0.01, 0.005, 0.0], abs=1e-6)  # warmup, then cosine to 0
     assert (out / "curves.png").stat().st_size > 0
     labels = json.loads((out / "models" / "labels.json").read_text())["labels"]
     assert labels == list(CLASSES)
     preprocess = json.loads((out / "models" / "preprocess.json").read_text())
-    assert preprocess["window_frames"] == 31 and preprocess["spectrogram"]["n_mels"] == N_MELS
+    assert preprocess["window_frames"] == 32 and preprocess["spectrogram"]["n_mels"] == N_MELS
     model = keras.models.load_model(out / "models" / "model.keras")
     assert model.count_params() == first["parameters"] and model.output_shape == (None, 3)
     run_id = tracking.find_run("model_sha256", fileio.sha256_file(out / "models" / "model.keras"))
@@ -173,7 +175,7 @@ def test_stage_trains_writes_every_output_and_is_deterministic(tmp_path, params,
 def test_learns_the_synthetic_bands(tmp_path, params, mlflow_db):
     root = synthetic_dataset(tmp_path, {"train": 16, "val": 4})
     params = tiny_params(params, epochs=8, lr=0.01, patience=8)
-    # every augmentation on; masks scaled to the 31 x 16 input (the defaults suit 101 x 64)
+    # every augmentation on; masks scaled to the 32 x 16 input (the defaults suit 101 x 64)
     params["train"]["augment"].update(noise_prob=0.5, mixup_alpha=0.2, gain_db=6.0, time_mask_frames=4,
                                       freq_mask_bins=2)
     metrics = run_stage(root, params)
