@@ -51,7 +51,7 @@ def test_shipped_configs_give_valid_params_for_every_run(name):
         if loaded["model"].arch == "seed":
             assert loaded["spectrogram"].images
         source = params["ingest"]["source"]
-        assert source == "dataset/demo" if name == "demo.yaml" else Path(source) == FSDD
+        assert source == "dataset/demo" if name == "demo.yaml" else Path(source).resolve() == FSDD.resolve()
 
 
 def test_read_config_rejects_unknown_keys_and_duplicate_runs(tmp_path):
