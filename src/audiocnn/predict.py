@@ -5,8 +5,9 @@ A file goes through the pipeline's own code with the params the model was traine
 loudness normalization over the whole recording), then for Keras ``spectrogram.log_mel`` and ``data.sliding_windows`` (the model's
 window, a start every hop, one aligned to the end), and the file's probabilities are the
 float64 mean over windows: what evaluate computes for a test clip. An exported .tflite
-(``audiocnn.tflite``) reads waveform windows cut at the same starts, with half a frame of
-neighbouring audio on each side, and computes the log-mel inside the model. TensorFlow is imported only when a Keras model is loaded.
+(``audiocnn.tflite``) reads waveform windows cut at the same starts, with the neighbouring samples
+their STFT frames overlap (``Preprocess.segment_samples``), and computes the log-mel inside the
+model. TensorFlow is imported only when a Keras model is loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from audiocnn import config, fileio, timeline
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError
 from audiocnn.errors import DataError
+from audiocnn.melspec import expected_frames
 from audiocnn.normalize import NormalizeParams, normalized_audio
 
 if TYPE_CHECKING:  # spectrogram imports librosa: loaded only when a model needs it
@@ -195,8 +197,6 @@ def waveform_windows(mono: np.ndarray, pre: Preprocess, hop_frames: int) -> tupl
     and past a short clip's end the silence that evaluate pads with. What remains different is
     the top_db floor inside a long clip (the window's max instead of the clip's).
     """
-    from audiocnn.melspec import expected_frames
-
     hop_length = pre.spectrogram.hop_length
     starts = timeline.window_starts(expected_frames(len(mono), pre.spectrogram), pre.window_frames, hop_frames)
     return np.stack([waveform_segment(mono, s * hop_length, pre) for s in starts]), starts
