@@ -1,10 +1,10 @@
 """Pipeline overhead: a no-op `dvc repro`, `dvc exp run -S train.lr=...`, and `dvc repro` after adding 1% new clips.
 
-    python benchmarks/overhead.py [--clips 3000] [--epochs 1] [--noop-runs 5]
+    python benchmarks/overhead.py [--clips 3000 | --synthetic 30000] [--epochs 1] [--noop-runs 5]
 
 A fresh git + DVC workspace (benchmarks/pipeline.py's helpers) in a temporary folder runs the
 pipeline on FSDD (``--clips`` files, hard-linked into a temporary source folder, never written)
-with the FSDD front end and ``train.epochs=--epochs``; the feature cache lives in the
+(or ``--synthetic`` generated clips) with the FSDD front end and ``train.epochs=--epochs``; the feature cache lives in the
 temporary folder (AUDIOCNN_CACHE_DIR), cold at the start. Measured:
 
 1. full run: every stage as its own timed `dvc repro --single-item` (DVC's checks and output
@@ -58,20 +58,21 @@ def all_stages(root: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
     return {stage: pipeline.timed_stage(root, stage, env) for stage in pipeline.STAGES}
 
 
-def stages_alone(tmp: Path, files: list[Path], held_out: list[Path], params: dict[str, Any]) -> dict[str, Any]:
+def stages_alone(tmp: Path, origin: Path, files: list[Path], held_out: list[Path],
+                 params: dict[str, Any]) -> dict[str, Any]:
     """normalize + spectrogram as plain subprocesses (no DVC): cold cache, then after adding ``held_out``."""
     source, root = tmp / "alone-source", tmp / "alone"
     source.mkdir()
     for path in files:
         if path not in held_out:
-            link(path, source / path.name)
+            link(path, source / path.relative_to(origin))
     path = common.write_params(root / "params.yaml", dict(params, ingest={**params["ingest"], "source": str(source)}))
     env = common.tool_env(AUDIOCNN_CACHE_DIR=str(tmp / "alone-cache"))
     result: dict[str, Any] = {}
     for run in ("full", "added"):
         if run == "added":
             for held in held_out:
-                link(held, source / held.name)
+                link(held, source / held.relative_to(origin))
         result[run] = {}
         for stage in ("ingest", "normalize", "spectrogram"):
             timing = common.timed(common.stage_cmd(stage, path, root), root, env)
@@ -82,6 +83,7 @@ def stages_alone(tmp: Path, files: list[Path], held_out: list[Path], params: dic
 
 def link(path: Path, dest: Path) -> None:
     """A hard link (ingest refuses symlinks that leave the source), else a copy; the original is never written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(path, dest)
     except OSError:
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fsdd", type=Path, default=common.FSDD)
     parser.add_argument("--clips", type=int, default=3000, help="FSDD files used (evenly spaced in name order)")
+    parser.add_argument("--synthetic", type=int, default=0,
+                        help="use this many generated clips (benchmarks/common.py) instead of FSDD")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--noop-runs", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
@@ -105,17 +109,25 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="audiocnn-overhead-", dir=args.workdir))
     results: dict[str, Any] = {}
     try:
-        every = sorted(args.fsdd.resolve().glob("*.wav"))
-        files = every[:: max(1, len(every) // args.clips)][: args.clips]  # spread over classes and speakers
+        if args.synthetic:
+            origin = common.synthetic_clips(tmp / "generated", args.synthetic)
+            files = sorted(origin.rglob("*.wav"))
+        else:
+            origin = args.fsdd.resolve()
+            every = sorted(origin.glob("*.wav"))
+            files = every[:: max(1, len(every) // args.clips)][: args.clips]  # spread over classes and speakers
         held_out = files[::100]  # 1%: added later
         source = tmp / "source"
         source.mkdir()
         for path in files:
             if path not in held_out:
-                link(path, source / path.name)
-        params = common.fsdd_params(source, train={"epochs": args.epochs, "warmup_epochs": 0},
-                                    split={"strategy": "stratified", "test_folds": [], "val_folds": []},
-                                    export=UNGATED_EXPORT)
+                link(path, source / path.relative_to(origin))
+        sections = {"train": {"epochs": args.epochs, "warmup_epochs": 0}, "export": UNGATED_EXPORT}
+        if args.synthetic:
+            params = common.folders_params(source, **sections)
+        else:
+            params = common.fsdd_params(source, split={"strategy": "stratified", "test_folds": [], "val_folds": []},
+                                        **sections)
         root = pipeline.make_workspace(tmp / "workspace", params)
         env = common.tool_env(AUDIOCNN_CACHE_DIR=str(tmp / "cache"),
                               MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'workspace' / 'mlflow.db'}")
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             noop.append({"seconds": round(seconds, 3), "ran": stages_run(output)})
         results["noop"] = {"runs": noop, "median_s": common.median([r["seconds"] for r in noop])}
         for path in held_out:
-            link(path, source / path.name)
+            link(path, source / path.relative_to(origin))
         print(f"[overhead] +{len(held_out)} clips", file=sys.stderr, flush=True)
         results["added"] = {"clips": len(held_out), "stages": all_stages(root, env)}
         git(["add", "-A"], root, env)
@@ -137,16 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         seconds, output = dvc(["exp", "run", "-S", f"train.lr={params['train']['lr'] * 1.5:g}"], root, env)
         results["exp_run"] = {"seconds": round(seconds, 2), "ran": stages_run(output)}
         print("[overhead] stages alone", file=sys.stderr, flush=True)
-        results["alone"] = stages_alone(tmp, files, held_out, params)
+        results["alone"] = stages_alone(tmp, origin, files, held_out, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    results.update(clips=len(files), machine=common.machine())
+    results.update(clips=len(files), data=f"{args.synthetic} generated clips" if args.synthetic else "FSDD",
+                   machine=common.machine())
     common.write_results(args.out, "overhead", results, markdown(results, command))
     return 0
 
 
 def markdown(results: dict[str, Any], command: str) -> list[str]:
     lines = common.header("Pipeline overhead (DVC)", command, results["machine"])
+    lines += [f"Data: {results.get('data', 'FSDD')}", ""]
     full, added = results["full"], results["added"]["stages"]
     rows = []
     for stage in full:

@@ -57,7 +57,7 @@ def test_overhead_stages_alone_and_table(tmp_path):
     params = common.folders_params(flat)
     params["ingest"]["layout"] = "pattern"
     params["ingest"]["pattern"] = r"(?P<label>class\d+)_\d+\.wav"
-    alone = overhead.stages_alone(tmp_path, sorted(flat.glob("*.wav")), sorted(flat.glob("*.wav"))[:2], params)
+    alone = overhead.stages_alone(tmp_path, flat, sorted(flat.glob("*.wav")), sorted(flat.glob("*.wav"))[:2], params)
     assert set(alone) == {"full", "added"} and alone["added"]["spectrogram"]["seconds"] > 0
     assert any((tmp_path / "alone-cache" / "spectrogram").rglob("*.npy"))  # the cache was used
     stage = {"seconds": 1.0, "peak_rss_mib": 1.0, "ran": True}
@@ -91,12 +91,15 @@ def test_training_table_and_target_recorder(tmp_path):
 
 
 @pytest.mark.slow
-def test_overhead_runner_end_to_end(tmp_path):
-    if not FSDD.is_dir():
+@pytest.mark.parametrize("data", [["--clips", "60"], ["--synthetic", "60"]], ids=["fsdd", "synthetic"])
+def test_overhead_runner_end_to_end(tmp_path, data):
+    if data[0] == "--clips" and not FSDD.is_dir():
         pytest.skip(f"FSDD not found at {FSDD} (the overhead runner reads it)")
-    assert bench("overhead").main(["--clips", "60", "--noop-runs", "1", "--workdir", str(tmp_path),
+    assert bench("overhead").main([*data, "--noop-runs", "1", "--workdir", str(tmp_path),
                                    "--out", str(tmp_path / "out")]) == 0
-    assert "no-op `dvc repro`" in (tmp_path / "out" / "results.md").read_text()
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "no-op `dvc repro`" in text and "+1 clips s" in text  # 60 clips: 59 first, then 1 more
+    assert ("generated" in text) == (data[0] == "--synthetic")
 
 
 @pytest.mark.slow

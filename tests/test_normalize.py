@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import runpy
 from pathlib import Path
 
@@ -140,11 +142,12 @@ def test_run_writes_contract_outputs_same_for_1_and_2_workers(tmp_path):
         normalize.run(source, manifest, out, AudioParams(16000), norm_params(workers=workers), max_seconds=2.0)
         outs.append(out)
     index = fileio.read_csv(outs[0] / "index.csv")
-    assert list(index.columns) == [*fileio.read_csv(manifest).columns, "samples"]
+    assert list(index.columns) == [*fileio.read_csv(manifest).columns, "samples", "clip_sha256"]
     assert index["samples"].astype(int).tolist() == [8000, 11200, 32000]  # 0.5 s, 0.7 s, capped at 2 s
-    for clip_id, samples in zip(index["id"], index["samples"].astype(int)):
+    for clip_id, samples, digest in zip(index["id"], index["samples"].astype(int), index["clip_sha256"]):
         a = fileio.load_npy(outs[0] / "clips" / f"{clip_id}.npy")
         assert a.dtype == np.float32 and a.shape == (samples,)
+        assert hashlib.sha256((outs[0] / "clips" / f"{clip_id}.npy").read_bytes()).hexdigest() == digest
         np.testing.assert_array_equal(a, fileio.load_npy(outs[1] / "clips" / f"{clip_id}.npy"))
     assert fileio.read_csv(outs[1] / "index.csv").equals(index)
 

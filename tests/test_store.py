@@ -72,6 +72,27 @@ def test_npy_bytes_round_trip_and_truncation(tmp_path):
     np.testing.assert_array_equal(store.npy_array(ints, "z"), np.arange(3))
 
 
+@pytest.mark.parametrize("shape", [(0,), (7, 5), (101, 64), (123456, 40)])
+def test_npy_size_is_the_written_size(shape):
+    assert store.npy_size(shape) == len(store.npy_bytes(np.zeros(shape, np.float32)))
+
+
+def test_link_to_checks_size_and_ending_without_reading_the_whole_entry(tmp_path):
+    cache = store.ClipCache(tmp_path / "c", "stage", {})
+    cache.prepare()
+    key = hashlib.sha256(b"clip").hexdigest()
+    assert not cache.link_to(key, ".bin", str(tmp_path / "none"))  # a miss
+    cache.put(key, ".bin", b"payload-END")
+    assert cache.link_to(key, ".bin", str(tmp_path / "a"), size=11, tail=b"END")
+    assert os.path.samefile(tmp_path / "a", cache.path(key, ".bin"))
+    assert not cache.link_to(key, ".bin", str(tmp_path / "b"), tail=b"XYZ")  # damaged: discarded
+    assert not (tmp_path / "b").exists() and cache.get(key, ".bin") is None
+    assert (tmp_path / "a").read_bytes() == b"payload-END"  # the output linked before stays whole
+    cache.put(key, ".bin", b"payload-END")
+    assert not cache.link_to(key, ".bin", str(tmp_path / "c"), size=12)
+    assert cache.get(key, ".bin") is None
+
+
 def test_cache_root_from_environment(tmp_path):
     assert store.cache_root({}) == Path(".cache/audiocnn")
     assert store.cache_root({"AUDIOCNN_CACHE_DIR": str(tmp_path)}) == tmp_path
@@ -165,6 +186,24 @@ def test_miss_then_hit_with_identical_outputs(tmp_path, counted):
     for out in (first, second):
         got = files(out)
         assert got == files(plain) and any(name.endswith(".png") for name in got)
+
+
+def test_warm_spectrogram_reads_no_clip(tmp_path, monkeypatch):
+    """Cached clips are found by normalize's clip_sha256 and linked: only new clips reach a worker."""
+    source, manifest = make_manifest(tmp_path, clips=5)
+    full = fileio.read_csv(manifest)
+    fileio.write_csv(manifest, full.iloc[:4])
+    run_both(tmp_path, "four", tmp_path / "cache")
+    tasks = []
+    task = spectrogram._clip_task
+    monkeypatch.setattr(spectrogram, "_clip_task", lambda record, **kw: tasks.append(record["id"]) or task(record, **kw))
+    fileio.write_csv(manifest, full)
+    out = run_both(tmp_path, "five", tmp_path / "cache")
+    assert tasks == ["c4"]
+    assert files(out) == files(run_both(tmp_path, "five-plain", None))
+    index = fileio.read_csv(out / "normalize" / "index.csv")  # the key: the written clip's hash
+    assert index["clip_sha256"].tolist() == [
+        hashlib.sha256((out / "normalize" / "clips" / f"{i}.npy").read_bytes()).hexdigest() for i in index["id"]]
 
 
 def test_new_clips_are_the_only_ones_computed(tmp_path, counted):

@@ -87,9 +87,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+PNG_END = _png_chunk(b"IEND", b"")  # the 12 bytes every complete PNG ends with
+
+
 def is_complete_png(data: bytes) -> bool:
     """Whether ``data`` starts with the PNG signature and ends with the IEND chunk (not truncated)."""
-    return data.startswith(PNG_SIGNATURE) and data.endswith(_png_chunk(b"IEND", b""))
+    return data.startswith(PNG_SIGNATURE) and data.endswith(PNG_END)
 
 
 def write_image(path: Path, db: np.ndarray, top_db: float, size: int) -> None:

@@ -11,6 +11,7 @@ and normalizes only the new ones.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -171,8 +172,12 @@ def cache_settings(sample_rate: int, params: NormalizeParams, max_seconds: float
 
 
 def _clip_task(record: Mapping[str, str], source: Path, clips_dir: str, sample_rate: int, params: NormalizeParams,
-               max_seconds: float, cache: store.ClipCache | None) -> tuple[int, bool]:
-    """One clip inside ``run``: from the cache (keyed by the manifest's sha256) or computed and cached."""
+               max_seconds: float, cache: store.ClipCache | None) -> tuple[int, bool, str]:
+    """One clip inside ``run``: from the cache (keyed by the manifest's sha256) or computed and cached.
+
+    Returns (samples, silent, sha256 of the written .npy): the spectrogram stage keys its cache
+    by that hash, so finding a clip's cached features needs no read of the clip.
+    """
     key = record.get("sha256", "") if cache else ""
     cacheable = len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower())
     data = cache.get(key, ".npy") if cacheable else None  # type: ignore[union-attr]
@@ -195,7 +200,7 @@ def _clip_task(record: Mapping[str, str], source: Path, clips_dir: str, sample_r
             cache.put(key, ".npy", data, written=out_path)  # type: ignore[union-attr]
     else:
         cache.copy_to(key, ".npy", out_path, data)  # type: ignore[union-attr,arg-type]
-    return int(mono.size), is_silent(mono)
+    return int(mono.size), is_silent(mono), hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
 
 
 def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: NormalizeParams,
@@ -222,9 +227,10 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
         work = functools.partial(_clip_task, source=Path(source), clips_dir=str(tmp / "clips"),
                                  sample_rate=audio.sample_rate, params=params, max_seconds=max_seconds, cache=cache)
         results = parallel.map_clips(work, index.to_dict("records"), params.workers, "normalize")
-        index["samples"] = [samples for samples, _ in results]
+        index["samples"] = [samples for samples, _, _ in results]
+        index[store.CLIP_HASH_COLUMN] = [digest for _, _, digest in results]
         fileio.write_csv(tmp / "index.csv", index)
-    silent = [path for path, (_, is_silent) in zip(index["path"], results) if is_silent]
+    silent = [path for path, (_, is_silent, _) in zip(index["path"], results) if is_silent]
     if silent:
         log.warning("%d silent clip(s) (peak below %.0f dBFS) left unscaled, e.g. %s",
                     len(silent), SILENT_DBFS, silent[0])

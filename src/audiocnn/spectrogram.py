@@ -4,7 +4,8 @@ Per clip (a pure function of the index record and the settings, run in parallel)
 power STFT (centred), mel filterbank (built once per process), ``power_to_db`` with
 ref 1.0 floored at clip max - top_db, saved as float32 (frames, n_mels). Results are
 cached by the normalized clip's content (``audiocnn.store``): a rerun after adding clips
-computes only the new ones.
+computes only the new ones, and finds the others by the hash normalize recorded in its
+index (no clip is read for a hit).
 """
 
 from __future__ import annotations
@@ -146,6 +147,34 @@ def _clip_task(record: Mapping[str, str], clips_dir: str, features_dir: str, ima
     return expected_frames(mono.size, params), image
 
 
+def _linked_from_cache(record: Mapping[str, str], cache: store.ClipCache, features_dir: str, images_dir: str,
+                       params: SpectrogramParams, slugs: Mapping[str, str]) -> tuple[int, str] | None:
+    """A clip whose features (and image) the cache holds, linked into the outputs without reading a file.
+
+    The key is normalize's hash of the clip (index column ``clip_sha256``) and the frame count
+    follows from its ``samples``, so a hit costs a few system calls. None (nothing left
+    behind) when the index lacks them or the cache misses: the clip then goes to the workers.
+    """
+    key = str(record.get(store.CLIP_HASH_COLUMN, "")).lower()
+    try:
+        samples = int(record["samples"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(key) != 64 or not all(c in "0123456789abcdef" for c in key) or samples <= 0:
+        return None
+    frames = expected_frames(samples, params)
+    feature_path = os.path.join(features_dir, f"{record['id']}.npy")
+    if not cache.link_to(key, ".npy", feature_path, size=store.npy_size((frames, params.n_mels))):
+        return None
+    if not params.images:
+        return frames, ""
+    image = f"{slugs[record['label']]}/{record['id']}.png"
+    if not cache.link_to(key, f".{params.image_size}px.png", os.path.join(images_dir, image), tail=images.PNG_END):
+        os.unlink(feature_path)  # the worker links it again and renders the image from it
+        return None
+    return frames, image
+
+
 def _cached(cache: store.ClipCache | None, key: str, frames: int,
             params: SpectrogramParams) -> tuple[bytes | None, bytes | None]:
     """(feature .npy bytes, PNG bytes) from the cache, each None when absent or corrupt (then discarded)."""
@@ -199,12 +228,23 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
         if params.images:
             for slug in slugs.values():
                 (images_tmp / slug).mkdir()
+        records = index.to_dict("records")
+        results: list[tuple[int, str] | None] = [None] * len(records)
+        if cache is not None and store.CLIP_HASH_COLUMN in index.columns:
+            results = [_linked_from_cache(record, cache, str(features_tmp), str(images_tmp), params, slugs)
+                       for record in records]
+        missed = [i for i, result in enumerate(results) if result is None]
+        if len(missed) < len(records):
+            log.info("feature cache: %d of %d clips cached, computing %d", len(records) - len(missed),
+                     len(records), len(missed))
         work = functools.partial(_clip_task, clips_dir=str(normalized / "clips"), features_dir=str(features_tmp),
                                  images_dir=str(images_tmp), sample_rate=audio.sample_rate, params=params,
                                  slugs=slugs, cache=cache)
-        results = parallel.map_clips(work, index.to_dict("records"), params.workers, "spectrogram",
-                                     name=lambda record: f"{record['path']} (id {record['id']})",
-                                     meanwhile=draw_gallery)
+        computed = parallel.map_clips(work, [records[i] for i in missed], params.workers, "spectrogram",
+                                      name=lambda record: f"{record['path']} (id {record['id']})",
+                                      meanwhile=draw_gallery)
+        for i, result in zip(missed, computed):
+            results[i] = result
         index["frames"] = [frames for frames, _ in results]
         index["image"] = [image for _, image in results]
         fileio.write_csv(features_tmp / "index.csv", index)

@@ -20,6 +20,7 @@ write into an existing file, so DVC sees complete, ordinary outputs either way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "AUDIOCNN_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path(".cache") / "audiocnn"
 DISABLED = {"off", "none", "0", "false"}
+CLIP_HASH_COLUMN = "clip_sha256"  # normalize's index.csv: sha256 of clips/<id>.npy (``sha256``: the source file's)
 
 
 @contextlib.contextmanager
@@ -99,6 +101,14 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=4096)
+def npy_size(shape: tuple[int, ...]) -> int:
+    """Bytes of the float32 .npy file of an array of ``shape`` (what ``npy_bytes`` writes)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return header.tell() + 4 * math.prod(shape)
 
 
 _NPY_HEADER = re.compile(rb"\{'descr': '<f4', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")
@@ -215,6 +225,42 @@ class ClipCache:
             os.link(self.path(key, suffix), dest)
         except OSError:
             write_bytes(dest, data)
+
+    def link_to(self, key: str, suffix: str, dest: str, size: int | None = None, tail: bytes = b"") -> bool:
+        """Put the entry at ``dest`` without reading it (a hard link, else a copy); False when there is none.
+
+        The cheap check of a hit that is not read: an entry whose size is not ``size`` or that
+        does not end with ``tail`` is discarded (False). Entries are written whole (link or
+        rename), so a wrong size or ending only comes from damage after the fact.
+        """
+        entry = self.path(key, suffix)
+        try:
+            found = os.stat(entry).st_size
+            if size is not None and found != size:
+                self.discard(key, suffix, f"{found} bytes, not {size}")
+                return False
+            if tail:
+                with open(entry, "rb", buffering=0) as handle:
+                    handle.seek(max(0, found - len(tail)))
+                    if handle.read() != tail:
+                        self.discard(key, suffix, "truncated")
+                        return False
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            log.warning("feature cache: cannot read %s (%s): recomputing", entry, err)
+            return False
+        try:
+            os.link(entry, dest)
+        except OSError:
+            try:
+                shutil.copyfile(entry, dest)
+            except OSError as err:
+                log.warning("feature cache: cannot copy %s to %s (%s): recomputing", entry, dest, err)
+                with contextlib.suppress(OSError):
+                    os.unlink(dest)
+                return False
+        return True
 
     def discard(self, key: str, suffix: str, reason: str) -> None:
         """Remove a corrupt entry (it is then recomputed and stored again)."""
