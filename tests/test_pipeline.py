@@ -7,11 +7,13 @@ what a change touches.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import soundfile as sf
 import yaml
 
 from conftest import make_pipeline_repo, real_params, run, shrink, stages_run, tool_env
@@ -79,6 +81,32 @@ def test_second_repro_runs_nothing(repo):
     proc = run(["dvc", "repro"], repo)
     assert stages_run(proc.stdout) == []
     assert run(["dvc", "status"], repo).stdout.strip().endswith("up to date.")
+
+
+def test_a_changed_source_clip_reruns_the_data_stages_through_their_indexes(repo, tmp_path):
+    """normalize and spectrogram depend on the upstream index (its sha256 columns), not on the clip folders.
+
+    A source file rewritten in place must still rerun them, and change only that clip's outputs.
+    """
+    source = tmp_path / "source"
+    shutil.copytree(repo / "dataset/demo", source)
+    for path in source.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # copies of read-only DVC outputs
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ingest"]["source"] = str(source)
+    other = make_pipeline_repo(tmp_path / "repo", params)
+    assert stages_run(run(["dvc", "repro", "spectrogram"], other).stdout) == ["ingest", "normalize", "spectrogram"]
+    before = {p.name: p.read_bytes() for p in (other / "dataset/features").glob("*.npy")}
+    changed = sorted(source.rglob("*.wav"))[0]
+    audio, rate = sf.read(changed, dtype="float32")
+    sf.write(changed, audio[::-1].copy(), rate)  # same length, other content
+    assert stages_run(run(["dvc", "repro", "spectrogram"], other).stdout) == ["ingest", "normalize", "spectrogram"]
+    after = {p.name: p.read_bytes() for p in (other / "dataset/features").glob("*.npy")}
+    assert sorted(after) == sorted(before)
+    assert [name for name in after if after[name] != before[name]] == [
+        next(n for n in after if n.startswith(changed.stem + "-"))]  # ids: <file stem>-<path hash>
+    assert run(["dvc", "status", "spectrogram"], other).stdout.strip().endswith("up to date.")
+    assert stages_run(run(["dvc", "repro", "spectrogram"], other).stdout) == []
 
 
 def test_metrics_and_plots_commands(repo):

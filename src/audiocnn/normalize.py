@@ -179,7 +179,7 @@ def _clip_task(record: Mapping[str, str], source: Path, clips_dir: str, sample_r
     by that hash, so finding a clip's cached features needs no read of the clip.
     """
     key = record.get("sha256", "") if cache else ""
-    cacheable = len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower())
+    cacheable = store.is_sha256(key)
     data = cache.get(key, ".npy") if cacheable else None  # type: ignore[union-attr]
     mono = None
     if data is not None:

@@ -160,7 +160,7 @@ def _linked_from_cache(record: Mapping[str, str], cache: store.ClipCache, featur
         samples = int(record["samples"])
     except (KeyError, TypeError, ValueError):
         return None
-    if len(key) != 64 or not all(c in "0123456789abcdef" for c in key) or samples <= 0:
+    if not store.is_sha256(key) or samples <= 0:
         return None
     frames = expected_frames(samples, params)
     feature_path = os.path.join(features_dir, f"{record['id']}.npy")

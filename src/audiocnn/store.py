@@ -144,6 +144,11 @@ def source_digest(*modules: Any) -> str:
     return digest.hexdigest()
 
 
+def is_sha256(key: str) -> bool:
+    """Whether ``key`` is a sha256 hex digest (a usable cache key; hand-made indexes may hold anything)."""
+    return len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower())
+
+
 def cache_root(environ: Mapping[str, str] | None = None) -> Path | None:
     """The cache root from $AUDIOCNN_CACHE_DIR (default ``.cache/audiocnn``); None when it is ``off``."""
     value = (os.environ if environ is None else environ).get(CACHE_ENV, "")
