@@ -7,7 +7,8 @@ in the same run and on the same files:
 
 * ours: ``stages/normalize.py`` then ``stages/spectrogram.py`` as subprocesses, exactly as DVC
   runs them (process start, imports, pool, index, gallery included), with 1 worker and with
-  all cores (``--workers``), the feature cache off; median of ``--repeats`` runs;
+  all cores (``--workers``, taking turns within each repeat), the feature cache off; median of
+  ``--repeats`` runs;
 * seed: the notebook's method on the first ``--seed-clips`` files: ``librosa.load`` at its
   default 22050 Hz, ``librosa.feature.melspectrogram``, a matplotlib ``specshow`` figure
   (default size, time and mel axes) saved as PNG, ``plt.close``; one process;
@@ -88,22 +89,31 @@ def plain_librosa(files: list[Path], out: Path, params: dict[str, Any]) -> float
     return len(files) / (time.perf_counter() - start)
 
 
-def ours(root: Path, params: dict[str, Any], workers: int, repeats: int) -> dict[str, Any]:
-    """normalize + spectrogram stage subprocesses; median seconds over ``repeats``."""
-    params = copy.deepcopy({k: v for k, v in params.items() if not k.startswith("_")})
-    params["normalize"]["workers"] = params["spectrogram"]["workers"] = workers
-    path = common.write_params(root / f"params-w{workers}.yaml", params)
+def ours(root: Path, params: dict[str, Any], workers: list[int], repeats: int) -> dict[int, dict[str, Any]]:
+    """normalize + spectrogram stage subprocesses for each worker count; median seconds over ``repeats``.
+
+    The worker counts take turns within each repeat (1, 2, 1, 2, ...), so a machine that slows
+    down or speeds up during the run (shared hosts do) affects every count alike; each repeat
+    also gives its own scaling ratio.
+    """
     env = common.tool_env(AUDIOCNN_CACHE_DIR="off")
-    runs: dict[str, list[dict[str, Any]]] = {"normalize": [], "spectrogram": []}
+    paths = {}
+    for count in workers:
+        config = copy.deepcopy({k: v for k, v in params.items() if not k.startswith("_")})
+        config["normalize"]["workers"] = config["spectrogram"]["workers"] = count
+        paths[count] = common.write_params(root / f"params-w{count}.yaml", config)
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {c: {"normalize": [], "spectrogram": []} for c in workers}
     for _ in range(repeats):
-        for stage in runs:
-            for out in {"normalize": ["dataset/normalize"],
-                        "spectrogram": ["dataset/features", "dataset/spectrograms"]}[stage]:
-                shutil.rmtree(root / out, ignore_errors=True)  # as dvc repro does before a stage
-            result = common.timed(common.stage_cmd(stage, path, root), root, env)
-            result.pop("output")
-            runs[stage].append(result)
-    return {stage: {"seconds": common.median([r["seconds"] for r in rs]), "runs": rs} for stage, rs in runs.items()}
+        for count in workers:
+            for stage in ("normalize", "spectrogram"):
+                for out in {"normalize": ["dataset/normalize"],
+                            "spectrogram": ["dataset/features", "dataset/spectrograms"]}[stage]:
+                    shutil.rmtree(root / out, ignore_errors=True)  # as dvc repro does before a stage
+                result = common.timed(common.stage_cmd(stage, paths[count], root), root, env)
+                result.pop("output")
+                runs[count][stage].append(result)
+    return {count: {stage: {"seconds": common.median([r["seconds"] for r in rs]), "runs": rs}
+                    for stage, rs in stages.items()} for count, stages in runs.items()}
 
 
 def measure(name: str, root: Path, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -113,8 +123,7 @@ def measure(name: str, root: Path, params: dict[str, Any], args: argparse.Namesp
     clips = len(source_files(params, 10**9))
     print(f"[{name}] {clips} clips", file=sys.stderr, flush=True)
     result: dict[str, Any] = {"clips": clips, "ours": {}}
-    for workers in args.workers:
-        timing = ours(root, params, workers, args.repeats)
+    for workers, timing in ours(root, params, args.workers, args.repeats).items():
         total = timing["normalize"]["seconds"] + timing["spectrogram"]["seconds"]
         timing["clips_per_second"] = {"normalize": clips / timing["normalize"]["seconds"],
                                       "spectrogram": clips / timing["spectrogram"]["seconds"], "both": clips / total}
@@ -147,11 +156,15 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
         workers = sorted(r["ours"], key=int)
         if len(workers) > 1:
             one, many = r["ours"][workers[0]], r["ours"][workers[-1]]
+            paired = [(a["seconds"] + b["seconds"]) / (c["seconds"] + d["seconds"]) for a, b, c, d in zip(
+                one["normalize"]["runs"], one["spectrogram"]["runs"], many["normalize"]["runs"], many["spectrogram"]["runs"])]
             lines.append(f"Scaling on {name}: {workers[-1]} workers / {workers[0]} worker = "
                          f"{many['clips_per_second']['both'] / one['clips_per_second']['both']:.2f}x (both stages), "
                          f"normalize {many['clips_per_second']['normalize'] / one['clips_per_second']['normalize']:.2f}x, "
                          f"spectrogram "
-                         f"{many['clips_per_second']['spectrogram'] / one['clips_per_second']['spectrogram']:.2f}x.")
+                         f"{many['clips_per_second']['spectrogram'] / one['clips_per_second']['spectrogram']:.2f}x; "
+                         f"per repeat (runs side by side) {', '.join(f'{r:.2f}x' for r in paired)}, "
+                         f"median {common.median(paired):.2f}x.")
     return lines
 
 
