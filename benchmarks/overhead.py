@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -67,17 +67,13 @@ def stages_alone(tmp: Path, origin: Path, files: list[Path], held_out: list[Path
     """normalize + spectrogram as plain subprocesses (no DVC): cold cache, then after adding ``held_out``."""
     source, root = tmp / "alone-source", tmp / "alone"
     source.mkdir()
-    held = set(held_out)
-    for path in files:
-        if path not in held:
-            link(path, source / path.relative_to(origin))
+    link_all(files, origin, source, skip=held_out)
     path = common.write_params(root / "params.yaml", dict(params, ingest={**params["ingest"], "source": str(source)}))
     env = common.tool_env(AUDIOCNN_CACHE_DIR=str(tmp / "alone-cache"))
     result: dict[str, Any] = {}
     for run in ("full", "added"):
         if run == "added":
-            for held in held_out:
-                link(held, source / held.relative_to(origin))
+            link_all(held_out, origin, source)
         result[run] = {}
         for stage in ("ingest", "normalize", "spectrogram"):
             timing = common.timed(common.stage_cmd(stage, path, root), root, env)
@@ -93,6 +89,14 @@ def link(path: Path, dest: Path) -> None:
         os.link(path, dest)
     except OSError:
         shutil.copy2(path, dest)
+
+
+def link_all(files: Sequence[Path], origin: Path, dest: Path, skip: Sequence[Path] = ()) -> None:
+    """``link`` each of ``files`` (under ``origin``) to the same relative path under ``dest``, except ``skip``."""
+    skipped = set(skip)
+    for path in files:
+        if path not in skipped:
+            link(path, dest / path.relative_to(origin))
 
 
 def git(args: list[str], root: Path, env: dict[str, str]) -> None:
@@ -124,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         held_out = files[HELD_OUT]  # 1%: added later
         source = tmp / "source"
         source.mkdir()
-        held = set(held_out)
-        for path in files:
-            if path not in held:
-                link(path, source / path.relative_to(origin))
+        link_all(files, origin, source, skip=held_out)
         sections = {"train": {"epochs": args.epochs, "warmup_epochs": 0}, "export": UNGATED_EXPORT}
         if args.synthetic:
             params = common.folders_params(source, **sections)
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds, output = dvc(["repro"], root, env)
             noop.append({"seconds": round(seconds, 3), "ran": stages_run(output)})
         results["noop"] = {"runs": noop, "median_s": common.median([r["seconds"] for r in noop])}
-        for path in held_out:
-            link(path, source / path.relative_to(origin))
+        link_all(held_out, origin, source)
         print(f"[overhead] +{len(held_out)} clips", file=sys.stderr, flush=True)
         results["added"] = {"clips": len(held_out), "stages": all_stages(root, env)}
         git(["add", "-A"], root, env)
