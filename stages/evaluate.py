@@ -28,8 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train = config.load_section(params, "train", TrainParams)
     evaluate.run(features_dir=args.features, images_dir=args.images, split_dir=args.split, model_dir=args.model,
                  metrics_path=args.metrics, reports_dir=args.reports, arch=model.arch,
-                 window_seconds=train.window_seconds, sample_rate=audio.sample_rate, hop_length=spec.hop_length,
-                 n_fft=spec.n_fft, top_db=spec.top_db,
+                 window_seconds=train.window_seconds, sample_rate=audio.sample_rate, spectrogram=spec,
                  params=config.load_section(params, "evaluate", evaluate.EvaluateParams), all_params=params)
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from audiocnn import config, evaluate, fileio, models, tracking
 from audiocnn.errors import DataError
+from audiocnn.spectrogram import SpectrogramParams
 from conftest import REPO, real_params
 
 LABELS = ["a", "b", "c"]
@@ -108,6 +109,8 @@ def test_reports_written(tmp_path):
 # --- the stage, with a fake model (no TensorFlow) ---------------------------------------------
 
 SR, HOP, N_FFT = 1000, 10, 20  # window 0.1 s -> 11 frames (1 + (100 + 9) // 10), hop 0.05 s -> 5 frames
+SPEC = SpectrogramParams(n_fft=N_FFT, hop_length=HOP, n_mels=4, fmin=0.0, fmax=500.0, top_db=80.0, workers=1,
+                         images=False, image_size=8, gallery_per_class=1)
 
 
 class BandModel:
@@ -143,7 +146,7 @@ def run_stage(root: Path, dirs: dict[str, Path], window_seconds: float = 0.1) ->
     return evaluate.run(features_dir=dirs["features"], images_dir=root / "images", split_dir=dirs["split"],
                         model_dir=dirs["models"], metrics_path=root / "metrics" / "eval.json",
                         reports_dir=root / "reports" / "eval", arch="cnn", window_seconds=window_seconds,
-                        sample_rate=SR, hop_length=HOP, n_fft=N_FFT, top_db=80.0, params=params, all_params=real_params())
+                        sample_rate=SR, spectrogram=SPEC, params=params, all_params=real_params())
 
 
 @pytest.fixture(scope="session")
@@ -260,7 +263,7 @@ def test_stage_seed_arch_uses_one_image_per_clip(tmp_path, store, monkeypatch):
     metrics = evaluate.run(features_dir=dirs["features"], images_dir=tmp_path / "images", split_dir=dirs["split"],
                            model_dir=dirs["models"], metrics_path=tmp_path / "eval.json",
                            reports_dir=tmp_path / "eval", arch="seed", window_seconds=0.1, sample_rate=SR,
-                           hop_length=HOP, n_fft=N_FFT, top_db=80.0, params=params, all_params=real_params())
+                           spectrogram=SPEC, params=params, all_params=real_params())
     assert metrics["accuracy"] == 1.0 and metrics["loss"] == pytest.approx(-math.log(0.9 + 0.1 / 3), abs=1e-6)
 
 

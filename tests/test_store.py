@@ -15,6 +15,7 @@ import soundfile as sf
 
 from audiocnn import config, fileio, normalize, spectrogram, store
 from audiocnn.audio import AudioParams
+from audiocnn.errors import DataError
 from audiocnn.normalize import NormalizeParams
 from audiocnn.spectrogram import SpectrogramParams
 
@@ -204,6 +205,20 @@ def test_warm_spectrogram_reads_no_clip(tmp_path, monkeypatch):
     index = fileio.read_csv(out / "normalize" / "index.csv")  # the key: the written clip's hash
     assert index["clip_sha256"].tolist() == [
         hashlib.sha256((out / "normalize" / "clips" / f"{i}.npy").read_bytes()).hexdigest() for i in index["id"]]
+
+
+def test_a_clip_changed_after_normalize_is_refused_by_name(tmp_path):
+    """spectrogram checks a clip it reads against normalize's clip_sha256 (with or without a cache)."""
+    make_manifest(tmp_path)
+    out = run_both(tmp_path, "a", None)
+    clip = out / "normalize" / "clips" / "c2.npy"
+    fileio.write_npy(clip, np.zeros(800, np.float32))  # silence instead of the tone: same shape class, other bytes
+    spec = section("spectrogram", SpectrogramParams, image_size=32, gallery_per_class=1)
+    for cache in (None, store.ClipCache(tmp_path / "cache", "spectrogram", spectrogram.cache_settings(RATE, spec))):
+        with pytest.raises(DataError, match=r"c2\.npy: content changed since normalize wrote it"):
+            spectrogram.run(out / "normalize", out / "f2", out / "i2", out / "g2.png", AudioParams(RATE), spec,
+                            cache=cache)
+        assert not (out / "f2").exists()  # nothing half-written under the output's name
 
 
 def test_new_clips_are_the_only_ones_computed(tmp_path, counted):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,9 @@ import pandas as pd
 from audiocnn import data, fileio, models, plots, tracking
 from audiocnn.config import check
 from audiocnn.errors import DataError
+
+if TYPE_CHECKING:
+    from audiocnn.spectrogram import SpectrogramParams
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +216,11 @@ def checked_inputs(inputs: Iterable[np.ndarray], input_shape: Sequence[int | Non
 
 
 def run(*, features_dir: Path, images_dir: Path, split_dir: Path, model_dir: Path, metrics_path: Path,
-        reports_dir: Path, arch: str, window_seconds: float, sample_rate: int, hop_length: int, n_fft: int,
-        top_db: float,
+        reports_dir: Path, arch: str, window_seconds: float, sample_rate: int, spectrogram: SpectrogramParams,
         params: EvaluateParams, all_params: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate models/ on ``split_dir``/test.csv; write outputs; log to the train run.
+
+    ``spectrogram``: the settings the features were made with (window length in frames, silence level).
 
     The train run is the MLflow run tagged ``model_sha256`` = sha256 of models/model.keras (see
     :func:`train_run`); without one (e.g. another tracking store) evaluation opens a new run.
@@ -229,10 +233,10 @@ def run(*, features_dir: Path, images_dir: Path, split_dir: Path, model_dir: Pat
             tracking.set_data_tags([split_dir / "test.csv"])
         model, labels = load_model(model_dir)
         y_true = data.label_indices(test, labels, str(split_dir / "test.csv"))
-        frames = data.window_frames(window_seconds, sample_rate, hop_length, n_fft)
-        hop = hop_frames(params.hop_seconds, sample_rate, hop_length)
+        frames = data.window_frames(window_seconds, sample_rate, spectrogram.hop_length, spectrogram.n_fft)
+        hop = hop_frames(params.hop_seconds, sample_rate, spectrogram.hop_length)
         inputs = (models.model_input(arch, row, features_dir=features_dir, images_dir=images_dir,
-                                     window_frames=frames, hop_frames=hop, top_db=top_db)
+                                     window_frames=frames, hop_frames=hop, top_db=spectrogram.top_db)
                   for row in test.to_dict("records"))
 
         def predict(x: np.ndarray) -> np.ndarray:  # (windows, ...) -> (windows, classes)

@@ -122,7 +122,7 @@ def _clip_task(record: Mapping[str, str], clips_dir: str, features_dir: str, ima
     if mono.ndim != 1 or mono.size == 0:
         raise DataError(f"{clip_path}: expected a non-empty (samples,) array, got shape {mono.shape}")
     image = f"{slugs[record['label']]}/{record['id']}.png" if params.images else ""
-    key = hashlib.sha256(clip_bytes).hexdigest() if cache is not None else ""
+    key = _checked_key(record, clip_bytes, clip_path) if cache is not None or record.get(store.CLIP_HASH_COLUMN) else ""
     db_bytes, png = _cached(cache, key, expected_frames(mono.size, params), params)
     feature_path = os.path.join(features_dir, f"{record['id']}.npy")
     image_path = os.path.join(images_dir, image)
@@ -145,6 +145,21 @@ def _clip_task(record: Mapping[str, str], clips_dir: str, features_dir: str, ima
         if cache is not None:
             cache.put(key, png_suffix, png, written=image_path)  # type: ignore[arg-type]
     return expected_frames(mono.size, params), image
+
+
+def _checked_key(record: Mapping[str, str], clip_bytes: bytes, clip_path: str) -> str:
+    """The clip's sha256 (its cache key); DataError when normalize's index recorded another one.
+
+    A clip that changed after normalize wrote it (edited by hand, a partial copy) would
+    otherwise give features that the index, and DVC, attribute to other content.
+    """
+    key = hashlib.sha256(clip_bytes).hexdigest()
+    recorded = str(record.get(store.CLIP_HASH_COLUMN, "")).lower()
+    if store.is_sha256(recorded) and recorded != key:
+        raise DataError(f"{clip_path}: content changed since normalize wrote it ({store.CLIP_HASH_COLUMN} "
+                        f"{recorded[:12]}... in its index.csv, file {key[:12]}...): rerun normalize "
+                        "(`dvc repro --force normalize`)")
+    return key
 
 
 def _linked_from_cache(record: Mapping[str, str], cache: store.ClipCache, features_dir: str, images_dir: str,
