@@ -73,6 +73,32 @@ def test_spec_augment_off_is_identity():
     np.testing.assert_array_equal(out.numpy(), window())
 
 
+def test_random_range_floors_the_window_at_its_peak_minus_a_drawn_range():
+    floors = set()
+    for i in range(20):
+        out = augment.random_range(tf.constant(window()), seed(i), 20.0, 40.0).numpy()
+        floor = out.min()
+        assert -50.0 - 1e-4 <= floor <= -30.0 + 1e-4  # peak -10 dB minus 20..40 dB
+        np.testing.assert_array_equal(out, np.maximum(window(), floor))  # only values below the floor change
+        floors.add(round(float(floor), 3))
+    assert len(floors) > 10
+    np.testing.assert_array_equal(augment.random_range(tf.constant(window()), seed(3), 20.0, 40.0),
+                                  augment.random_range(tf.constant(window()), seed(3), 20.0, 40.0))
+
+
+def test_dynamic_range_in_the_window_transform_and_its_limit():
+    p = params(dynamic_range_db=30.0)
+    out = augment.augment_window(tf.constant(window()), tf.constant(0), None, seed(1), p, top_db=45.0).numpy()
+    assert out.min() > -60.0 and out.min() >= out.max() - 45.0 - 1e-4  # floored between peak-45 and peak-30
+    assert np.array_equal(augment.augment_window(tf.constant(window()), tf.constant(0), None, seed(1), params(),
+                                                 top_db=45.0).numpy(), window())  # 0 disables
+    with pytest.raises(ParamsError, match=r"dynamic_range_db=80 must be below spectrogram.top_db=80"):
+        augment.window_transform(params(dynamic_range_db=80.0), frames=30, n_mels=16, top_db=80.0, n_classes=3)
+    with pytest.raises(ParamsError, match="augment.dynamic_range_db"):
+        load_section({"augment": {**real_params()["train"]["augment"], "dynamic_range_db": -1.0}}, "augment",
+                     AugmentParams)
+
+
 def test_random_gain_shifts_every_value_by_one_db_amount_within_range():
     shifts = []
     for i in range(20):

@@ -4,8 +4,9 @@ Every op works on absolute dB features (log-mel power, ref 1.0) and takes an exp
 stateless seed pair, so the same ``train.seed`` gives the same augmented stream:
 SpecAugment time/frequency masks (filled with the window's floor, never 0 dB), random
 gain (a dB shift), background-noise mixing in the power domain at a random SNR, a random
-time shift of clips shorter than the window, and mixup on batches (soft labels). Each is
-disabled by a zero (or false) in params.yaml.
+time shift of clips shorter than the window, a random dynamic range (the noise floor of
+another recording), and mixup on batches (soft labels). Each is disabled by a zero (or
+false) in params.yaml.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 
-STRETCH_STREAM, WARP_STREAM = 101, 102  # seed streams folded in for these two: the other draws stay as they were
+STRETCH_STREAM, WARP_STREAM, RANGE_STREAM = 101, 102, 103  # seed streams folded in for these: the other draws stay as they were
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class AugmentParams:
     time_shift: bool  # clips shorter than the window: placed at a random offset (else at the start)
     time_stretch: float  # clip length scaled by ~ U[1 - x, 1 + x] (speaking rate); 0 disables
     freq_warp: float  # mel axis scaled by ~ U[1 - x, 1 + x] (vocal tract length); 0 disables
+    dynamic_range_db: float = 0.0  # window floored at its peak minus ~ U[x, spectrogram.top_db] dB; 0 disables
 
     def __post_init__(self) -> None:
         for key in ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins"):
@@ -51,6 +53,7 @@ class AugmentParams:
         check(lo <= hi, "noise_snr_db", list(self.noise_snr_db), "must have lo <= hi")
         for key in ("time_stretch", "freq_warp"):
             check(0.0 <= getattr(self, key) < 1.0, key, getattr(self, key), "must be in [0, 1) (0 disables)")
+        check(self.dynamic_range_db >= 0, "dynamic_range_db", self.dynamic_range_db, "must be >= 0 dB (0 disables)")
 
 
 def mask_axis(x: "tf.Tensor", axis: int, start: "tf.Tensor", width: "tf.Tensor", value: "tf.Tensor") -> "tf.Tensor":
@@ -101,6 +104,19 @@ def stretch(x: "tf.Tensor", seed: "tf.Tensor", max_fraction: float, axis: int) -
     return y
 
 
+def random_range(x: "tf.Tensor", seed: "tf.Tensor", min_db: float, max_db: float) -> "tf.Tensor":
+    """Floor (frames, n_mels) dB at its peak minus one range ~ U[min_db, max_db] dB.
+
+    Recordings differ in how far their noise floor lies below the speech (FSDD: the 10th
+    percentile of a clip's log-mel bins is 46 dB below its peak for one speaker, 56-69 dB for
+    the others); a random floor keeps the model from telling speakers, or rooms, by it.
+    """
+    import tensorflow as tf
+
+    range_db = tf.random.stateless_uniform([], seed, min_db, max_db)
+    return tf.maximum(x, tf.reduce_max(x) - range_db)
+
+
 def random_gain(x: "tf.Tensor", seed: "tf.Tensor", gain_db: float) -> "tf.Tensor":
     """Add one gain ~ U[-gain_db, gain_db] dB to the whole window."""
     import tensorflow as tf
@@ -131,8 +147,11 @@ def random_noise(x: "tf.Tensor", label: "tf.Tensor", noise: "tf.Tensor", seed: "
 
 
 def augment_window(x: "tf.Tensor", label: "tf.Tensor", noise: "tf.Tensor | None", seed: "tf.Tensor",
-                   p: AugmentParams, noise_label: int = -1) -> "tf.Tensor":
-    """One training window (frames, n_mels) dB: frequency warp, noise mixing, gain, then SpecAugment masks."""
+                   p: AugmentParams, noise_label: int = -1, top_db: float = 0.0) -> "tf.Tensor":
+    """One training window (frames, n_mels) dB: frequency warp, noise mixing, random range, gain, then masks.
+
+    ``top_db``: the features' dynamic range (spectrogram.top_db), the upper end of ``dynamic_range_db``'s draw.
+    """
     import tensorflow as tf
 
     noise_seed, gain_seed, mask_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
@@ -140,6 +159,9 @@ def augment_window(x: "tf.Tensor", label: "tf.Tensor", noise: "tf.Tensor | None"
         x = stretch(x, tf.random.experimental.stateless_fold_in(seed, WARP_STREAM), p.freq_warp, axis=1)
     if noise is not None and p.noise_prob > 0:
         x = random_noise(x, label, noise, noise_seed, p, noise_label)
+    if p.dynamic_range_db > 0:
+        x = random_range(x, tf.random.experimental.stateless_fold_in(seed, RANGE_STREAM), p.dynamic_range_db,
+                         max(top_db, p.dynamic_range_db))
     if p.gain_db > 0:
         x = random_gain(x, gain_seed, p.gain_db)
     return spec_augment(x, mask_seed, p)
@@ -183,6 +205,10 @@ def window_transform(p: AugmentParams, frames: int, n_mels: int, top_db: float, 
     """
     import tensorflow as tf
 
+    if p.dynamic_range_db >= top_db:
+        raise ParamsError(f"train.augment.dynamic_range_db={p.dynamic_range_db:g} must be below "
+                          f"spectrogram.top_db={top_db:g} (the features' own range), or 0 to disable")
+
     def transform(path: tf.Tensor, label: tf.Tensor, weight: tf.Tensor, *rest: tf.Tensor):
         *noise, seed = rest
         crop_seed, aug_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -190,7 +216,7 @@ def window_transform(p: AugmentParams, frames: int, n_mels: int, top_db: float, 
         if p.time_stretch > 0:
             x = stretch(x, tf.random.experimental.stateless_fold_in(seed, STRETCH_STREAM), p.time_stretch, axis=0)
         x = data.crop_tf(x, frames, top_db, crop_seed, p.time_shift)  # (frames, n_mels) dB
-        x = augment_window(x, label, noise[0] if noise else None, aug_seed, p, noise_label)
+        x = augment_window(x, label, noise[0] if noise else None, aug_seed, p, noise_label, top_db)
         return x[..., tf.newaxis], tf.one_hot(label, n_classes), weight  # (frames, n_mels, 1)
 
     return transform
