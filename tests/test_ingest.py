@@ -456,3 +456,76 @@ def test_real_fsdd_pattern_layout_whole_set():
     assert result.metrics["clips_per_class"] == {str(d): 300 for d in range(10)}
     assert result.manifest.groupby("group").size().to_dict() == {s: 500 for s in (
         "george", "jackson", "lucas", "nicolas", "theo", "yweweler")}
+
+
+def aged(*paths: Path, seconds: float = 60.0) -> None:
+    """Set the files' mtime ``seconds`` in the past (fresh files are 'racy' and not memoized)."""
+    for path in paths:
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+@pytest.fixture
+def counted_scans(monkeypatch, tmp_path):
+    """Files actually decoded by ingest (not taken from its memo), with the cache under tmp_path."""
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", str(tmp_path / "cache"))
+    decoded: list[str] = []
+    scan = ingest.audio.scan
+    monkeypatch.setattr(ingest.audio, "scan", lambda path, *a, **k: decoded.append(Path(path).name) or scan(path, *a, **k))
+    return decoded
+
+
+def test_rerun_decodes_only_new_and_changed_files(tmp_path, counted_scans):
+    source = tmp_path / "src"
+    clips = [write_clip(source / "a" / f"a{i}.wav", seed=i) for i in range(3)]
+    short = write_clip(source / "b" / "short.wav", seconds=0.05, seed=9)  # rejected too_short: memoized too
+    aged(*clips, short)
+    first = ingest.ingest(source, make_params(source, max_reject_fraction=0.5))
+    assert sorted(counted_scans) == ["a0.wav", "a1.wav", "a2.wav", "short.wav"]
+    counted_scans.clear()
+    again = ingest.ingest(source, make_params(source, max_reject_fraction=0.5))
+    assert counted_scans == []  # nothing decoded or hashed again
+    assert again.manifest.equals(first.manifest) and again.rejected.equals(first.rejected)
+
+    aged(write_clip(source / "b" / "b0.wav", seed=20))  # a new file
+    write_clip(clips[1], seed=21)  # a1 rewritten in place (same size, new content, new mtime)
+    aged(clips[1], seconds=30.0)
+    third = ingest.ingest(source, make_params(source, max_reject_fraction=0.5))
+    assert sorted(counted_scans) == ["a1.wav", "b0.wav"]
+    rows = third.manifest.set_index("path")
+    assert rows.loc["a/a1.wav", "sha256"] == hashlib.sha256(clips[1].read_bytes()).hexdigest()
+    assert len(rows) == 4 and rows.loc["a/a0.wav", "sha256"] == first.manifest.set_index("path").loc["a/a0.wav", "sha256"]
+    counted_scans.clear()
+    looser = ingest.ingest(source, make_params(source, min_duration=0.01))  # the memo keeps scans, not verdicts
+    assert counted_scans == [] and "b/short.wav" in set(looser.manifest["path"])
+    assert looser.manifest.set_index("path").loc["b/short.wav", "sha256"] == hashlib.sha256(short.read_bytes()).hexdigest()
+
+
+def test_recently_modified_files_are_not_memoized(tmp_path, counted_scans):
+    source = tmp_path / "src"
+    write_clip(source / "a" / "fresh.wav", seed=1)  # mtime now: within the racy window
+    ingest.ingest(source, make_params(source))
+    ingest.ingest(source, make_params(source))
+    assert counted_scans == ["fresh.wav", "fresh.wav"]
+
+
+def test_a_damaged_memo_is_ignored_and_rewritten(tmp_path, counted_scans, caplog):
+    source = tmp_path / "src"
+    aged(write_clip(source / "a" / "x.wav", seed=1))
+    first = ingest.ingest(source, make_params(source))
+    (memo,) = (tmp_path / "cache" / "ingest").glob("*.json")
+    memo.write_text('{"files": ')
+    with caplog.at_level("WARNING"):
+        again = ingest.ingest(source, make_params(source))
+    assert counted_scans == ["x.wav", "x.wav"] and again.manifest.equals(first.manifest)
+    assert str(memo) in caplog.text and "does not load" in caplog.text
+    assert "x.wav" in memo.read_text()  # rewritten whole
+
+
+def test_memo_off_with_the_cache(tmp_path, counted_scans, monkeypatch):
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", "off")
+    source = tmp_path / "src"
+    aged(write_clip(source / "a" / "x.wav", seed=1))
+    ingest.ingest(source, make_params(source))
+    ingest.ingest(source, make_params(source))
+    assert counted_scans == ["x.wav", "x.wav"] and not (tmp_path / "cache").exists()

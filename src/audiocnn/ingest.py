@@ -1,7 +1,8 @@
 """Stage ingest: turn a folder of recordings into a checked manifest of clips.
 
 Every candidate file (see ``audiocnn.layouts``) is decoded once, in blocks, and
-hashed; it is kept or rejected with a reason code (``unreadable``, ``empty``,
+hashed (``audiocnn.scanmemo`` remembers files already done, so a rerun after adding files
+decodes only those); it is kept or rejected with a reason code (``unreadable``, ``empty``,
 ``non_finite``, ``silent``, ``too_short``, ``duplicate``, ``duplicate_conflict``,
 ``outside_source``, ``missing``, ``no_label``). Nothing is dropped silently, and the
 stage fails when more than ``ingest.max_reject_fraction`` of the candidates is
@@ -25,6 +26,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from audiocnn import audio, fileio, layouts
+from audiocnn.scanmemo import ScanMemo
 from audiocnn.config import check
 from audiocnn.errors import DataError
 from audiocnn.layouts import Candidate
@@ -94,9 +96,15 @@ def ingest(source: Path, params: IngestParams) -> IngestResult:
         raise DataError(f"ingest.source {source}: no candidates found (no {what})")
     clips: list[dict[str, Any]] = []
     rejected: list[tuple[str, str]] = []
+    memo = ScanMemo.for_source(source)
     for candidate in tqdm(candidates, desc="ingest", unit="file", disable=None):
-        outcome = check_clip(candidate, params.min_duration)
+        outcome = check_clip(candidate, params.min_duration, memo)
         (clips if isinstance(outcome, dict) else rejected).append(outcome)
+    if memo is not None:
+        memo.save({str(c.file) for c in candidates if c.file is not None})
+        if memo.hits:
+            log.info("ingest memo: %d of %d files unchanged since they were decoded (%s)", memo.hits,
+                     len(candidates), memo.path)
     clips, duplicates = split_duplicates(clips)
     rejected = sorted(rejected + duplicates)
     _report(rejected, len(candidates), source, params)
@@ -109,21 +117,40 @@ def ingest(source: Path, params: IngestParams) -> IngestResult:
     return IngestResult(manifest, pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS)), _metrics(manifest, rejected))
 
 
-def check_clip(candidate: Candidate, min_duration: float) -> dict[str, Any] | tuple[str, str]:
-    """Decode and hash one candidate: a manifest row (without id) or ``(path, 'code: detail')``."""
+def check_clip(candidate: Candidate, min_duration: float,
+               memo: ScanMemo | None = None) -> dict[str, Any] | tuple[str, str]:
+    """Decode and hash one candidate: a manifest row (without id) or ``(path, 'code: detail')``.
+
+    ``memo``: files unchanged since an earlier ingest are taken from it instead of decoded.
+    """
     path = candidate.path
     if candidate.problem or candidate.file is None:
         return path, candidate.problem
     try:
-        mode = os.stat(candidate.file).st_mode
+        st = os.stat(candidate.file)
     except OSError as err:
         return path, f"unreadable: {err.strerror or err}"
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         return path, "unreadable: not a regular file"
-    try:
-        scan = audio.scan(candidate.file)
-    except audio.AudioReadError as err:
-        return path, f"unreadable: {err.reason}"
+    known = memo.get(str(candidate.file), st) if memo is not None else None
+    if known is not None:
+        scan, digest = known
+    else:
+        try:
+            scan = audio.scan(candidate.file)
+        except audio.AudioReadError as err:
+            return path, f"unreadable: {err.reason}"
+        digest = ""
+    outcome = _checked(candidate, scan, digest, min_duration)
+    if memo is not None and known is None:
+        memo.put(str(candidate.file), st, scan, outcome["sha256"] if isinstance(outcome, dict) else "")
+    return outcome
+
+
+def _checked(candidate: Candidate, scan: audio.AudioScan, digest: str,
+             min_duration: float) -> dict[str, Any] | tuple[str, str]:
+    """The verdict on a decoded candidate; hashes the file when it passes and ``digest`` is not known."""
+    path = candidate.path
     if scan.frames == 0:
         return path, "empty: 0 samples"
     if scan.non_finite:
@@ -132,10 +159,11 @@ def check_clip(candidate: Candidate, min_duration: float) -> dict[str, Any] | tu
         return path, "silent: all samples are zero"
     if scan.duration_s < min_duration:
         return path, f"too_short: {scan.duration_s:.4g} s < ingest.min_duration={min_duration:g}"
-    try:
-        digest = sha256_file(candidate.file)
-    except OSError as err:
-        return path, f"unreadable: {err.strerror or err}"
+    if not digest:
+        try:
+            digest = sha256_file(candidate.file)  # type: ignore[arg-type]
+        except OSError as err:
+            return path, f"unreadable: {err.strerror or err}"
     return {"path": path, "label": candidate.label, "group": candidate.group, "fold": candidate.fold,
             "duration": scan.duration_s, "sample_rate": scan.sample_rate, "channels": scan.channels,
             "sha256": digest}
