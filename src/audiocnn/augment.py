@@ -108,7 +108,7 @@ def random_range(x: "tf.Tensor", seed: "tf.Tensor", min_db: float, max_db: float
     """Floor (frames, n_mels) dB at its peak minus one range ~ U[min_db, max_db] dB.
 
     Recordings differ in how far their noise floor lies below the speech (FSDD: the 10th
-    percentile of a clip's log-mel bins is 46 dB below its peak for one speaker, 56-69 dB for
+    percentile of a clip's log-mel bins is 46 dB below its peak for one speaker, 51-69 dB for
     the others); a random floor keeps the model from telling speakers, or rooms, by it.
     """
     import tensorflow as tf
