@@ -522,6 +522,32 @@ def test_a_damaged_memo_is_ignored_and_rewritten(tmp_path, counted_scans, caplog
     assert "x.wav" in memo.read_text()  # rewritten whole
 
 
+def test_memo_entries_it_did_not_write_are_ignored(tmp_path, counted_scans):
+    source = tmp_path / "src"
+    aged(write_clip(source / "a" / "x.wav", seed=1), write_clip(source / "a" / "y.wav", seed=2))
+    first = ingest.ingest(source, make_params(source))
+    (memo,) = (tmp_path / "cache" / "ingest").glob("*.json")
+    files = json.loads(memo.read_text())["files"]
+    x, y = sorted(files)
+    files[x] = files[x][:8]  # one field short
+    files[y] = 7  # not a list
+    memo.write_text(json.dumps({"files": files}))
+    again = ingest.ingest(source, make_params(source))
+    assert sorted(counted_scans) == ["x.wav", "x.wav", "y.wav", "y.wav"] and again.manifest.equals(first.manifest)
+
+
+def test_a_hash_computed_later_is_memoized(tmp_path, counted_scans, monkeypatch):
+    source = tmp_path / "src"
+    aged(write_clip(source / "a" / "x.wav", seconds=0.05, seed=1), write_clip(source / "a" / "y.wav", seed=2))
+    ingest.ingest(source, make_params(source, max_reject_fraction=0.5))  # x too short: scanned, not hashed
+    hashed = []
+    sha = ingest.sha256_file
+    monkeypatch.setattr(ingest, "sha256_file", lambda path: hashed.append(Path(path).name) or sha(path))
+    for _ in range(2):
+        ingest.ingest(source, make_params(source, min_duration=0.01))
+    assert hashed == ["x.wav"]  # hashed once when it first passed, then taken from the memo
+
+
 def test_memo_off_with_the_cache(tmp_path, counted_scans, monkeypatch):
     monkeypatch.setenv("AUDIOCNN_CACHE_DIR", "off")
     source = tmp_path / "src"

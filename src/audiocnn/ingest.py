@@ -142,8 +142,9 @@ def check_clip(candidate: Candidate, min_duration: float,
             return path, f"unreadable: {err.reason}"
         digest = ""
     outcome = _checked(candidate, scan, digest, min_duration)
-    if memo is not None and known is None:
-        memo.put(str(candidate.file), st, scan, outcome["sha256"] if isinstance(outcome, dict) else "")
+    sha256 = outcome["sha256"] if isinstance(outcome, dict) else ""
+    if memo is not None and (known is None or sha256 != digest):  # new, or hashed only now (it passes now)
+        memo.put(str(candidate.file), st, scan, sha256)
     return outcome
 
 

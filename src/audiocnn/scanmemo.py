@@ -26,6 +26,7 @@ from audiocnn.audio import AudioScan
 log = logging.getLogger(__name__)
 
 RACY_SECONDS = 2.0  # files modified this recently are scanned but not memoized
+ENTRY_FIELDS = 9  # size, mtime_ns, inode, the 5 AudioScan fields, sha256
 
 
 class ScanMemo:
@@ -57,8 +58,9 @@ class ScanMemo:
     def get(self, file: str, st: os.stat_result) -> tuple[AudioScan, str] | None:
         """The recorded (scan, sha256) of ``file`` when its stat matches, else None."""
         entry = self.entries.get(file)
-        if not entry or entry[:3] != [st.st_size, st.st_mtime_ns, st.st_ino]:
-            return None
+        if not isinstance(entry, list) or len(entry) != ENTRY_FIELDS or entry[:3] != [st.st_size, st.st_mtime_ns,
+                                                                                       st.st_ino]:
+            return None  # unknown, changed, or an entry this code did not write
         try:
             scan = AudioScan(*entry[3:8])
         except TypeError:
