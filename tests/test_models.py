@@ -18,7 +18,7 @@ WINDOW = (101, 64, 1)  # 1.0 s at 16 kHz, hop 160, 64 mels
 
 def test_real_section_validates_and_bad_values_name_the_key(params):
     assert load_section(params, "model", ModelParams).arch == "cnn"
-    for key, value in [("arch", "resnet"), ("dropout", 1.0), ("width", 0)]:
+    for key, value in [("arch", "resnet"), ("dropout", 1.0), ("width", 0), ("lifter", -1)]:
         with pytest.raises(ParamsError, match=f"model.{key}"):
             load_section({"model": {**params["model"], key: value}}, "model", ModelParams)
 
@@ -47,8 +47,41 @@ def test_band_norm_makes_the_cnn_blind_to_a_fixed_spectral_colouring():
     banded = models.build_cnn(3, (20, 8, 1), width=8, dropout=0.0, norm_sample=sample, band_norm=True)
     np.testing.assert_allclose(banded.predict(x + colour, verbose=0), banded.predict(x, verbose=0), atol=1e-5)
     assert np.abs(plain.predict(x + colour, verbose=0) - plain.predict(x, verbose=0)).max() > 1e-4
-    assert models.build(load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": True}},
+    assert models.build(load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": True,
+                                                "lifter": 0}},
                                      "model", ModelParams), 3, (20, 8, 1), sample).get_layer("band_mean")
+
+
+def test_lifter_keeps_the_spectral_envelope_and_drops_the_harmonic_ripple():
+    """lifter_matrix: a smooth frame passes, a fast ripple across the mel axis (pitch harmonics) is removed."""
+    n_mels, keep = 40, 12
+    smooth = models.lifter_matrix(n_mels, keep)
+    bands = np.arange(n_mels)
+    envelope = -40.0 + 15.0 * np.cos(np.pi * 2 * (bands + 0.5) / n_mels)  # DCT coefficient 2: kept
+    ripple = 6.0 * np.cos(np.pi * 30 * (bands + 0.5) / n_mels)  # DCT coefficient 30: dropped
+    np.testing.assert_allclose(envelope @ smooth, envelope, atol=1e-4)
+    np.testing.assert_allclose((envelope + ripple) @ smooth, envelope, atol=1e-4)
+    np.testing.assert_allclose(smooth, smooth.T, atol=1e-6)
+    np.testing.assert_allclose(models.lifter_matrix(n_mels, n_mels), np.eye(n_mels), atol=1e-5)
+
+
+def test_lifter_in_the_cnn_is_fixed_and_makes_it_blind_to_the_ripple(tmp_path):
+    import keras
+
+    rng = np.random.default_rng(5)
+    sample = rng.normal(-50, 10, (4, 20, 16)).astype(np.float32)
+    x = rng.normal(-50, 10, (3, 20, 16, 1)).astype(np.float32)
+    ripple = (6.0 * np.cos(np.pi * 14 * (np.arange(16) + 0.5) / 16)).reshape(1, 1, 16, 1).astype(np.float32)
+    params = load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": False, "lifter": 6}},
+                          "model", ModelParams)
+    model = models.build(params, 3, (20, 16, 1), sample)
+    np.testing.assert_allclose(model.predict(x + ripple, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    assert not model.get_layer("lifter").trainable
+    plain = models.build(ModelParams("cnn", 8, 0.0, False, 0), 3, (20, 16, 1), sample)
+    assert "lifter" not in {layer.name for layer in plain.layers}  # 0: off
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(loaded.get_layer("lifter").get_weights()[0], models.lifter_matrix(16, 6))
 
 
 def test_cnn_normalization_is_adapted_per_mel_inside_the_model():
@@ -68,7 +101,7 @@ def test_cnn_accepts_small_inputs():
 
 
 def test_seed_is_the_notebook_network():
-    model = models.build(ModelParams(arch="seed", width=32, dropout=0.3, band_norm=False), 10, (224, 224, 3))
+    model = models.build(ModelParams(arch="seed", width=32, dropout=0.3, band_norm=False, lifter=0), 10, (224, 224, 3))
     stack = [(type(layer).__name__, getattr(layer, "filters", None) or getattr(layer, "units", None))
              for layer in model.layers[1:]]
     assert stack == [("Conv2D", 32), ("MaxPooling2D", None), ("Conv2D", 128), ("MaxPooling2D", None),

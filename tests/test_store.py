@@ -78,19 +78,19 @@ def test_npy_size_is_the_written_size(shape):
     assert store.npy_size(shape) == len(store.npy_bytes(np.zeros(shape, np.float32)))
 
 
-def test_link_to_checks_size_and_ending_without_reading_the_whole_entry(tmp_path):
+def test_place_unread_checks_size_and_ending_without_reading_the_whole_entry(tmp_path):
     cache = store.ClipCache(tmp_path / "c", "stage", {})
     cache.prepare()
     key = hashlib.sha256(b"clip").hexdigest()
-    assert not cache.link_to(key, ".bin", str(tmp_path / "none"))  # a miss
+    assert not cache.place_unread(key, ".bin", str(tmp_path / "none"))  # a miss
     cache.put(key, ".bin", b"payload-END")
-    assert cache.link_to(key, ".bin", str(tmp_path / "a"), size=11, tail=b"END")
+    assert cache.place_unread(key, ".bin", str(tmp_path / "a"), size=11, tail=b"END")
     assert os.path.samefile(tmp_path / "a", cache.path(key, ".bin"))
-    assert not cache.link_to(key, ".bin", str(tmp_path / "b"), tail=b"XYZ")  # damaged: discarded
+    assert not cache.place_unread(key, ".bin", str(tmp_path / "b"), tail=b"XYZ")  # damaged: discarded
     assert not (tmp_path / "b").exists() and cache.get(key, ".bin") is None
     assert (tmp_path / "a").read_bytes() == b"payload-END"  # the output linked before stays whole
     cache.put(key, ".bin", b"payload-END")
-    assert not cache.link_to(key, ".bin", str(tmp_path / "c"), size=12)
+    assert not cache.place_unread(key, ".bin", str(tmp_path / "c"), size=12)
     assert cache.get(key, ".bin") is None
 
 
@@ -111,7 +111,7 @@ def test_cache_put_get_link_and_settings_hash(tmp_path):
     cache.put(key, ".npy", b"result", written=str(out))
     assert cache.get(key, ".npy") == b"result"
     assert os.path.samefile(cache.path(key, ".npy"), out)  # a hard link, not a second copy
-    cache.copy_to(key, ".npy", str(tmp_path / "again.npy"), b"result")
+    cache.place_read(key, ".npy", str(tmp_path / "again.npy"), b"result")
     assert (tmp_path / "again.npy").read_bytes() == b"result"
     assert store.ClipCache(tmp_path / "c", "stage", {"a": 2}).dir != cache.dir
     assert store.ClipCache(tmp_path / "c", "stage", {"a": 1}).dir == cache.dir

@@ -147,10 +147,11 @@ def random_noise(x: "tf.Tensor", label: "tf.Tensor", noise: "tf.Tensor", seed: "
 
 
 def augment_window(x: "tf.Tensor", label: "tf.Tensor", noise: "tf.Tensor | None", seed: "tf.Tensor",
-                   p: AugmentParams, noise_label: int = -1, top_db: float = 0.0) -> "tf.Tensor":
+                   p: AugmentParams, top_db: float, noise_label: int = -1) -> "tf.Tensor":
     """One training window (frames, n_mels) dB: frequency warp, noise mixing, random range, gain, then masks.
 
-    ``top_db``: the features' dynamic range (spectrogram.top_db), the upper end of ``dynamic_range_db``'s draw.
+    ``top_db``: the features' dynamic range (spectrogram.top_db), the upper end of ``dynamic_range_db``'s
+    draw; ``window_transform`` has checked that it lies above ``dynamic_range_db``.
     """
     import tensorflow as tf
 
@@ -160,8 +161,7 @@ def augment_window(x: "tf.Tensor", label: "tf.Tensor", noise: "tf.Tensor | None"
     if noise is not None and p.noise_prob > 0:
         x = random_noise(x, label, noise, noise_seed, p, noise_label)
     if p.dynamic_range_db > 0:
-        x = random_range(x, tf.random.experimental.stateless_fold_in(seed, RANGE_STREAM), p.dynamic_range_db,
-                         max(top_db, p.dynamic_range_db))
+        x = random_range(x, tf.random.experimental.stateless_fold_in(seed, RANGE_STREAM), p.dynamic_range_db, top_db)
     if p.gain_db > 0:
         x = random_gain(x, gain_seed, p.gain_db)
     return spec_augment(x, mask_seed, p)
@@ -216,7 +216,7 @@ def window_transform(p: AugmentParams, frames: int, n_mels: int, top_db: float, 
         if p.time_stretch > 0:
             x = stretch(x, tf.random.experimental.stateless_fold_in(seed, STRETCH_STREAM), p.time_stretch, axis=0)
         x = data.crop_tf(x, frames, top_db, crop_seed, p.time_shift)  # (frames, n_mels) dB
-        x = augment_window(x, label, noise[0] if noise else None, aug_seed, p, noise_label, top_db)
+        x = augment_window(x, label, noise[0] if noise else None, aug_seed, p, top_db, noise_label)
         return x[..., tf.newaxis], tf.one_hot(label, n_classes), weight  # (frames, n_mels, 1)
 
     return transform

@@ -34,10 +34,12 @@ class ModelParams:
     width: int  # filters in the first block (cnn); doubles per block
     dropout: float  # before the classifier
     band_norm: bool  # cnn: subtract each mel band's mean over the window (removes a microphone's colouring)
+    lifter: int  # cnn: keep each frame's first `lifter` cepstral coefficients (spectral envelope); 0 = off
 
     def __post_init__(self) -> None:
         check(4 <= self.width <= 512, "width", self.width, "must be within 4..512")
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        check(self.lifter >= 0, "lifter", self.lifter, "must be >= 0 (0 = off)")
 
 
 def model_input(arch: str, row: Mapping[str, str], *, features_dir: str | Path, images_dir: str | Path,
@@ -64,12 +66,28 @@ def build(params: ModelParams, n_classes: int, input_shape: tuple[int, ...],
     Normalization layer uses; without it, adapt ``model.get_layer("normalize")`` before training.
     """
     if params.arch == "cnn":
-        return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample, params.band_norm)
+        return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample, params.band_norm,
+                         params.lifter)
     return build_seed(n_classes, input_shape)
 
 
+def lifter_matrix(n_mels: int, keep: int) -> np.ndarray:
+    """(n_mels, n_mels) float32 S: ``frame @ S`` keeps a log-mel frame's first ``keep`` DCT-II coefficients.
+
+    The low cepstral coefficients are the spectral envelope (formants: what is said); the high
+    ones hold the fine structure (pitch harmonics: who says it). S = D.T diag(mask) D with the
+    orthonormal DCT-II D, so S is symmetric and ``keep >= n_mels`` gives the identity.
+    """
+    k = np.arange(n_mels)[:, np.newaxis]  # (n_mels, 1) coefficient
+    n = np.arange(n_mels)[np.newaxis, :]  # (1, n_mels) mel band
+    dct = np.sqrt(2.0 / n_mels) * np.cos(np.pi * k * (2 * n + 1) / (2 * n_mels))  # (coefficient, band)
+    dct[0] /= np.sqrt(2.0)
+    mask = (np.arange(n_mels) < keep).astype(np.float64)
+    return (dct.T @ (mask[:, np.newaxis] * dct)).astype(np.float32)
+
+
 def build_cnn(n_classes: int, input_shape: tuple[int, ...], width: int, dropout: float,
-              norm_sample: np.ndarray | None = None, band_norm: bool = False) -> "keras.Model":
+              norm_sample: np.ndarray | None = None, band_norm: bool = False, lifter: int = 0) -> "keras.Model":
     """Compact log-mel CNN: (batch, frames, n_mels, 1) dB -> (batch, n_classes) probabilities.
 
     ``band_norm``: after the global per-band normalization, subtract each band's mean over the
@@ -77,10 +95,18 @@ def build_cnn(n_classes: int, input_shape: tuple[int, ...], width: int, dropout:
     one microphone's response or one room's, is removed before the network sees it. Built from
     stock layers (average pooling over time, a broadcast subtraction): safe-mode loading and
     TFLite conversion need nothing custom.
+
+    ``lifter`` > 0: first, each frame's log-mel spectrum is smoothed to its first ``lifter``
+    cepstral coefficients (``lifter_matrix``, a fixed matrix product), as MFCC front ends do
+    for speaker-independent speech recognition; the normalization is then of smoothed frames.
     """
     import keras
     from keras import layers
 
+    frames, n_mels = input_shape[0], input_shape[1]
+    smooth = lifter_matrix(n_mels, lifter) if 0 < lifter < n_mels else None
+    if norm_sample is not None and smooth is not None:
+        norm_sample = norm_sample @ smooth  # (n, frames, n_mels) dB, smoothed
     if norm_sample is not None:
         mean = norm_sample.mean(axis=(0, 1))  # (n_mels,)
         variance = np.maximum(norm_sample.var(axis=(0, 1)), 1e-6)
@@ -94,9 +120,16 @@ def build_cnn(n_classes: int, input_shape: tuple[int, ...], width: int, dropout:
         return layers.ReLU(name=f"{name}_relu")(x)
 
     inputs = keras.Input(shape=input_shape, name="logmel")  # (batch, frames, n_mels, 1) dB
-    x = norm(inputs)
+    x = inputs
+    if smooth is not None:
+        x = layers.Reshape((frames, n_mels), name="frames")(x)
+        lifter_layer = layers.Dense(n_mels, use_bias=False, trainable=False, name="lifter")
+        x = lifter_layer(x)  # (batch, frames, n_mels) dB; kernel set to ``smooth`` below
+        lifter_layer.set_weights([smooth])
+        x = layers.Reshape((frames, n_mels, 1), name="smoothed")(x)
+    x = norm(x)
     if band_norm:
-        band_mean = layers.AveragePooling2D(pool_size=(input_shape[0], 1), name="band_mean")(x)  # (batch, 1, n_mels, 1)
+        band_mean = layers.AveragePooling2D(pool_size=(frames, 1), name="band_mean")(x)  # (batch, 1, n_mels, 1)
         x = layers.Subtract(name="minus_band_mean")([x, band_mean])
     x = conv(x, width // 2, strides=2, name="stem")  # (batch, frames/2, n_mels/2, w/2)
     x = conv(x, width, name="b1")

@@ -199,7 +199,7 @@ def _clip_task(record: Mapping[str, str], source: Path, clips_dir: str, sample_r
         if cacheable:
             cache.put(key, ".npy", data, written=out_path)  # type: ignore[union-attr]
     else:
-        cache.copy_to(key, ".npy", out_path, data)  # type: ignore[union-attr,arg-type]
+        cache.place_read(key, ".npy", out_path, data)  # type: ignore[union-attr,arg-type]
     return int(mono.size), is_silent(mono), hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
 
 

@@ -134,9 +134,9 @@ def _clip_task(record: Mapping[str, str], clips_dir: str, features_dir: str, ima
         if cache is not None:
             cache.put(key, ".npy", db_bytes, written=feature_path)
     else:
-        cache.copy_to(key, ".npy", feature_path, db_bytes)  # type: ignore[union-attr]
+        cache.place_read(key, ".npy", feature_path, db_bytes)  # type: ignore[union-attr]
         if params.images and png is not None:
-            cache.copy_to(key, png_suffix, image_path, png)  # type: ignore[union-attr]
+            cache.place_read(key, png_suffix, image_path, png)  # type: ignore[union-attr]
             return expected_frames(mono.size, params), image
         if params.images:  # features cached, image not (yet): render it from the features
             png = images.png_bytes(images.render(store.npy_array(db_bytes, key), params.top_db, params.image_size))
@@ -179,12 +179,12 @@ def _linked_from_cache(record: Mapping[str, str], cache: store.ClipCache, featur
         return None
     frames = expected_frames(samples, params)
     feature_path = os.path.join(features_dir, f"{record['id']}.npy")
-    if not cache.link_to(key, ".npy", feature_path, size=store.npy_size((frames, params.n_mels))):
+    if not cache.place_unread(key, ".npy", feature_path, size=store.npy_size((frames, params.n_mels))):
         return None
     if not params.images:
         return frames, ""
     image = f"{slugs[record['label']]}/{record['id']}.png"
-    if not cache.link_to(key, f".{params.image_size}px.png", os.path.join(images_dir, image), tail=images.PNG_END):
+    if not cache.place_unread(key, f".{params.image_size}px.png", os.path.join(images_dir, image), tail=images.PNG_END):
         os.unlink(feature_path)  # the worker links it again and renders the image from it
         return None
     return frames, image

@@ -224,15 +224,15 @@ class ClipCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
-    def copy_to(self, key: str, suffix: str, dest: str, data: bytes) -> None:
-        """Put the entry (whose bytes, already validated, are ``data``) at ``dest``: a hard link, else a copy."""
+    def place_read(self, key: str, suffix: str, dest: str, data: bytes) -> None:
+        """Put an entry that was read and validated (its bytes are ``data``) at ``dest``: a hard link, else ``data`` written."""
         try:
             os.link(self.path(key, suffix), dest)
         except OSError:
             write_bytes(dest, data)
 
-    def link_to(self, key: str, suffix: str, dest: str, size: int | None = None, tail: bytes = b"") -> bool:
-        """Put the entry at ``dest`` without reading it (a hard link, else a copy); False when there is none.
+    def place_unread(self, key: str, suffix: str, dest: str, size: int | None = None, tail: bytes = b"") -> bool:
+        """Put an entry at ``dest`` without reading it (a hard link, else a file copy); False when there is none.
 
         The cheap check of a hit that is not read: an entry whose size is not ``size`` or that
         does not end with ``tail`` is discarded (False). Entries are written whole (link or
