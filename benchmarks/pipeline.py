@@ -1,12 +1,15 @@
 """Run the DVC pipeline for dataset configs in a temporary workspace and tabulate the results.
 
-    python benchmarks/pipeline.py CONFIG [CONFIG ...] [--runs NAME,...] [--out DIR] [--keep]
+    python benchmarks/pipeline.py CONFIG [CONFIG ...] [--runs NAME,...] [--seeds N,...] [--out DIR] [--keep]
 
 A config (benchmarks/configs/*.yaml) names a benchmark and deep-merges ``overrides`` into the
 repo's params.yaml; its optional ``runs`` are variants (each with its own ``overrides``, e.g. the
 folds of leave-one-speaker-out, or another architecture) run one after another in the same
 workspace, so DVC recomputes only the stages a variant changes; ``summary: true`` adds the mean
-and standard deviation of the runs' test metrics (cross-validation folds). A relative
+and standard deviation of the runs' test metrics (cross-validation folds) and the mean best
+validation accuracy. ``--seeds`` repeats every run once per ``train.seed`` (runs ``NAME/seedN``):
+on a few speakers one seed's validation accuracy moves by several points, so settings are
+compared on the mean over seeds. A relative
 ``ingest.source`` is resolved against the repo root unless a pipeline stage makes it (the demo
 set); the demo stage runs only when ingest reads its output. Each stage runs as its own
 ``dvc repro --single-item``, timed, with its peak resident memory from wait4(). The workspace is
@@ -149,13 +152,16 @@ def export_cell(figures: dict[str, Any] | None) -> str:
 
 
 def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Mean and population std of the runs' test accuracy and macro-F1; mean and max training seconds."""
+    """Mean and population std of the runs' test accuracy and macro-F1, their mean best validation
+    accuracy (None when a run has none: the seed arch's fold without validation), mean and max training seconds."""
     acc, f1 = [r["accuracy"] for r in runs.values()], [r["macro_f1"] for r in runs.values()]
     seconds = [r["train_seconds"] or 0.0 for r in runs.values()]
+    val = [r.get("best_val_accuracy") for r in runs.values()]
     return {"runs": len(acc), "accuracy_mean": round(statistics.mean(acc), 6),
             "accuracy_std": round(statistics.pstdev(acc), 6), "macro_f1_mean": round(statistics.mean(f1), 6),
-            "macro_f1_std": round(statistics.pstdev(f1), 6), "train_seconds_mean": round(statistics.mean(seconds), 1),
-            "train_seconds_max": round(max(seconds), 1)}
+            "macro_f1_std": round(statistics.pstdev(f1), 6),
+            "best_val_accuracy_mean": round(statistics.mean(val), 6) if None not in val else None,
+            "train_seconds_mean": round(statistics.mean(seconds), 1), "train_seconds_max": round(max(seconds), 1)}
 
 
 def markdown(results: dict[str, Any], command: str) -> list[str]:
@@ -164,15 +170,16 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
     if results.get("description"):
         lines[1:1] = ["", results["description"].strip()]
     stage_names = [s for s in STAGES if any(s in r["stages"] for r in results["runs"].values())]
-    columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "train samples/s", "train s",
+    columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "best val accuracy", "train samples/s", "train s",
                *(f"{s} s" for s in stage_names), "export: agreement / mean abs dp / int8 accuracy", "peak MiB",
                "load 1 min (start/end)"]
     rows = []
     for name, r in results["runs"].items():
         cells = [f"{r['stages'][s]['seconds']:.1f}" + ("" if r["stages"][s]["ran"] else "*") if s in r["stages"]
                  else "-" for s in stage_names]
+        best_val = r.get("best_val_accuracy")
         rows.append([name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", r["test_clips"], r["epochs_run"],
-                     f"{r['samples_per_second'] or 0:.0f}", f"{r['train_seconds'] or 0:.0f}", *cells,
+                     "-" if best_val is None else f"{best_val:.4f}", f"{r['samples_per_second'] or 0:.0f}", f"{r['train_seconds'] or 0:.0f}", *cells,
                      export_cell(r.get("export")), f"{r['peak_rss_mib']:.0f}", "{:.1f} / {:.1f}".format(*r["load_1min"])])
     lines += common.table(columns, rows)
     if "summary" in results:
@@ -180,6 +187,8 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
         lines += ["", f"Mean test accuracy over {s['runs']} runs: **{s['accuracy_mean']:.4f}** "
                   f"(std {s['accuracy_std']:.4f}); macro-F1 {s['macro_f1_mean']:.4f} (std {s['macro_f1_std']:.4f}); "
                   f"training {s['train_seconds_mean']:.0f} s per run on average, at most {s['train_seconds_max']:.0f} s."]
+        if s.get("best_val_accuracy_mean") is not None:
+            lines += ["", f"Mean best validation accuracy over {s['runs']} runs: {s['best_val_accuracy_mean']:.4f}."]
     lines += ["", f"Total wall time {results['wall_seconds'] / 60:.1f} min. `*`: stage up to date (DVC skipped it; "
               "the time is DVC's check). `train s`: the fit itself; the train stage column adds start-up and writing. "
               "Export: the exported float model's top-1 agreement with evaluate, its mean absolute probability "
@@ -187,8 +196,10 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
     return lines
 
 
-def run_config(path: Path, wanted: set[str], out: Path, keep: bool, command: str) -> list[str]:
-    """Every (wanted) run of one config in one fresh workspace; writes and returns its Markdown."""
+def run_config(path: Path, wanted: set[str], out: Path, keep: bool, command: str,
+               seeds: list[int] | None = None) -> list[str]:
+    """Every (wanted) run of one config, once per seed of ``seeds`` (default: once, the configured seed),
+    in one fresh workspace; writes and returns its Markdown."""
     config = read_config(path)
     name, base = config["name"], base_params(config)
     variants = [v for v in config["runs"] if not wanted or v["name"] in wanted]
@@ -203,10 +214,14 @@ def run_config(path: Path, wanted: set[str], out: Path, keep: bool, command: str
     try:
         make_workspace(workspace, base)
         for variant in variants:
-            print(f"[{name}] run {variant['name']}", file=sys.stderr, flush=True)
-            params = deep_merge(base, variant.get("overrides") or {})
-            results["runs"][variant["name"]] = run_variant(workspace, params, env)
-            results["params"][variant["name"]] = params
+            for seed in seeds or [None]:
+                run_name = variant["name"] if seed is None else f"{variant['name']}/seed{seed}"
+                print(f"[{name}] run {run_name}", file=sys.stderr, flush=True)
+                params = deep_merge(base, variant.get("overrides") or {})
+                if seed is not None:
+                    params = deep_merge(params, {"train": {"seed": seed}})
+                results["runs"][run_name] = run_variant(workspace, params, env)
+                results["params"][run_name] = params
     finally:
         if keep:
             print(f"[{name}] workspace kept: {workspace}", file=sys.stderr)
@@ -227,11 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="", help="comma-separated subset of the configs' runs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                         help="results go to OUT/<config name>/ (default benchmarks/results)")
+    parser.add_argument("--seeds", default="", help="comma-separated train.seed values: every run once per seed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary workspaces")
     args = parser.parse_args(argv)
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     command = " ".join(["python", "benchmarks/pipeline.py", *(sys.argv[1:] if argv is None else argv)])
     wanted = {name for name in args.runs.split(",") if name}
-    ran = [run_config(path, wanted, args.out, args.keep, command) for path in args.configs]
+    ran = [run_config(path, wanted, args.out, args.keep, command, seeds) for path in args.configs]
     if not any(ran):
         raise SystemExit(f"no run named {args.runs!r} in {', '.join(map(str, args.configs))}")
     return 0

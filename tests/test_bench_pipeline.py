@@ -63,18 +63,22 @@ def test_read_config_rejects_unknown_keys_and_duplicate_runs(tmp_path):
 
 
 def test_summary_and_markdown():
-    row = {"accuracy": 0.9, "macro_f1": 0.8, "test_clips": 10, "epochs_run": 3, "samples_per_second": 500.0,
+    row = {"accuracy": 0.9, "macro_f1": 0.8, "test_clips": 10, "epochs_run": 3, "best_val_accuracy": 0.85,
+           "samples_per_second": 500.0,
            "train_seconds": 60.0, "peak_rss_mib": 900.0, "load_1min": [1.0, 2.0],
            "stages": {"split": {"seconds": 1.0, "ran": True}, "train": {"seconds": 70.0, "ran": False}}}
     exported = {"top1_agreement": 1.0, "mean_abs_diff": 2.6e-6, "int8_accuracy": 0.98}
-    runs = {"a": row, "b": {**row, "accuracy": 1.0, "train_seconds": 100.0, "export": exported}}
+    runs = {"a": row, "b": {**row, "accuracy": 1.0, "best_val_accuracy": 0.95, "train_seconds": 100.0, "export": exported}}
     summary = pipeline.summarize(runs)
     assert summary["accuracy_mean"] == pytest.approx(0.95) and summary["accuracy_std"] == pytest.approx(0.05)
+    assert summary["best_val_accuracy_mean"] == pytest.approx(0.9)
+    assert pipeline.summarize({"a": row, "b": {**row, "best_val_accuracy": None}})["best_val_accuracy_mean"] is None
     assert summary["train_seconds_max"] == 100.0
     results = {"name": "t", "description": "About t.", "runs": runs, "summary": summary, "wall_seconds": 90,
                "machine": {"cores": 2, "cpu": "CPU", "python": "3", "load_average": [1, 1, 1], "date": "today"}}
     text = "\n".join(pipeline.markdown(results, "python benchmarks/pipeline.py t.yaml"))
-    assert "| a | 0.9000 | 0.8000 | 10 | 3 | 500 | 60 | 1.0 | 70.0* | - | 900 | 1.0 / 2.0 |" in text
+    assert "| a | 0.9000 | 0.8000 | 10 | 3 | 0.8500 | 500 | 60 | 1.0 | 70.0* | - | 900 | 1.0 / 2.0 |" in text
+    assert "Mean best validation accuracy over 2 runs: 0.9000." in text
     assert "| 1.000 / 2.6e-06 / 0.9800 |" in text
     assert "**0.9500** (std 0.0500)" in text and "About t." in text and "`python benchmarks/pipeline.py t.yaml`" in text
 
@@ -113,3 +117,27 @@ def test_tiny_fsdd_run_end_to_end(tmp_path):
     markdown = (out / "tiny" / "results.md").read_text()
     assert markdown.startswith("### tiny") and "| cnn |" in markdown and "| seed |" in markdown
     assert not list(Path(FSDD).parent.glob("*.dvc"))  # nothing written next to the dataset
+
+
+def test_seeds_repeat_every_run_once_per_train_seed(tmp_path, monkeypatch):
+    """--seeds N,M: runs NAME/seedN and NAME/seedM with train.seed set, the summary over all of them."""
+    seen = []
+
+    def fake_run(root, params, env):
+        seen.append(params["train"]["seed"])
+        return {"accuracy": 0.5 + params["train"]["seed"] / 10, "macro_f1": 0.5, "test_clips": 1, "epochs_run": 1,
+                "best_val_accuracy": 0.6, "samples_per_second": 1.0, "train_seconds": 1.0, "peak_rss_mib": 1.0,
+                "load_1min": [0.0, 0.0], "stages": {}}
+
+    monkeypatch.setattr(pipeline, "make_workspace", lambda root, params: root)
+    monkeypatch.setattr(pipeline, "run_variant", fake_run)
+    config = write_config(tmp_path / "s.yaml", {"name": "s", "summary": True, "overrides": {"ingest": {"source": "/x"}},
+                                                "runs": [{"name": "a"}, {"name": "b"}]})
+    assert pipeline.main([str(config), "--out", str(tmp_path / "out"), "--seeds", "1,3"]) == 0
+    results = json.loads((tmp_path / "out" / "s" / "results.json").read_text())
+    assert list(results["runs"]) == ["a/seed1", "a/seed3", "b/seed1", "b/seed3"] and seen == [1, 3, 1, 3]
+    assert results["params"]["b/seed3"]["train"]["seed"] == 3
+    assert results["summary"]["accuracy_mean"] == pytest.approx(0.7)
+    assert results["summary"]["best_val_accuracy_mean"] == pytest.approx(0.6)
+    with pytest.raises(SystemExit, match="--seeds"):
+        pipeline.main([str(config), "--out", str(tmp_path / "out"), "--seeds", "1,x"])
