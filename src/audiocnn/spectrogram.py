@@ -234,8 +234,6 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
         cache.prepare()
     slugs = {label: images.label_slug(label) for label in sorted(set(index["label"]))}
     log_mel(np.zeros(params.n_fft, np.float32), audio.sample_rate, params)  # filterbank, before workers fork
-    if params.images:
-        images.magma_lut()
     gallery_bytes: list[bytes] = []
     draw_gallery = functools.partial(_gallery, index, normalized / "clips", audio, params, cache, gallery_bytes)
     # folders built under temporary names, renamed when complete (images first, then features with index.csv)
@@ -252,6 +250,8 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
         if len(missed) < len(records):
             log.info("feature cache: %d of %d clips cached, computing %d", len(records) - len(missed),
                      len(records), len(missed))
+        if params.images and missed:
+            images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
         work = functools.partial(_clip_task, clips_dir=str(normalized / "clips"), features_dir=str(features_tmp),
                                  images_dir=str(images_tmp), sample_rate=audio.sample_rate, params=params,
                                  slugs=slugs, cache=cache)
