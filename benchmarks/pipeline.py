@@ -179,7 +179,8 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
                  else "-" for s in stage_names]
         best_val = r.get("best_val_accuracy")
         rows.append([name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", r["test_clips"], r["epochs_run"],
-                     "-" if best_val is None else f"{best_val:.4f}", f"{r['samples_per_second'] or 0:.0f}", f"{r['train_seconds'] or 0:.0f}", *cells,
+                     "-" if best_val is None else f"{best_val:.4f}", f"{r['samples_per_second'] or 0:.0f}",
+                     f"{r['train_seconds'] or 0:.0f}", *cells,
                      export_cell(r.get("export")), f"{r['peak_rss_mib']:.0f}", "{:.1f} / {:.1f}".format(*r["load_1min"])])
     lines += common.table(columns, rows)
     if "summary" in results:

@@ -68,7 +68,8 @@ def test_summary_and_markdown():
            "train_seconds": 60.0, "peak_rss_mib": 900.0, "load_1min": [1.0, 2.0],
            "stages": {"split": {"seconds": 1.0, "ran": True}, "train": {"seconds": 70.0, "ran": False}}}
     exported = {"top1_agreement": 1.0, "mean_abs_diff": 2.6e-6, "int8_accuracy": 0.98}
-    runs = {"a": row, "b": {**row, "accuracy": 1.0, "best_val_accuracy": 0.95, "train_seconds": 100.0, "export": exported}}
+    runs = {"a": row, "b": {**row, "accuracy": 1.0, "best_val_accuracy": 0.95, "train_seconds": 100.0,
+                            "export": exported}}
     summary = pipeline.summarize(runs)
     assert summary["accuracy_mean"] == pytest.approx(0.95) and summary["accuracy_std"] == pytest.approx(0.05)
     assert summary["best_val_accuracy_mean"] == pytest.approx(0.9)

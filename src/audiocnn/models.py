@@ -78,10 +78,9 @@ def lifter_matrix(n_mels: int, keep: int) -> np.ndarray:
     ones hold the fine structure (pitch harmonics: who says it). S = D.T diag(mask) D with the
     orthonormal DCT-II D, so S is symmetric and ``keep >= n_mels`` gives the identity.
     """
-    k = np.arange(n_mels)[:, np.newaxis]  # (n_mels, 1) coefficient
-    n = np.arange(n_mels)[np.newaxis, :]  # (1, n_mels) mel band
-    dct = np.sqrt(2.0 / n_mels) * np.cos(np.pi * k * (2 * n + 1) / (2 * n_mels))  # (coefficient, band)
-    dct[0] /= np.sqrt(2.0)
+    from scipy.fft import dct as dct_ii
+
+    dct = dct_ii(np.eye(n_mels), type=2, norm="ortho", axis=0)  # (coefficient, band), orthonormal
     mask = (np.arange(n_mels) < keep).astype(np.float64)
     return (dct.T @ (mask[:, np.newaxis] * dct)).astype(np.float32)
 

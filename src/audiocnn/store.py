@@ -225,7 +225,7 @@ class ClipCache:
                 os.unlink(tmp)
 
     def place_read(self, key: str, suffix: str, dest: str, data: bytes) -> None:
-        """Put an entry that was read and validated (its bytes are ``data``) at ``dest``: a hard link, else ``data`` written."""
+        """Put an entry that was read and validated (its bytes are ``data``) at ``dest``: a hard link, else written."""
         try:
             os.link(self.path(key, suffix), dest)
         except OSError:
