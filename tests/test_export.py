@@ -235,3 +235,23 @@ def test_export_end_to_end_then_predict_with_tflite(tmp_path, capsys):
               str(tmp_path / "normalize"), "--features", str(tmp_path / "features"), "--split",
               str(tmp_path / "split"), "--out", str(tmp_path / "failed"), "--metrics", str(tmp_path / "failed.json")])
     assert not (tmp_path / "failed").exists() and not (tmp_path / "failed.json").exists()
+
+
+def test_an_ensemble_exports_like_one_network(tmp_path):
+    """model.members > 1 saves one Keras model (nested networks, Average): the float TFLite matches it."""
+    from audiocnn import models
+    from audiocnn.spectrogram import log_mel
+
+    pre = preprocess()
+    rng = np.random.default_rng(4)
+    norm = rng.normal(-40.0, 12.0, (4, pre.window_frames, pre.spectrogram.n_mels)).astype(np.float32)
+    params = models.ModelParams("cnn", 8, 0.1, True, 0, 2)
+    classifier = models.build(params, 3, (pre.window_frames, pre.spectrogram.n_mels, 1), norm)
+    wave_model, _ = frontend.waveform_models(classifier, pre)
+    wave_model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
+    runner = TFLiteRunner(export.to_tflite(tmp_path / "saved"))
+    windows = (rng.normal(size=(2, pre.window_samples)) * 0.1).astype(np.float32)
+    segments = np.stack([predict.waveform_segment(w, 0, pre) for w in windows])
+    pipeline = classifier.predict(np.stack([log_mel(w, SAMPLE_RATE, pre.spectrogram) for w in windows])[..., None],
+                                  verbose=0)
+    np.testing.assert_allclose(runner(segments), pipeline, atol=1e-5)

@@ -18,7 +18,7 @@ WINDOW = (101, 64, 1)  # 1.0 s at 16 kHz, hop 160, 64 mels
 
 def test_real_section_validates_and_bad_values_name_the_key(params):
     assert load_section(params, "model", ModelParams).arch == "cnn"
-    for key, value in [("arch", "resnet"), ("dropout", 1.0), ("width", 0), ("lifter", -1)]:
+    for key, value in [("arch", "resnet"), ("dropout", 1.0), ("width", 0), ("lifter", -1), ("members", 0)]:
         with pytest.raises(ParamsError, match=f"model.{key}"):
             load_section({"model": {**params["model"], key: value}}, "model", ModelParams)
 
@@ -72,12 +72,13 @@ def test_lifter_in_the_cnn_is_fixed_and_makes_it_blind_to_the_ripple(tmp_path):
     sample = rng.normal(-50, 10, (4, 20, 16)).astype(np.float32)
     x = rng.normal(-50, 10, (3, 20, 16, 1)).astype(np.float32)
     ripple = (6.0 * np.cos(np.pi * 14 * (np.arange(16) + 0.5) / 16)).reshape(1, 1, 16, 1).astype(np.float32)
-    params = load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": False, "lifter": 6}},
+    params = load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": False, "lifter": 6,
+                                    "members": 1}},
                           "model", ModelParams)
     model = models.build(params, 3, (20, 16, 1), sample)
     np.testing.assert_allclose(model.predict(x + ripple, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     assert not model.get_layer("lifter").trainable
-    plain = models.build(ModelParams("cnn", 8, 0.0, False, 0), 3, (20, 16, 1), sample)
+    plain = models.build(ModelParams("cnn", 8, 0.0, False, 0, 1), 3, (20, 16, 1), sample)
     assert "lifter" not in {layer.name for layer in plain.layers}  # 0: off
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
@@ -101,7 +102,7 @@ def test_cnn_accepts_small_inputs():
 
 
 def test_seed_is_the_notebook_network():
-    model = models.build(ModelParams(arch="seed", width=32, dropout=0.3, band_norm=False, lifter=0), 10, (224, 224, 3))
+    model = models.build(ModelParams(arch="seed", width=32, dropout=0.3, band_norm=False, lifter=0, members=1), 10, (224, 224, 3))
     stack = [(type(layer).__name__, getattr(layer, "filters", None) or getattr(layer, "units", None))
              for layer in model.layers[1:]]
     assert stack == [("Conv2D", 32), ("MaxPooling2D", None), ("Conv2D", 128), ("MaxPooling2D", None),
@@ -124,3 +125,27 @@ def test_model_input_per_arch(tmp_path):
     image = model_input("seed", row, features_dir=tmp_path, images_dir=tmp_path / "img", window_frames=101,
                         hop_frames=50, top_db=80.0)
     assert image.shape == (1, 224, 224, 3) and image.max() == 1.0
+
+
+def test_members_average_their_own_networks_and_reload(tmp_path):
+    import keras
+
+    rng = np.random.default_rng(3)
+    sample = rng.normal(-50, 10, (4, 20, 16)).astype(np.float32)
+    x = rng.normal(-50, 10, (5, 20, 16, 1)).astype(np.float32)
+    single = models.build(ModelParams("cnn", 8, 0.0, False, 0, 1), 3, (20, 16, 1), sample)
+    assert models.member_outputs(single) is single  # one network: trained as it is saved
+    model = models.build(ModelParams("cnn", 8, 0.0, True, 0, 3), 3, (20, 16, 1), sample)
+    assert model.count_params() == 3 * single.count_params() and model.output_shape == (None, 3)
+    nets = [model.get_layer(f"member{i}") for i in range(3)]
+    first_kernels = [net.get_layer("stem_conv").get_weights()[0] for net in nets]
+    assert not np.allclose(first_kernels[0], first_kernels[1])  # each from its own initial weights
+    each = np.stack([net.predict(x, verbose=0) for net in nets], axis=1)  # (5, members, classes)
+    np.testing.assert_allclose(model.predict(x, verbose=0), each.mean(axis=1), atol=1e-6)
+    fitted = models.member_outputs(model)
+    assert fitted.output_shape == (None, 3, 3)
+    np.testing.assert_allclose(fitted.predict(x, verbose=0), each, atol=1e-6)
+    assert {id(v) for v in fitted.trainable_variables} == {id(v) for v in model.trainable_variables}  # shared
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), each.mean(axis=1), atol=1e-6)

@@ -192,3 +192,45 @@ def test_seed_arch_trains_on_images(tmp_path, params, mlflow_db):
     metrics = run_stage(root, params)
     model = keras.models.load_model(root / "out" / "models" / "model.keras")
     assert model.input_shape == (None, 48, 48, 3) and metrics["epochs_run"] == 1
+
+
+def test_member_loss_is_the_members_mean_and_accuracy_that_of_their_mean():
+    import keras
+
+    from audiocnn.train import mean_probability_accuracy, member_loss
+
+    y = np.array([[1, 0, 0], [0, 0, 1]], np.float32)  # (batch, classes)
+    probs = np.array([[[0.7, 0.2, 0.1], [0.2, 0.5, 0.3]],  # (batch, members, classes)
+                      [[0.1, 0.1, 0.8], [0.3, 0.6, 0.1]]], np.float32)
+    smooth = 0.1
+    target = y * (1 - smooth) + smooth / 3
+    per_member = -(target[:, None, :] * np.log(probs)).sum(axis=2)  # (batch, members)
+    loss = keras.ops.convert_to_numpy(member_loss(smooth)(y, probs))
+    np.testing.assert_allclose(loss, per_member.mean(axis=1), rtol=1e-5)
+    # mean probabilities: example 0 -> class 0 (0.45 vs 0.35), example 1 -> class 2 (0.45 vs 0.35)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(mean_probability_accuracy(y, probs)), [1.0, 1.0])
+    probs[0, 1] = [0.0, 0.9, 0.1]  # now the mean ranks class 1 first for example 0
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(mean_probability_accuracy(y, probs)), [0.0, 1.0])
+
+
+def test_members_train_side_by_side_and_the_saved_mean_is_what_validation_scored(tmp_path, params, mlflow_db):
+    import keras
+
+    from audiocnn import data
+
+    root = synthetic_dataset(tmp_path, {"train": 8, "val": 3})
+    params = tiny_params(params, epochs=3, lr=0.01)
+    one = run_stage(root, params, "one")
+    params["model"]["members"] = 2
+    metrics = run_stage(root, params, "two")
+    assert metrics["parameters"] == 2 * one["parameters"]
+    model = keras.models.load_model(root / "two" / "models" / "model.keras", safe_mode=True)
+    assert [layer.name for layer in model.layers if layer.name.startswith("member")] == ["member0", "member1"]
+    val = data.read_split(root / "split", "val")
+    labels = list(CLASSES)
+    y = data.label_indices(val, labels, "val.csv")
+    ds = data.eval_dataset(data.clip_files(root / "features", val), y, len(labels), 32, N_MELS, 80.0, 8)
+    accuracy = float((model.predict(ds, verbose=0).argmax(axis=1) == y).mean())
+    history = pd.read_csv(root / "two" / "history.csv")
+    best = int(history["val_loss"].idxmin())
+    assert accuracy == pytest.approx(history["val_accuracy"][best]) == pytest.approx(metrics["best_val_accuracy"])

@@ -7,6 +7,9 @@ a strided stem, one conv block at half resolution, two blocks of two 3x3 convs, 
 ending in a 2x2 max-pool, a last conv at 1/16 resolution, global average pooling, dropout,
 softmax; ~580k parameters and ~60M multiply-adds per 101 x 64 window at width 32.
 ``seed``: the notebook's network on (224, 224, 3) spectrogram images in [0, 1], for comparison.
+``members`` > 1: that many networks of the architecture, each from its own initial weights,
+trained side by side on the same batches; the saved model outputs the mean of their
+probabilities (an ensemble: it averages away part of what one training run's seed decides).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
     import keras
 
 Arch = Literal["cnn", "seed"]
+MAX_MEMBERS = 8
+MEMBER_PREFIX = "member"  # the ensemble's networks are layers member0, member1, ...
 
 
 @dataclass(frozen=True)
@@ -35,11 +40,13 @@ class ModelParams:
     dropout: float  # before the classifier
     band_norm: bool  # cnn: subtract each mel band's mean over the window (removes a microphone's colouring)
     lifter: int  # cnn: keep each frame's first `lifter` cepstral coefficients (spectral envelope); 0 = off
+    members: int  # networks averaged (an ensemble), each from its own initial weights; 1 = one network
 
     def __post_init__(self) -> None:
         check(4 <= self.width <= 512, "width", self.width, "must be within 4..512")
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         check(self.lifter >= 0, "lifter", self.lifter, "must be >= 0 (0 = off)")
+        check(1 <= self.members <= MAX_MEMBERS, "members", self.members, f"must be within 1..{MAX_MEMBERS}")
 
 
 def model_input(arch: str, row: Mapping[str, str], *, features_dir: str | Path, images_dir: str | Path,
@@ -65,10 +72,53 @@ def build(params: ModelParams, n_classes: int, input_shape: tuple[int, ...],
     ``norm_sample`` (n, frames, n_mels) dB: training windows whose per-mel mean/variance the cnn's
     Normalization layer uses; without it, adapt ``model.get_layer("normalize")`` before training.
     """
-    if params.arch == "cnn":
-        return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample, params.band_norm,
-                         params.lifter)
-    return build_seed(n_classes, input_shape)
+    def one() -> "keras.Model":
+        if params.arch == "cnn":
+            return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample, params.band_norm,
+                             params.lifter)
+        return build_seed(n_classes, input_shape)
+
+    if params.members == 1:
+        return one()
+    return ensemble([one() for _ in range(params.members)])
+
+
+def ensemble(networks: list["keras.Model"]) -> "keras.Model":
+    """One model whose output is the mean of ``networks``' probabilities (same input and output shapes).
+
+    Stock layers only (nested models, Average): safe-mode loading and TFLite conversion need
+    nothing custom, so evaluate, predict and export treat it as any other model.
+    """
+    import keras
+    from keras import layers
+
+    first = networks[0]
+    inputs = keras.Input(shape=first.input_shape[1:], name=first.inputs[0].name)
+    members = [network_as(net, f"{MEMBER_PREFIX}{i}")(inputs) for i, net in enumerate(networks)]
+    return keras.Model(inputs, layers.Average(name="mean_probabilities")(members), name=f"{first.name}_ensemble")
+
+
+def network_as(net: "keras.Model", name: str) -> "keras.Model":
+    """``net`` under another name (Keras names a model once, at construction)."""
+    import keras
+
+    return keras.Model(net.inputs[0], net.outputs[0], name=name)
+
+
+def member_outputs(model: "keras.Model") -> "keras.Model":
+    """The model to train: (batch, members, classes) probabilities of each network (members 1: the model itself).
+
+    Shares every weight with ``model``: fitting it trains the ensemble that ``model`` averages.
+    """
+    import keras
+    from keras import layers
+
+    members = [layer for layer in model.layers if layer.name.startswith(MEMBER_PREFIX)]
+    if not members:
+        return model
+    n_classes = model.output_shape[-1]
+    stacked = [layers.Reshape((1, n_classes), name=f"{m.name}_row")(m(model.inputs[0])) for m in members]
+    return keras.Model(model.inputs, layers.Concatenate(axis=1, name="members")(stacked), name="members")
 
 
 def lifter_matrix(n_mels: int, keep: int) -> np.ndarray:

@@ -168,7 +168,12 @@ def epoch_seed(seed: int, epoch: Any) -> Any:
 
 
 def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: int) -> None:
-    """AdamW on linear warmup then cosine decay to 0 (or constant), label-smoothed cross-entropy."""
+    """AdamW on linear warmup then cosine decay to 0 (or constant), label-smoothed cross-entropy.
+
+    ``model`` from ``models.member_outputs``: with (batch, members, classes) outputs, the loss is
+    the mean of the members' cross-entropies (each network learns on its own, as if trained
+    alone) and ``accuracy`` is that of their mean probabilities (the ensemble that is saved).
+    """
     import keras
 
     warmup = params.warmup_epochs * steps_per_epoch
@@ -177,9 +182,33 @@ def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: in
         decay_steps=max(params.epochs * steps_per_epoch - warmup, 1),
         alpha=0.0 if params.lr_schedule == "cosine" else 1.0,
         warmup_target=params.lr if warmup else None, warmup_steps=warmup)
+    if len(model.output_shape) == 3:  # (batch, members, classes)
+        loss, accuracy = member_loss(params.label_smoothing), keras.metrics.MeanMetricWrapper(
+            mean_probability_accuracy, name="accuracy")
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
+        accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=params.weight_decay),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+                  loss=loss, metrics=[accuracy])
+
+
+def member_loss(label_smoothing: float) -> Any:
+    """Loss of (batch, classes) targets against (batch, members, classes) probabilities: the members' mean."""
+    import keras
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        targets = keras.ops.broadcast_to(keras.ops.expand_dims(y_true, 1), keras.ops.shape(y_pred))
+        per_member = keras.losses.categorical_crossentropy(targets, y_pred, label_smoothing=label_smoothing)
+        return keras.ops.mean(per_member, axis=1)  # (batch,)
+
+    return loss
+
+
+def mean_probability_accuracy(y_true: Any, y_pred: Any) -> Any:
+    """Per example, 1.0 where the members' mean probabilities rank the target class first."""
+    import keras
+
+    return keras.metrics.categorical_accuracy(y_true, keras.ops.mean(y_pred, axis=1))
 
 
 def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams", normalize: "NormalizeParams",
@@ -203,16 +232,18 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
     train_stream, val_ds, labels, n_train, norm_sample = build_streams(
         model_params.arch, paths, params, frames, spectrogram)
     shape = (spectrogram.image_size,) * 2 + (3,) if model_params.arch == "seed" else (frames, spectrogram.n_mels, 1)
-    model = models.build(model_params, len(labels), shape, norm_sample)
+    model = models.build(model_params, len(labels), shape, norm_sample)  # what is saved
+    fitted = models.member_outputs(model)  # what is trained: the same weights (with members > 1, each network's output)
     steps = math.ceil(n_train / params.batch_size)  # one pass over the training clips
-    compile_model(model, params, steps)
-    log.info("model %s: %d parameters, input %s", model_params.arch, model.count_params(), shape)
+    compile_model(fitted, params, steps)
+    log.info("model %s x %d: %d parameters, input %s", model_params.arch, model_params.members, model.count_params(),
+             shape)
 
     split_files = [p for p in (paths.split / f"{n}.csv" for n in data.SPLITS) if p.is_file()]
     key = checkpoint.training_key(raw_params, [*split_files, paths.features / "meta.json"])
     backup = checkpoint.Backup.open(checkpoint.backup_root(tracking.repo_root()), key)
     try:
-        state = backup.load(model) or checkpoint.TrainState()
+        state = backup.load(fitted) or checkpoint.TrainState()
         run_id = backup.run_id()
         if run_id and not tracking.run_exists(run_id):
             run_id = None
@@ -229,7 +260,7 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
                                                  restore_best_weights=True)
             started = time.perf_counter()
             # one pipeline for the whole fit (Keras keeps the iterator across epochs with steps_per_epoch)
-            model.fit(train_stream(state.epochs_done), steps_per_epoch=steps, validation_data=val_ds,
+            fitted.fit(train_stream(state.epochs_done), steps_per_epoch=steps, validation_data=val_ds,
                       initial_epoch=state.epochs_done, epochs=state.epochs_done if state.stopped else params.epochs,
                       verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
                       callbacks=[epoch_log, stop, tracking.epoch_logger(), checkpoint.callback(backup, stop, state)])
