@@ -142,3 +142,29 @@ def test_seeds_repeat_every_run_once_per_train_seed(tmp_path, monkeypatch):
     assert results["summary"]["best_val_accuracy_mean"] == pytest.approx(0.6)
     with pytest.raises(SystemExit, match="--seeds"):
         pipeline.main([str(config), "--out", str(tmp_path / "out"), "--seeds", "1,x"])
+
+
+def test_a_failed_export_gate_is_reported_and_the_run_kept(tmp_path, monkeypatch):
+    """export's parity gate failing (int8 too far below float) is a result, not a crash; other failures raise."""
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"accuracy": 0.9, "macro_f1": 0.9, "clips": 500}))
+    (tmp_path / "metrics" / "train.json").write_text(json.dumps({"epochs_run": 3}))
+    gate = ("12:00:00 ERROR audiocnn.stage: export parity not met on 500 test clips: int8 accuracy 0.8880 is "
+            "0.0140 below float 0.9020 > export.max_int8_accuracy_drop 0.01\nERROR: failed to reproduce 'export'")
+    failing = {"export"}
+
+    def fake_stage(root, stage, env):
+        if stage in failing:
+            raise RuntimeError(f"dvc repro --single-item {stage} failed (255) in {root}:\n{gate}")
+        return {"seconds": 1.0, "peak_rss_mib": 10.0, "cpu_seconds": 1.0, "ran": True}
+
+    monkeypatch.setattr(pipeline, "timed_stage", fake_stage)
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["ingest"]["source"] = "/data"
+    result = pipeline.run_variant(tmp_path, params, {})
+    assert result["accuracy"] == 0.9 and "export" not in result["stages"] and "train" in result["stages"]
+    assert result["export"]["failed"].startswith("export parity not met on 500 test clips: int8 accuracy 0.8880")
+    assert pipeline.export_cell(result["export"]).startswith("failed: export parity not met")
+    failing = {"train"}
+    with pytest.raises(RuntimeError, match="train failed"):
+        pipeline.run_variant(tmp_path, params, {})
