@@ -48,7 +48,7 @@ def test_band_norm_makes_the_cnn_blind_to_a_fixed_spectral_colouring():
     np.testing.assert_allclose(banded.predict(x + colour, verbose=0), banded.predict(x, verbose=0), atol=1e-5)
     assert np.abs(plain.predict(x + colour, verbose=0) - plain.predict(x, verbose=0)).max() > 1e-4
     assert models.build(load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": True,
-                                                "lifter": 0}},
+                                                "lifter": 0, "members": 1}},
                                      "model", ModelParams), 3, (20, 8, 1), sample).get_layer("band_mean")
 
 
