@@ -138,7 +138,8 @@ def run_variant(root: Path, params: dict, env: dict[str, str]) -> dict[str, Any]
         "samples_per_second": training.get("samples_per_second"), "train_seconds": training.get("train_seconds"),
         "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
         "best_val_accuracy": training.get("best_val_accuracy"), "parameters": training.get("parameters"),
-        "export": {"failed": export_failure} if export_failure else export_figures(root) if "export" in timings else None,
+        "export": ({"failed": export_failure} if export_failure
+                   else export_figures(root) if "export" in timings else None),
         "peak_rss_mib": max(t["peak_rss_mib"] for t in timings.values()),
         "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "stages": timings,

@@ -142,9 +142,11 @@ def test_members_average_their_own_networks_and_reload(tmp_path):
     assert not np.allclose(first_kernels[0], first_kernels[1])  # each from its own initial weights
     each = np.stack([net.predict(x, verbose=0) for net in nets], axis=1)  # (5, members, classes)
     np.testing.assert_allclose(model.predict(x, verbose=0), each.mean(axis=1), atol=1e-6)
-    fitted = models.member_outputs(model)
-    assert fitted.output_shape == (None, 3, 3)
-    np.testing.assert_allclose(fitted.predict(x, verbose=0), each, atol=1e-6)
+    fitted = models.member_outputs(model)  # network k on input k
+    assert fitted.output_shape == (None, 3, 3) and len(fitted.inputs) == 3
+    np.testing.assert_allclose(fitted.predict([x, x, x], verbose=0), each, atol=1e-6)
+    rows = fitted.predict([x, x[::-1], x], verbose=0)
+    np.testing.assert_allclose(rows[:, 1], each[::-1, 1], atol=1e-6)
     assert {id(v) for v in fitted.trainable_variables} == {id(v) for v in model.trainable_variables}  # shared
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)

@@ -194,23 +194,28 @@ def test_seed_arch_trains_on_images(tmp_path, params, mlflow_db):
     assert model.input_shape == (None, 48, 48, 3) and metrics["epochs_run"] == 1
 
 
-def test_member_loss_is_the_members_mean_and_accuracy_that_of_their_mean():
-    import keras
+def test_each_member_gets_its_own_stream_and_member_0_the_single_networks(tmp_path, params):
+    from audiocnn import train
+    from audiocnn.audio import AudioParams
+    from audiocnn.spectrogram import SpectrogramParams
 
-    from audiocnn.train import mean_probability_accuracy, member_loss
-
-    y = np.array([[1, 0, 0], [0, 0, 1]], np.float32)  # (batch, classes)
-    probs = np.array([[[0.7, 0.2, 0.1], [0.2, 0.5, 0.3]],  # (batch, members, classes)
-                      [[0.1, 0.1, 0.8], [0.3, 0.6, 0.1]]], np.float32)
-    smooth = 0.1
-    target = y * (1 - smooth) + smooth / 3
-    per_member = -(target[:, None, :] * np.log(probs)).sum(axis=2)  # (batch, members)
-    loss = keras.ops.convert_to_numpy(member_loss(smooth)(y, probs))
-    np.testing.assert_allclose(loss, per_member.mean(axis=1), rtol=1e-5)
-    # mean probabilities: example 0 -> class 0 (0.45 vs 0.35), example 1 -> class 2 (0.45 vs 0.35)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(mean_probability_accuracy(y, probs)), [1.0, 1.0])
-    probs[0, 1] = [0.0, 0.9, 0.1]  # now the mean ranks class 1 first for example 0
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(mean_probability_accuracy(y, probs)), [0.0, 1.0])
+    root = synthetic_dataset(tmp_path, {"train": 8, "val": 3})
+    params = tiny_params(params)
+    paths = train.TrainPaths(root / "features", root / "spectrograms", root / "split", root / "m", root / "t.json",
+                             root / "h.csv", root / "c.png")
+    spectrogram = load_section(params, "spectrogram", SpectrogramParams)
+    settings = load_section(params, "train", TrainParams)
+    frames = train.input_frames(settings, load_section(params, "audio", AudioParams), spectrogram)
+    single = next(iter(train.build_streams("cnn", paths, settings, frames, spectrogram)[0](0)))
+    stream, val, *_ = train.build_streams("cnn", paths, settings, frames, spectrogram, members=3)
+    (x0, x1, x2), y, w = next(iter(stream(0)))
+    assert y.shape == (8, 3, 3) and w.shape == (8, 3)
+    np.testing.assert_array_equal(x0.numpy(), single[0].numpy())  # member 0: the one-network stream
+    np.testing.assert_array_equal(y[:, 0].numpy(), single[1].numpy())
+    assert not np.allclose(x0.numpy(), x1.numpy()) and not np.allclose(x1.numpy(), x2.numpy())
+    (v0, v1, v2), vy = next(iter(val))
+    assert vy.shape[1:] == (3, 3)
+    np.testing.assert_array_equal(v0.numpy(), v1.numpy())  # validation: every network the same windows
 
 
 def test_members_train_side_by_side_and_the_saved_mean_is_what_validation_scored(tmp_path, params, mlflow_db):

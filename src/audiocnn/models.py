@@ -7,9 +7,9 @@ a strided stem, one conv block at half resolution, two blocks of two 3x3 convs, 
 ending in a 2x2 max-pool, a last conv at 1/16 resolution, global average pooling, dropout,
 softmax; ~580k parameters and ~60M multiply-adds per 101 x 64 window at width 32.
 ``seed``: the notebook's network on (224, 224, 3) spectrogram images in [0, 1], for comparison.
-``members`` > 1: that many networks of the architecture, each from its own initial weights,
-trained side by side on the same batches; the saved model outputs the mean of their
-probabilities (an ensemble: it averages away part of what one training run's seed decides).
+``members`` > 1: that many networks of the architecture, each from its own initial weights and
+trained on its own shuffle and augmentation, side by side in one fit; the saved model outputs the
+mean of their probabilities (an ensemble: it averages away part of what one training seed decides).
 """
 
 from __future__ import annotations
@@ -106,9 +106,10 @@ def network_as(net: "keras.Model", name: str) -> "keras.Model":
 
 
 def member_outputs(model: "keras.Model") -> "keras.Model":
-    """The model to train: (batch, members, classes) probabilities of each network (members 1: the model itself).
+    """The model to train (members 1: the model itself): network k reads input k; (batch, members, classes) out.
 
-    Shares every weight with ``model``: fitting it trains the ensemble that ``model`` averages.
+    Shares every weight with ``model``: fitting it trains the ensemble that ``model`` averages,
+    each network on a batch of its own (train.build_streams gives one stream per network).
     """
     import keras
     from keras import layers
@@ -117,8 +118,9 @@ def member_outputs(model: "keras.Model") -> "keras.Model":
     if not members:
         return model
     n_classes = model.output_shape[-1]
-    stacked = [layers.Reshape((1, n_classes), name=f"{m.name}_row")(m(model.inputs[0])) for m in members]
-    return keras.Model(model.inputs, layers.Concatenate(axis=1, name="members")(stacked), name="members")
+    inputs = [keras.Input(shape=model.input_shape[1:], name=f"{m.name}_input") for m in members]
+    rows = [layers.Reshape((1, n_classes), name=f"{m.name}_row")(m(x)) for m, x in zip(members, inputs)]
+    return keras.Model(inputs, layers.Concatenate(axis=1, name="members")(rows), name="members")
 
 
 def lifter_matrix(n_mels: int, keep: int) -> np.ndarray:

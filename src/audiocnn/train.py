@@ -109,12 +109,16 @@ def check_features(features_dir: Path, audio: "AudioParams", spectrogram: "Spect
             raise DataError(f"{meta_path}: {key}={meta.get(key)!r} but params say {value!r}: rerun the spectrogram stage")
 
 
-def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int, spectrogram: "SpectrogramParams"):
+def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int, spectrogram: "SpectrogramParams",
+                  members: int = 1):
     """(train stream factory, val dataset of (x, y), labels, training clips, normalization sample or None).
 
     ``train_stream(first_epoch)`` gives the (x, y, w) batches of epochs first_epoch..train.epochs-1,
     each epoch's shuffle, crops, noise and augmentation drawn from ``epoch_seed(train.seed, epoch)``:
     a training resumed at epoch k sees exactly the batches the uninterrupted one saw from epoch k.
+    ``members`` > 1: network k gets a stream of its own, seeded with train.seed + k (k = 0 is the
+    one-network stream), zipped into (tuple of members' x, y (batch, members, classes), w (batch,
+    members)); the val dataset gives every network the same x.
     """
     import tensorflow as tf
 
@@ -149,17 +153,33 @@ def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int
     mix = (lambda x, y, w, s: augment.mixup(x, y, w, s, p.mixup_alpha)) if p.mixup_alpha > 0 else None
     items = tf.data.Dataset.from_tensor_slices((train_paths, y_train, weights))
 
-    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:  # epoch: int64 scalar
-        seed = epoch_seed(params.seed, epoch)
-        side = data.noise_stream(noise, frames, n_mels, top_db, seed + 10) if noise else None
-        return data.train_stream(items, params.shuffle_buffer, seed, transform, params.batch_size, mix, side)
+    def member_epochs(first_epoch: int, member: int) -> tf.data.Dataset:
+        def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:  # epoch: int64 scalar
+            seed = epoch_seed(params.seed + member, epoch)
+            side = data.noise_stream(noise, frames, n_mels, top_db, seed + 10) if noise else None
+            return data.train_stream(items, params.shuffle_buffer, seed, transform, params.batch_size, mix, side)
+
+        return tf.data.Dataset.range(first_epoch, params.epochs).flat_map(one_epoch)
 
     def train_stream(first_epoch: int) -> tf.data.Dataset:
-        epochs = tf.data.Dataset.range(first_epoch, params.epochs)
-        return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+        if members == 1:
+            return member_epochs(first_epoch, 0).prefetch(tf.data.AUTOTUNE)
+        streams = tuple(member_epochs(first_epoch, k) for k in range(members))
+        return tf.data.Dataset.zip(streams).map(stack_members).prefetch(tf.data.AUTOTUNE)
+
+    if members > 1:
+        val_ds = val_ds.map(lambda x, y: (tuple([x] * members), tf.stack([y] * members, axis=1)))
 
     log.info("train: %d clips, val: %d clips, %d classes, arch %s", len(train_paths), len(val_paths), len(labels), arch)
     return train_stream, val_ds, labels, len(train_paths), norm_sample
+
+
+def stack_members(*batches: Any) -> Any:
+    """Members' (x, y, w) batches -> (tuple of x, y (batch, members, classes), w (batch, members))."""
+    import tensorflow as tf
+
+    xs, ys, ws = zip(*batches)
+    return tuple(xs), tf.stack(ys, axis=1), tf.stack(ws, axis=1)
 
 
 def epoch_seed(seed: int, epoch: Any) -> Any:
@@ -170,9 +190,9 @@ def epoch_seed(seed: int, epoch: Any) -> Any:
 def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: int) -> None:
     """AdamW on linear warmup then cosine decay to 0 (or constant), label-smoothed cross-entropy.
 
-    ``model`` from ``models.member_outputs``: with (batch, members, classes) outputs, the loss is
-    the mean of the members' cross-entropies (each network learns on its own, as if trained
-    alone) and ``accuracy`` is that of their mean probabilities (the ensemble that is saved).
+    ``model`` from ``models.member_outputs``: with (batch, members, classes) outputs and targets,
+    loss and ``accuracy`` are the members' means (each network learns from its own stream, as if
+    trained alone); ``EnsembleAccuracy`` then replaces val_accuracy by the saved ensemble's.
     """
     import keras
 
@@ -182,33 +202,30 @@ def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: in
         decay_steps=max(params.epochs * steps_per_epoch - warmup, 1),
         alpha=0.0 if params.lr_schedule == "cosine" else 1.0,
         warmup_target=params.lr if warmup else None, warmup_steps=warmup)
-    if len(model.output_shape) == 3:  # (batch, members, classes)
-        loss, accuracy = member_loss(params.label_smoothing), keras.metrics.MeanMetricWrapper(
-            mean_probability_accuracy, name="accuracy")
-    else:
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
-        accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=params.weight_decay),
-                  loss=loss, metrics=[accuracy])
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
 
 
-def member_loss(label_smoothing: float) -> Any:
-    """Loss of (batch, classes) targets against (batch, members, classes) probabilities: the members' mean."""
+def ensemble_accuracy(ensemble: "keras.Model", val_ds: Any) -> Any:
+    """A callback setting the epoch's ``val_accuracy`` to ``ensemble``'s (the members' mean probabilities).
+
+    Keras' own val_accuracy of the member-output model is the members' mean accuracy; the saved
+    model is their average, whose accuracy is the figure that early stopping's epoch should report.
+    ``val_ds``: (x, one-hot y) batches, the networks' common input.
+    """
     import keras
 
-    def loss(y_true: Any, y_pred: Any) -> Any:
-        targets = keras.ops.broadcast_to(keras.ops.expand_dims(y_true, 1), keras.ops.shape(y_pred))
-        per_member = keras.losses.categorical_crossentropy(targets, y_pred, label_smoothing=label_smoothing)
-        return keras.ops.mean(per_member, axis=1)  # (batch,)
+    class EnsembleAccuracy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            correct = total = 0
+            for x, y in val_ds:
+                probs = keras.ops.convert_to_numpy(ensemble(x, training=False))  # (batch, classes)
+                correct += int((probs.argmax(axis=1) == keras.ops.convert_to_numpy(y).argmax(axis=1)).sum())
+                total += len(probs)
+            logs["val_accuracy"] = correct / total
 
-    return loss
-
-
-def mean_probability_accuracy(y_true: Any, y_pred: Any) -> Any:
-    """Per example, 1.0 where the members' mean probabilities rank the target class first."""
-    import keras
-
-    return keras.metrics.categorical_accuracy(y_true, keras.ops.mean(y_pred, axis=1))
+    return EnsembleAccuracy()
 
 
 def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams", normalize: "NormalizeParams",
@@ -230,10 +247,10 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
     keras.utils.set_random_seed(params.seed)  # python, numpy, tf and keras seeds
     tf.config.experimental.enable_op_determinism()
     train_stream, val_ds, labels, n_train, norm_sample = build_streams(
-        model_params.arch, paths, params, frames, spectrogram)
+        model_params.arch, paths, params, frames, spectrogram, model_params.members)
     shape = (spectrogram.image_size,) * 2 + (3,) if model_params.arch == "seed" else (frames, spectrogram.n_mels, 1)
     model = models.build(model_params, len(labels), shape, norm_sample)  # what is saved
-    fitted = models.member_outputs(model)  # what is trained: the same weights (with members > 1, each network's output)
+    fitted = models.member_outputs(model)  # what is trained: the same weights (members > 1: one input and output each)
     steps = math.ceil(n_train / params.batch_size)  # one pass over the training clips
     compile_model(fitted, params, steps)
     log.info("model %s x %d: %d parameters, input %s", model_params.arch, model_params.members, model.count_params(),
@@ -258,12 +275,15 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
             epoch_log = epoch_logger(n_train, params.epochs)
             stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience,
                                                  restore_best_weights=True)
+            # members > 1: val_accuracy of the saved average, from the networks' common val input
+            ensemble_val = [ensemble_accuracy(model, val_ds.map(lambda x, y: (x[0], y[:, 0])))] if fitted is not model else []
             started = time.perf_counter()
             # one pipeline for the whole fit (Keras keeps the iterator across epochs with steps_per_epoch)
             fitted.fit(train_stream(state.epochs_done), steps_per_epoch=steps, validation_data=val_ds,
                       initial_epoch=state.epochs_done, epochs=state.epochs_done if state.stopped else params.epochs,
                       verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
-                      callbacks=[epoch_log, stop, tracking.epoch_logger(), checkpoint.callback(backup, stop, state)])
+                      callbacks=[*ensemble_val, epoch_log, stop, tracking.epoch_logger(),
+                                 checkpoint.callback(backup, stop, state)])
             train_seconds = time.perf_counter() - started
             history = pd.DataFrame(state.rows)[list(HISTORY_COLUMNS)].astype({"epoch": int})
             metrics = train_metrics(history, model)
