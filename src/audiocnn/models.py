@@ -40,7 +40,7 @@ class ModelParams:
     dropout: float  # before the classifier
     band_norm: bool  # cnn: subtract each mel band's mean over the window (removes a microphone's colouring)
     lifter: int  # cnn: keep each frame's first `lifter` cepstral coefficients (spectral envelope); 0 = off
-    members: int  # networks averaged (an ensemble), each from its own initial weights; 1 = one network
+    members: int  # networks averaged (an ensemble), each from its own initial weights and data stream; 1 = one
 
     def __post_init__(self) -> None:
         check(4 <= self.width <= 512, "width", self.width, "must be within 4..512")

@@ -192,7 +192,7 @@ def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: in
 
     ``model`` from ``models.member_outputs``: with (batch, members, classes) outputs and targets,
     loss and ``accuracy`` are the members' means (each network learns from its own stream, as if
-    trained alone); ``EnsembleAccuracy`` then replaces val_accuracy by the saved ensemble's.
+    trained alone); the ``ensemble_accuracy`` callback then sets val_accuracy to the saved average's.
     """
     import keras
 
@@ -276,14 +276,15 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
             stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience,
                                                  restore_best_weights=True)
             # members > 1: val_accuracy of the saved average, from the networks' common val input
-            ensemble_val = [ensemble_accuracy(model, val_ds.map(lambda x, y: (x[0], y[:, 0])))] if fitted is not model else []
+            common_val = val_ds.map(lambda x, y: (x[0], y[:, 0])) if fitted is not model else None
+            ensemble_val = [ensemble_accuracy(model, common_val)] if common_val is not None else []
             started = time.perf_counter()
             # one pipeline for the whole fit (Keras keeps the iterator across epochs with steps_per_epoch)
             fitted.fit(train_stream(state.epochs_done), steps_per_epoch=steps, validation_data=val_ds,
-                      initial_epoch=state.epochs_done, epochs=state.epochs_done if state.stopped else params.epochs,
-                      verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
-                      callbacks=[*ensemble_val, epoch_log, stop, tracking.epoch_logger(),
-                                 checkpoint.callback(backup, stop, state)])
+                       initial_epoch=state.epochs_done, epochs=state.epochs_done if state.stopped else params.epochs,
+                       verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
+                       callbacks=[*ensemble_val, epoch_log, stop, tracking.epoch_logger(),
+                                  checkpoint.callback(backup, stop, state)])
             train_seconds = time.perf_counter() - started
             history = pd.DataFrame(state.rows)[list(HISTORY_COLUMNS)].astype({"epoch": int})
             metrics = train_metrics(history, model)
