@@ -213,7 +213,7 @@ def test_each_member_gets_its_own_stream_and_member_0_the_single_networks(tmp_pa
     np.testing.assert_array_equal(x0.numpy(), single[0].numpy())  # member 0: the one-network stream
     np.testing.assert_array_equal(y[:, 0].numpy(), single[1].numpy())
     assert not np.allclose(x0.numpy(), x1.numpy()) and not np.allclose(x1.numpy(), x2.numpy())
-    (v0, v1, v2), vy = next(iter(val))
+    (v0, v1, v2), vy = next(iter(train.for_members(val, 3)))
     assert vy.shape[1:] == (3, 3)
     np.testing.assert_array_equal(v0.numpy(), v1.numpy())  # validation: every network the same windows
 

@@ -72,18 +72,18 @@ def build(params: ModelParams, n_classes: int, input_shape: tuple[int, ...],
     ``norm_sample`` (n, frames, n_mels) dB: training windows whose per-mel mean/variance the cnn's
     Normalization layer uses; without it, adapt ``model.get_layer("normalize")`` before training.
     """
-    def one() -> "keras.Model":
+    def one(name: str) -> "keras.Model":
         if params.arch == "cnn":
             return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample, params.band_norm,
-                             params.lifter)
-        return build_seed(n_classes, input_shape)
+                             params.lifter, name=name)
+        return build_seed(n_classes, input_shape, name=name)
 
     if params.members == 1:
-        return one()
-    return ensemble([one() for _ in range(params.members)])
+        return one(params.arch)
+    return ensemble([one(f"{MEMBER_PREFIX}{i}") for i in range(params.members)], f"{params.arch}_ensemble")
 
 
-def ensemble(networks: list["keras.Model"]) -> "keras.Model":
+def ensemble(networks: list["keras.Model"], name: str) -> "keras.Model":
     """One model whose output is the mean of ``networks``' probabilities (same input and output shapes).
 
     Stock layers only (nested models, Average): safe-mode loading and TFLite conversion need
@@ -92,17 +92,9 @@ def ensemble(networks: list["keras.Model"]) -> "keras.Model":
     import keras
     from keras import layers
 
-    first = networks[0]
-    inputs = keras.Input(shape=first.input_shape[1:], name=first.inputs[0].name)
-    members = [network_as(net, f"{MEMBER_PREFIX}{i}")(inputs) for i, net in enumerate(networks)]
-    return keras.Model(inputs, layers.Average(name="mean_probabilities")(members), name=f"{first.name}_ensemble")
-
-
-def network_as(net: "keras.Model", name: str) -> "keras.Model":
-    """``net`` under another name (Keras names a model once, at construction)."""
-    import keras
-
-    return keras.Model(net.inputs[0], net.outputs[0], name=name)
+    inputs = keras.Input(shape=networks[0].input_shape[1:], name=networks[0].inputs[0].name)
+    outputs = layers.Average(name="mean_probabilities")([net(inputs) for net in networks])
+    return keras.Model(inputs, outputs, name=name)
 
 
 def member_outputs(model: "keras.Model") -> "keras.Model":
@@ -138,7 +130,8 @@ def lifter_matrix(n_mels: int, keep: int) -> np.ndarray:
 
 
 def build_cnn(n_classes: int, input_shape: tuple[int, ...], width: int, dropout: float,
-              norm_sample: np.ndarray | None = None, band_norm: bool = False, lifter: int = 0) -> "keras.Model":
+              norm_sample: np.ndarray | None = None, band_norm: bool = False, lifter: int = 0,
+              name: str = "cnn") -> "keras.Model":
     """Compact log-mel CNN: (batch, frames, n_mels, 1) dB -> (batch, n_classes) probabilities.
 
     ``band_norm``: after the global per-band normalization, subtract each band's mean over the
@@ -193,10 +186,10 @@ def build_cnn(n_classes: int, input_shape: tuple[int, ...], width: int, dropout:
     x = layers.GlobalAveragePooling2D(name="pool")(x)  # (batch, 8w)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(n_classes, activation="softmax", name="classes")(x)
-    return keras.Model(inputs, outputs, name="cnn")
+    return keras.Model(inputs, outputs, name=name)
 
 
-def build_seed(n_classes: int, input_shape: tuple[int, ...]) -> "keras.Model":
+def build_seed(n_classes: int, input_shape: tuple[int, ...], name: str = "seed") -> "keras.Model":
     """The notebook's network: Conv2D 32-128-128-128 (3x3 relu, 2x2 max-pool), Flatten, Dense 1024, softmax."""
     import keras
     from keras import layers
@@ -209,4 +202,4 @@ def build_seed(n_classes: int, input_shape: tuple[int, ...]) -> "keras.Model":
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(1024, activation="relu", name="dense")(x)
     outputs = layers.Dense(n_classes, activation="softmax", name="classes")(x)
-    return keras.Model(inputs, outputs, name="seed")
+    return keras.Model(inputs, outputs, name=name)

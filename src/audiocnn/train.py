@@ -118,7 +118,7 @@ def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int
     a training resumed at epoch k sees exactly the batches the uninterrupted one saw from epoch k.
     ``members`` > 1: network k gets a stream of its own, seeded with train.seed + k (k = 0 is the
     one-network stream), zipped into (tuple of members' x, y (batch, members, classes), w (batch,
-    members)); the val dataset gives every network the same x.
+    members)); the val dataset stays one input (``for_members`` gives it to every network).
     """
     import tensorflow as tf
 
@@ -167,11 +167,15 @@ def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int
         streams = tuple(member_epochs(first_epoch, k) for k in range(members))
         return tf.data.Dataset.zip(streams).map(stack_members).prefetch(tf.data.AUTOTUNE)
 
-    if members > 1:
-        val_ds = val_ds.map(lambda x, y: (tuple([x] * members), tf.stack([y] * members, axis=1)))
-
     log.info("train: %d clips, val: %d clips, %d classes, arch %s", len(train_paths), len(val_paths), len(labels), arch)
     return train_stream, val_ds, labels, len(train_paths), norm_sample
+
+
+def for_members(val_ds: Any, members: int) -> Any:
+    """(x, y) batches -> (the same x for each of ``members`` networks, y (batch, members, classes))."""
+    import tensorflow as tf
+
+    return val_ds.map(lambda x, y: (tuple([x] * members), tf.stack([y] * members, axis=1)))
 
 
 def stack_members(*batches: Any) -> Any:
@@ -275,12 +279,12 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
             epoch_log = epoch_logger(n_train, params.epochs)
             stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience,
                                                  restore_best_weights=True)
-            # members > 1: val_accuracy of the saved average, from the networks' common val input
-            common_val = val_ds.map(lambda x, y: (x[0], y[:, 0])) if fitted is not model else None
-            ensemble_val = [ensemble_accuracy(model, common_val)] if common_val is not None else []
+            members = model_params.members
+            fit_val = for_members(val_ds, members) if members > 1 else val_ds
+            ensemble_val = [ensemble_accuracy(model, val_ds)] if members > 1 else []  # val_accuracy: the average's
             started = time.perf_counter()
             # one pipeline for the whole fit (Keras keeps the iterator across epochs with steps_per_epoch)
-            fitted.fit(train_stream(state.epochs_done), steps_per_epoch=steps, validation_data=val_ds,
+            fitted.fit(train_stream(state.epochs_done), steps_per_epoch=steps, validation_data=fit_val,
                        initial_epoch=state.epochs_done, epochs=state.epochs_done if state.stopped else params.epochs,
                        verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
                        callbacks=[*ensemble_val, epoch_log, stop, tracking.epoch_logger(),
