@@ -246,7 +246,9 @@ def test_an_ensemble_exports_like_one_network(tmp_path):
     rng = np.random.default_rng(4)
     norm = rng.normal(-40.0, 12.0, (4, pre.window_frames, pre.spectrogram.n_mels)).astype(np.float32)
     params = models.ModelParams("cnn", 8, 0.1, True, 0, 2)
-    classifier = models.build(params, 3, (pre.window_frames, pre.spectrogram.n_mels, 1), norm)
+    shape = (pre.window_frames, pre.spectrogram.n_mels, 1)
+    classifier = models.ensemble([models.build(params, 3, shape, norm, name=models.member_name(k)) for k in range(2)],
+                                 "cnn_ensemble")
     wave_model, _ = frontend.waveform_models(classifier, pre)
     wave_model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
     runner = TFLiteRunner(export.to_tflite(tmp_path / "saved"))

@@ -127,27 +127,24 @@ def test_model_input_per_arch(tmp_path):
     assert image.shape == (1, 224, 224, 3) and image.max() == 1.0
 
 
-def test_members_average_their_own_networks_and_reload(tmp_path):
+def test_an_ensemble_averages_its_networks_and_reloads(tmp_path):
     import keras
 
     rng = np.random.default_rng(3)
     sample = rng.normal(-50, 10, (4, 20, 16)).astype(np.float32)
     x = rng.normal(-50, 10, (5, 20, 16, 1)).astype(np.float32)
-    single = models.build(ModelParams("cnn", 8, 0.0, False, 0, 1), 3, (20, 16, 1), sample)
-    assert models.member_outputs(single) is single  # one network: trained as it is saved
-    model = models.build(ModelParams("cnn", 8, 0.0, True, 0, 3), 3, (20, 16, 1), sample)
-    assert model.count_params() == 3 * single.count_params() and model.output_shape == (None, 3)
-    nets = [model.get_layer(f"member{i}") for i in range(3)]
+    params = ModelParams("cnn", 8, 0.0, True, 0, 3)
+    nets = []
+    for k in range(3):
+        keras.utils.set_random_seed(k)
+        nets.append(models.build(params, 3, (20, 16, 1), sample, name=models.member_name(k)))
+    model = models.ensemble(nets, "cnn_ensemble")
+    assert model.count_params() == 3 * nets[0].count_params() and model.output_shape == (None, 3)
+    assert [model.get_layer(f"member{k}") for k in range(3)] == nets
     first_kernels = [net.get_layer("stem_conv").get_weights()[0] for net in nets]
     assert not np.allclose(first_kernels[0], first_kernels[1])  # each from its own initial weights
     each = np.stack([net.predict(x, verbose=0) for net in nets], axis=1)  # (5, members, classes)
     np.testing.assert_allclose(model.predict(x, verbose=0), each.mean(axis=1), atol=1e-6)
-    fitted = models.member_outputs(model)  # network k on input k
-    assert fitted.output_shape == (None, 3, 3) and len(fitted.inputs) == 3
-    np.testing.assert_allclose(fitted.predict([x, x, x], verbose=0), each, atol=1e-6)
-    rows = fitted.predict([x, x[::-1], x], verbose=0)
-    np.testing.assert_allclose(rows[:, 1], each[::-1, 1], atol=1e-6)
-    assert {id(v) for v in fitted.trainable_variables} == {id(v) for v in model.trainable_variables}  # shared
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), each.mean(axis=1), atol=1e-6)

@@ -405,3 +405,35 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path):
     assert "resuming training after epoch 5/5" in done.stderr
     assert "audiocnn.train: epoch 1/5:" not in done.stderr  # no epoch trained again ("best epoch 1/5" may be)
     assert (root / "blocker" / "models" / "model.keras").read_bytes() == outputs(root, "reference")["models/model.keras"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_ensemble_resumes_without_training_its_finished_networks_again(tmp_path):
+    from test_train import synthetic_dataset, tiny_params
+
+    root = synthetic_dataset(tmp_path, {"train": 24, "val": 4})
+    params = tiny_params(shrink(real_params()), epochs=3, patience=3, lr=0.01)
+    params["model"]["members"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**tool_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", checkpoint.ENV_DIR: str(root / "backup")}
+    subprocess.run(train_cmd(root, "reference"), env=env, check=True, capture_output=True)
+
+    with open(root / "killed.log", "w") as handle:
+        proc = subprocess.Popen(train_cmd(root, "resumed"), env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    second = lambda: list((root / "backup").glob("*-member1/latest"))  # noqa: E731
+    while not second() and proc.poll() is None:  # network 0 done, network 1 has saved an epoch
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "resumed" / "metrics.json").exists()
+    assert len(list((root / "backup").glob("*-member0/latest"))) == 1  # kept until the ensemble is written
+
+    again = subprocess.run(train_cmd(root, "resumed"), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming training of member0 after epoch 3/3" in again.stderr
+    assert "resuming training of member1 after epoch" in again.stderr
+    assert "audiocnn.train: epoch 1/3:" not in again.stderr  # neither network starts over
+    assert outputs(root, "resumed") == outputs(root, "reference")  # bytes: metrics, history, model
+    assert not any((root / "backup").iterdir())  # every network's backup removed on success

@@ -206,19 +206,15 @@ def test_each_member_gets_its_own_stream_and_member_0_the_single_networks(tmp_pa
     spectrogram = load_section(params, "spectrogram", SpectrogramParams)
     settings = load_section(params, "train", TrainParams)
     frames = train.input_frames(settings, load_section(params, "audio", AudioParams), spectrogram)
-    single = next(iter(train.build_streams("cnn", paths, settings, frames, spectrogram)[0](0)))
-    stream, val, *_ = train.build_streams("cnn", paths, settings, frames, spectrogram, members=3)
-    (x0, x1, x2), y, w = next(iter(stream(0)))
-    assert y.shape == (8, 3, 3) and w.shape == (8, 3)
-    np.testing.assert_array_equal(x0.numpy(), single[0].numpy())  # member 0: the one-network stream
-    np.testing.assert_array_equal(y[:, 0].numpy(), single[1].numpy())
-    assert not np.allclose(x0.numpy(), x1.numpy()) and not np.allclose(x1.numpy(), x2.numpy())
-    (v0, v1, v2), vy = next(iter(train.for_members(val, 3)))
-    assert vy.shape[1:] == (3, 3)
-    np.testing.assert_array_equal(v0.numpy(), v1.numpy())  # validation: every network the same windows
+    stream = train.build_streams("cnn", paths, settings, frames, spectrogram)[0]
+    single, zero, one, two = (next(iter(s)) for s in (stream(0), stream(0, 0), stream(0, 1), stream(0, 2)))
+    np.testing.assert_array_equal(zero[0].numpy(), single[0].numpy())  # member 0: the one-network stream
+    np.testing.assert_array_equal(zero[1].numpy(), single[1].numpy())
+    assert not np.allclose(zero[0].numpy(), one[0].numpy()) and not np.allclose(one[0].numpy(), two[0].numpy())
 
 
-def test_members_train_side_by_side_and_the_saved_mean_is_what_validation_scored(tmp_path, params, mlflow_db):
+def test_members_train_one_after_another_and_the_saved_mean_is_what_validation_scored(tmp_path, params,
+                                                                                        mlflow_db):
     import keras
 
     from audiocnn import data
@@ -231,11 +227,38 @@ def test_members_train_side_by_side_and_the_saved_mean_is_what_validation_scored
     assert metrics["parameters"] == 2 * one["parameters"]
     model = keras.models.load_model(root / "two" / "models" / "model.keras", safe_mode=True)
     assert [layer.name for layer in model.layers if layer.name.startswith("member")] == ["member0", "member1"]
+    single = keras.models.load_model(root / "one" / "models" / "model.keras", safe_mode=True)
+    for a, b in zip(model.get_layer("member0").get_weights(), single.get_weights()):
+        np.testing.assert_array_equal(a, b)  # network 0 is the one-network training, bit for bit
+    assert metrics["members"]["member0"] == {k: v for k, v in one.items() if k != "parameters"}
+    assert metrics["members"]["member1"] != metrics["members"]["member0"]  # its own seeds
+    history = pd.read_csv(root / "two" / "history.csv")
+    assert history["member"].tolist() == [0] * 3 + [1] * 3 and metrics["epochs_run"] == 6
     val = data.read_split(root / "split", "val")
     labels = list(CLASSES)
     y = data.label_indices(val, labels, "val.csv")
     ds = data.eval_dataset(data.clip_files(root / "features", val), y, len(labels), 32, N_MELS, 80.0, 8)
-    accuracy = float((model.predict(ds, verbose=0).argmax(axis=1) == y).mean())
-    history = pd.read_csv(root / "two" / "history.csv")
-    best = int(history["val_loss"].idxmin())
-    assert accuracy == pytest.approx(history["val_accuracy"][best]) == pytest.approx(metrics["best_val_accuracy"])
+    probs = model.predict(ds, verbose=0)  # (clips, classes): the mean of the two networks'
+    assert float((probs.argmax(axis=1) == y).mean()) == pytest.approx(metrics["best_val_accuracy"])
+    smoothing = params["train"]["label_smoothing"]
+    smoothed = keras.utils.to_categorical(y, len(labels)) * (1 - smoothing) + smoothing / len(labels)
+    loss = float(-(smoothed * np.log(np.clip(probs, 1e-7, 1.0))).sum(axis=1).mean())
+    assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-4)
+
+
+def test_val_scores_count_as_keras_validation_does(tmp_path, params, mlflow_db):
+    """The ensemble's val loss/accuracy (train.val_scores) on one network equal Keras' own at its best epoch."""
+    import keras
+
+    from audiocnn import data, train
+
+    root = synthetic_dataset(tmp_path, {"train": 8, "val": 5})
+    params = tiny_params(params, epochs=2, lr=0.01)
+    metrics = run_stage(root, params)
+    model = keras.models.load_model(root / "out" / "models" / "model.keras", safe_mode=True)
+    val = data.read_split(root / "split", "val")
+    y = data.label_indices(val, list(CLASSES), "val.csv")
+    ds = data.eval_dataset(data.clip_files(root / "features", val), y, len(CLASSES), 32, N_MELS, 80.0, 4)
+    loss, accuracy = train.val_scores(model, ds, load_section(params, "train", TrainParams))
+    assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-5)
+    assert accuracy == pytest.approx(metrics["best_val_accuracy"])

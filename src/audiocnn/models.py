@@ -7,9 +7,10 @@ a strided stem, one conv block at half resolution, two blocks of two 3x3 convs, 
 ending in a 2x2 max-pool, a last conv at 1/16 resolution, global average pooling, dropout,
 softmax; ~580k parameters and ~60M multiply-adds per 101 x 64 window at width 32.
 ``seed``: the notebook's network on (224, 224, 3) spectrogram images in [0, 1], for comparison.
-``members`` > 1: that many networks of the architecture, each from its own initial weights and
-trained on its own shuffle and augmentation, side by side in one fit; the saved model outputs the
-mean of their probabilities (an ensemble: it averages away part of what one training seed decides).
+``members`` > 1: that many networks of the architecture, trained one after another (audiocnn.train:
+each from its own initial weights, shuffle and augmentation, with its own early stopping) and
+saved as one model that outputs the mean of their probabilities (``ensemble``): it averages away
+part of what one training seed decides.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ModelParams:
     dropout: float  # before the classifier
     band_norm: bool  # cnn: subtract each mel band's mean over the window (removes a microphone's colouring)
     lifter: int  # cnn: keep each frame's first `lifter` cepstral coefficients (spectral envelope); 0 = off
-    members: int  # networks averaged (an ensemble), each from its own initial weights and data stream; 1 = one
+    members: int  # networks averaged (an ensemble), each trained alone from its own seed; 1 = one
 
     def __post_init__(self) -> None:
         check(4 <= self.width <= 512, "width", self.width, "must be within 4..512")
@@ -66,21 +67,23 @@ def model_input(arch: str, row: Mapping[str, str], *, features_dir: str | Path, 
 
 
 def build(params: ModelParams, n_classes: int, input_shape: tuple[int, ...],
-          norm_sample: np.ndarray | None = None) -> "keras.Model":
-    """The ``params.arch`` network for ``input_shape`` (without batch) and ``n_classes`` softmax outputs.
+          norm_sample: np.ndarray | None = None, name: str | None = None) -> "keras.Model":
+    """One ``params.arch`` network for ``input_shape`` (without batch) and ``n_classes`` softmax outputs.
 
     ``norm_sample`` (n, frames, n_mels) dB: training windows whose per-mel mean/variance the cnn's
     Normalization layer uses; without it, adapt ``model.get_layer("normalize")`` before training.
+    ``name``: the model's name (default the arch; ``member_name(k)`` for an ensemble's networks).
+    ``params.members`` is train's concern: it builds that many of these and joins them (``ensemble``).
     """
-    def one(name: str) -> "keras.Model":
-        if params.arch == "cnn":
-            return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample, params.band_norm,
-                             params.lifter, name=name)
-        return build_seed(n_classes, input_shape, name=name)
+    if params.arch == "cnn":
+        return build_cnn(n_classes, input_shape, params.width, params.dropout, norm_sample, params.band_norm,
+                         params.lifter, name=name or "cnn")
+    return build_seed(n_classes, input_shape, name=name or "seed")
 
-    if params.members == 1:
-        return one(params.arch)
-    return ensemble([one(f"{MEMBER_PREFIX}{i}") for i in range(params.members)], f"{params.arch}_ensemble")
+
+def member_name(member: int) -> str:
+    """The name of an ensemble's network ``member`` (0-based): a layer of the saved model."""
+    return f"{MEMBER_PREFIX}{member}"
 
 
 def ensemble(networks: list["keras.Model"], name: str) -> "keras.Model":
@@ -95,24 +98,6 @@ def ensemble(networks: list["keras.Model"], name: str) -> "keras.Model":
     inputs = keras.Input(shape=networks[0].input_shape[1:], name=networks[0].inputs[0].name)
     outputs = layers.Average(name="mean_probabilities")([net(inputs) for net in networks])
     return keras.Model(inputs, outputs, name=name)
-
-
-def member_outputs(model: "keras.Model") -> "keras.Model":
-    """The model to train (members 1: the model itself): network k reads input k; (batch, members, classes) out.
-
-    Shares every weight with ``model``: fitting it trains the ensemble that ``model`` averages,
-    each network on a batch of its own (train.build_streams gives one stream per network).
-    """
-    import keras
-    from keras import layers
-
-    members = [layer for layer in model.layers if layer.name.startswith(MEMBER_PREFIX)]
-    if not members:
-        return model
-    n_classes = model.output_shape[-1]
-    inputs = [keras.Input(shape=model.input_shape[1:], name=f"{m.name}_input") for m in members]
-    rows = [layers.Reshape((1, n_classes), name=f"{m.name}_row")(m(x)) for m, x in zip(members, inputs)]
-    return keras.Model(inputs, layers.Concatenate(axis=1, name="members")(rows), name="members")
 
 
 def lifter_matrix(n_mels: int, keep: int) -> np.ndarray:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 DPI = 100
 _METADATA = {"Software": None}  # no matplotlib version in the file: identical bytes across upgrades
 TRAIN_COLOR, VAL_COLOR, BEST_COLOR = "#1f77b4", "#ff7f0e", "#2ca02c"
+LINESTYLES = ("-", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))  # an ensemble's networks, in turn
 
 
 def _save(fig: Figure, out_png: str | Path) -> None:
@@ -44,30 +45,37 @@ def plot_history(history: pd.DataFrame, out_png: str | Path) -> None:
     """Loss, accuracy (train vs val) and learning rate per epoch; the best epoch marked.
 
     ``history`` has columns epoch, loss, accuracy, val_loss, val_accuracy, lr (numbers or
-    the strings of ``fileio.read_csv``); missing columns are left out of the figure.
+    the strings of ``fileio.read_csv``); missing columns are left out of the figure. With a
+    ``member`` column (an ensemble's networks), one set of curves and one best epoch per network.
     """
-    frame = history.apply(pd.to_numeric, errors="coerce").sort_values("epoch").reset_index(drop=True)
-    best = best_epoch(frame)
+    frame = history.apply(pd.to_numeric, errors="coerce")
+    groups = [(k, rows) for k, rows in frame.groupby("member")] if "member" in frame else [(None, frame)]
     fig = Figure(figsize=(13.0, 3.8))
     axes = fig.subplots(1, 3)
+    for i, (member, rows) in enumerate(groups):
+        rows = rows.sort_values("epoch").reset_index(drop=True)
+        best = best_epoch(rows)
+        name = "" if member is None else f" (network {int(member)})"
+        style = {"marker": "." if member is None else None, "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+        for ax, metric in ((axes[0], "loss"), (axes[1], "accuracy")):
+            for column, color, label in ((metric, TRAIN_COLOR, "train"), (f"val_{metric}", VAL_COLOR, "val")):
+                if column in rows:
+                    ax.plot(rows["epoch"], rows[column], color=color, label=label + name, **style)
+            if best is not None:
+                row = rows.loc[rows["epoch"] == best].iloc[0]
+                ax.axvline(best, color=BEST_COLOR, linestyle="--", linewidth=1, label=f"best epoch {best}{name}")
+                if f"val_{metric}" in rows:
+                    ax.annotate(f"{row[f'val_{metric}']:.3f}", (best, row[f"val_{metric}"]), xytext=(4, 6),
+                                textcoords="offset points", color=BEST_COLOR, fontsize=8)
+        if "lr" in rows and rows["lr"].notna().any():
+            axes[2].plot(rows["epoch"], rows["lr"], color="#7f7f7f", **style)
+            if best is not None:
+                axes[2].axvline(best, color=BEST_COLOR, linestyle="--", linewidth=1)
     for ax, metric, title in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
-        for column, color, label in ((metric, TRAIN_COLOR, "train"), (f"val_{metric}", VAL_COLOR, "val")):
-            if column in frame:
-                ax.plot(frame["epoch"], frame[column], color=color, marker=".", label=label)
-        if best is not None:
-            row = frame.loc[frame["epoch"] == best].iloc[0]
-            ax.axvline(best, color=BEST_COLOR, linestyle="--", linewidth=1, label=f"best epoch {best}")
-            if f"val_{metric}" in frame:
-                ax.annotate(f"{row[f'val_{metric}']:.3f}", (best, row[f"val_{metric}"]), xytext=(4, 6),
-                            textcoords="offset points", color=BEST_COLOR, fontsize=8)
         ax.set(title=title, xlabel="epoch", ylabel=metric)
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="best", fontsize=8 if len(groups) == 1 else 6)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if "lr" in frame and frame["lr"].notna().any():
-        axes[2].plot(frame["epoch"], frame["lr"], color="#7f7f7f", marker=".")
-        if best is not None:
-            axes[2].axvline(best, color=BEST_COLOR, linestyle="--", linewidth=1)
     axes[2].set(title="Learning rate", xlabel="epoch", ylabel="lr")
     axes[2].grid(alpha=0.3)
     axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))

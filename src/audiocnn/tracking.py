@@ -361,9 +361,10 @@ def log_artifacts(paths: Iterable[str | Path], artifact_path: str | None = None)
 # --- Keras ----------------------------------------------------------------------------------
 
 
-def epoch_logger() -> Any:
+def epoch_logger(prefix: str = "") -> Any:
     """A Keras callback that logs every number in the epoch logs (loss, accuracy, val_*, the
-    learning rate as ``lr``) with step = the 1-based epoch, as in reports/train/history.csv."""
+    learning rate as ``lr``), keys prefixed with ``prefix``, with step = the 1-based epoch, as in
+    reports/train/history.csv."""
     import keras
 
     class EpochLogger(keras.callbacks.Callback):
@@ -374,7 +375,7 @@ def epoch_logger() -> Any:
             if "lr" not in values and self.model is not None:
                 with contextlib.suppress(Exception):
                     values["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            log_metrics(values, step=epoch + 1)
+            log_metrics(values, prefix=prefix, step=epoch + 1)
 
     return EpochLogger()
 

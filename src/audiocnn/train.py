@@ -7,6 +7,9 @@ count and oneDNN setting. Resumable: a training killed after k epochs restarts a
 (audiocnn.checkpoint) and ends as the uninterrupted one would have. AdamW with a cosine or constant schedule after a linear warmup
 (both are Keras' CosineDecay: alpha 1 keeps it constant), label smoothing, balanced class
 weights as sample weights, early stopping on val_loss that restores the best weights.
+``model.members`` > 1: that many networks trained one after another, network k exactly as one
+network would be with train.seed + k (initial weights, shuffles, augmentation), each with its own
+early stopping and backup; the saved model averages their probabilities (models.ensemble).
 """
 
 from __future__ import annotations
@@ -109,16 +112,14 @@ def check_features(features_dir: Path, audio: "AudioParams", spectrogram: "Spect
             raise DataError(f"{meta_path}: {key}={meta.get(key)!r} but params say {value!r}: rerun the spectrogram stage")
 
 
-def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int, spectrogram: "SpectrogramParams",
-                  members: int = 1):
+def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int, spectrogram: "SpectrogramParams"):
     """(train stream factory, val dataset of (x, y), labels, training clips, normalization sample or None).
 
-    ``train_stream(first_epoch)`` gives the (x, y, w) batches of epochs first_epoch..train.epochs-1,
-    each epoch's shuffle, crops, noise and augmentation drawn from ``epoch_seed(train.seed, epoch)``:
-    a training resumed at epoch k sees exactly the batches the uninterrupted one saw from epoch k.
-    ``members`` > 1: network k gets a stream of its own, seeded with train.seed + k (k = 0 is the
-    one-network stream), zipped into (tuple of members' x, y (batch, members, classes), w (batch,
-    members)); the val dataset stays one input (``for_members`` gives it to every network).
+    ``train_stream(first_epoch, member=0)`` gives the (x, y, w) batches of epochs
+    first_epoch..train.epochs-1, each epoch's shuffle, crops, noise and augmentation drawn from
+    ``epoch_seed(train.seed + member, epoch)``: a training resumed at epoch k sees exactly the
+    batches the uninterrupted one saw from epoch k, and an ensemble's network k sees the stream
+    of a one-network training with train.seed + k.
     """
     import tensorflow as tf
 
@@ -153,37 +154,16 @@ def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int
     mix = (lambda x, y, w, s: augment.mixup(x, y, w, s, p.mixup_alpha)) if p.mixup_alpha > 0 else None
     items = tf.data.Dataset.from_tensor_slices((train_paths, y_train, weights))
 
-    def member_epochs(first_epoch: int, member: int) -> tf.data.Dataset:
+    def train_stream(first_epoch: int, member: int = 0) -> tf.data.Dataset:
         def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:  # epoch: int64 scalar
             seed = epoch_seed(params.seed + member, epoch)
             side = data.noise_stream(noise, frames, n_mels, top_db, seed + 10) if noise else None
             return data.train_stream(items, params.shuffle_buffer, seed, transform, params.batch_size, mix, side)
 
-        return tf.data.Dataset.range(first_epoch, params.epochs).flat_map(one_epoch)
-
-    def train_stream(first_epoch: int) -> tf.data.Dataset:
-        if members == 1:
-            return member_epochs(first_epoch, 0).prefetch(tf.data.AUTOTUNE)
-        streams = tuple(member_epochs(first_epoch, k) for k in range(members))
-        return tf.data.Dataset.zip(streams).map(stack_members).prefetch(tf.data.AUTOTUNE)
+        return tf.data.Dataset.range(first_epoch, params.epochs).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
     log.info("train: %d clips, val: %d clips, %d classes, arch %s", len(train_paths), len(val_paths), len(labels), arch)
     return train_stream, val_ds, labels, len(train_paths), norm_sample
-
-
-def for_members(val_ds: Any, members: int) -> Any:
-    """(x, y) batches -> (the same x for each of ``members`` networks, y (batch, members, classes))."""
-    import tensorflow as tf
-
-    return val_ds.map(lambda x, y: (tuple([x] * members), tf.stack([y] * members, axis=1)))
-
-
-def stack_members(*batches: Any) -> Any:
-    """Members' (x, y, w) batches -> (tuple of x, y (batch, members, classes), w (batch, members))."""
-    import tensorflow as tf
-
-    xs, ys, ws = zip(*batches)
-    return tuple(xs), tf.stack(ys, axis=1), tf.stack(ws, axis=1)
 
 
 def epoch_seed(seed: int, epoch: Any) -> Any:
@@ -192,12 +172,7 @@ def epoch_seed(seed: int, epoch: Any) -> Any:
 
 
 def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: int) -> None:
-    """AdamW on linear warmup then cosine decay to 0 (or constant), label-smoothed cross-entropy.
-
-    ``model`` from ``models.member_outputs``: with (batch, members, classes) outputs and targets,
-    loss and ``accuracy`` are the members' means (each network learns from its own stream, as if
-    trained alone); the ``ensemble_accuracy`` callback then sets val_accuracy to the saved average's.
-    """
+    """AdamW on linear warmup then cosine decay to 0 (or constant), label-smoothed cross-entropy."""
     import keras
 
     warmup = params.warmup_epochs * steps_per_epoch
@@ -211,25 +186,14 @@ def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: in
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
 
 
-def ensemble_accuracy(ensemble: "keras.Model", val_ds: Any) -> Any:
-    """A callback setting the epoch's ``val_accuracy`` to ``ensemble``'s (the members' mean probabilities).
+@dataclass
+class NetworkFit:
+    """One trained network (best weights restored) and how its training went."""
 
-    Keras' own val_accuracy of the member-output model is the members' mean accuracy; the saved
-    model is their average, whose accuracy is the figure that early stopping's epoch should report.
-    ``val_ds``: (x, one-hot y) batches, the networks' common input.
-    """
-    import keras
-
-    class EnsembleAccuracy(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            correct = total = 0
-            for x, y in val_ds:
-                probs = keras.ops.convert_to_numpy(ensemble(x, training=False))  # (batch, classes)
-                correct += int((probs.argmax(axis=1) == keras.ops.convert_to_numpy(y).argmax(axis=1)).sum())
-                total += len(probs)
-            logs["val_accuracy"] = correct / total
-
-    return EnsembleAccuracy()
+    network: "keras.Model"
+    history: pd.DataFrame  # HISTORY_COLUMNS, one row per epoch
+    seconds: float  # the fit, wall time
+    samples_per_second: float
 
 
 def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams", normalize: "NormalizeParams",
@@ -238,7 +202,9 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
 
     Resumable (audiocnn.checkpoint): a run killed after k epochs continues from epoch k+1 in the
     same MLflow run (tag ``resumed_at_epoch``), and ends with the model and metrics of an
-    uninterrupted run. The MLflow run is tagged ``model_sha256`` (of model.keras): evaluate finds it so.
+    uninterrupted run; an ensemble keeps each network's backup until the whole model is written,
+    so finished networks are not trained again. The MLflow run is tagged ``model_sha256`` (of
+    model.keras): evaluate finds it so.
     """
     import keras
     import tensorflow as tf
@@ -251,50 +217,45 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
     keras.utils.set_random_seed(params.seed)  # python, numpy, tf and keras seeds
     tf.config.experimental.enable_op_determinism()
     train_stream, val_ds, labels, n_train, norm_sample = build_streams(
-        model_params.arch, paths, params, frames, spectrogram, model_params.members)
+        model_params.arch, paths, params, frames, spectrogram)
     shape = (spectrogram.image_size,) * 2 + (3,) if model_params.arch == "seed" else (frames, spectrogram.n_mels, 1)
-    model = models.build(model_params, len(labels), shape, norm_sample)  # what is saved
-    fitted = models.member_outputs(model)  # what is trained: the same weights (members > 1: one input and output each)
     steps = math.ceil(n_train / params.batch_size)  # one pass over the training clips
-    compile_model(fitted, params, steps)
-    log.info("model %s x %d: %d parameters, input %s", model_params.arch, model_params.members, model.count_params(),
-             shape)
+    members = model_params.members
+    networks = []
+    for k in range(members):
+        if k:  # network 0 is built as a one-network training builds its model
+            keras.utils.set_random_seed(params.seed + k)
+        name = None if members == 1 else models.member_name(k)
+        networks.append(models.build(model_params, len(labels), shape, norm_sample, name=name))
+        compile_model(networks[-1], params, steps)
+    log.info("model %s x %d: %d parameters, input %s", model_params.arch, members,
+             sum(net.count_params() for net in networks), shape)
 
     split_files = [p for p in (paths.split / f"{n}.csv" for n in data.SPLITS) if p.is_file()]
     key = checkpoint.training_key(raw_params, [*split_files, paths.features / "meta.json"])
-    backup = checkpoint.Backup.open(checkpoint.backup_root(tracking.repo_root()), key)
+    root = checkpoint.backup_root(tracking.repo_root())
+    backups = [checkpoint.Backup.open(root, key if members == 1 else f"{key}-{net.name}") for net in networks]
     try:
-        state = backup.load(fitted) or checkpoint.TrainState()
-        run_id = backup.run_id()
+        states = [backup.load(net) or checkpoint.TrainState() for backup, net in zip(backups, networks)]
+        run_id = backups[0].run_id()
         if run_id and not tracking.run_exists(run_id):
             run_id = None
         with tracking.start_run(run_id=run_id) as run:
-            backup.set_run_id(run.info.run_id)
-            if state.epochs_done:
-                log.info("resuming training after epoch %d/%d from %s", state.epochs_done, params.epochs, backup.folder)
-                tracking.set_tags({"resumed_at_epoch": state.epochs_done})
+            backups[0].set_run_id(run.info.run_id)
             tracking.log_params(raw_params)
             tracking.set_data_tags(split_files)
             tracking.set_tags(tracking.environment_tags())
-            epoch_log = epoch_logger(n_train, params.epochs)
-            stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience,
-                                                 restore_best_weights=True)
-            members = model_params.members
-            fit_val = for_members(val_ds, members) if members > 1 else val_ds
-            ensemble_val = [ensemble_accuracy(model, val_ds)] if members > 1 else []  # val_accuracy: the average's
-            started = time.perf_counter()
-            # one pipeline for the whole fit (Keras keeps the iterator across epochs with steps_per_epoch)
-            fitted.fit(train_stream(state.epochs_done), steps_per_epoch=steps, validation_data=fit_val,
-                       initial_epoch=state.epochs_done, epochs=state.epochs_done if state.stopped else params.epochs,
-                       verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
-                       callbacks=[*ensemble_val, epoch_log, stop, tracking.epoch_logger(),
-                                  checkpoint.callback(backup, stop, state)])
-            train_seconds = time.perf_counter() - started
-            history = pd.DataFrame(state.rows)[list(HISTORY_COLUMNS)].astype({"epoch": int})
-            metrics = train_metrics(history, model)
+            fits = [fit_network(net, params, n_train, train_stream, val_ds, backup, state, member=k,
+                                log_prefix="" if members == 1 else f"{net.name}/")
+                    for k, (net, backup, state) in enumerate(zip(networks, backups, states))]
+            model = fits[0].network if members == 1 else models.ensemble(
+                [fit.network for fit in fits], f"{model_params.arch}_ensemble")
+            history = member_history(fits)
+            average = val_scores(model, val_ds, params) if members > 1 else None  # the saved ensemble's
+            metrics = train_metrics(history, model, average)
             # Timings vary run to run: MLflow and a side file, never metrics/train.json (kept byte-reproducible).
-            timing = {"samples_per_second": round(epoch_log.samples_per_second(), 1),
-                      "train_seconds": round(train_seconds, 1)}
+            timing = {"samples_per_second": round(sum(fit.samples_per_second for fit in fits) / members, 1),
+                      "train_seconds": round(sum(fit.seconds for fit in fits), 1)}  # all networks' fits
             preprocess = {"audio": to_dict(audio), "normalize": to_dict(normalize), "spectrogram": to_dict(spectrogram),
                           "window_seconds": params.window_seconds, "window_frames": frames, "arch": model_params.arch}
             model_sha256 = modelfile.write_model_dir(paths.model_dir, model, labels, preprocess)
@@ -307,20 +268,92 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
             tracking.log_metrics(timing, prefix="train/")
             tracking.log_keras_model(model, labels)
             tracking.log_artifacts([paths.model_dir / "preprocess.json", paths.metrics, paths.history, paths.curves])
-        backup.remove()
+        for backup in backups:
+            backup.remove()
     finally:
-        backup.close()
-    log.info("best epoch %d/%d: val_loss %.4f, val_accuracy %.4f; %.0f samples/s", metrics["best_epoch"],
-             metrics["epochs_run"], metrics["best_val_loss"], metrics["best_val_accuracy"], timing["samples_per_second"])
+        for backup in backups:
+            backup.close()
+    log.info("saved %s: val_loss %.4f, val_accuracy %.4f; %.0f samples/s", model.name, metrics["best_val_loss"],
+             metrics["best_val_accuracy"], timing["samples_per_second"])
     return metrics
 
 
-def train_metrics(history: pd.DataFrame, model: "keras.Model") -> dict[str, Any]:
-    """metrics/train.json from the history: the best epoch by val_loss (the weights early stopping kept)."""
+def fit_network(network: "keras.Model", params: TrainParams, n_train: int, train_stream: Any, val_ds: Any,
+                backup: Any, state: Any, member: int, log_prefix: str) -> NetworkFit:
+    """Fit one compiled network on stream ``member`` (seeds train.seed + member), from ``state`` (a backup's
+    epochs, or none) saving every epoch to ``backup``; the best epoch's weights restored (early stopping).
+    MLflow's per-epoch metrics and the resume tag are named ``log_prefix`` + key."""
+    import keras
+    import tensorflow as tf
+
+    from audiocnn import checkpoint, tracking
+
+    if state.epochs_done:
+        log.info("resuming training%s after epoch %d/%d from %s", f" of {network.name}" if log_prefix else "",
+                 state.epochs_done, params.epochs, backup.folder)
+        tracking.set_tags({f"{log_prefix}resumed_at_epoch": state.epochs_done})
+    epoch_log = epoch_logger(n_train, params.epochs)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+    started = time.perf_counter()
+    tf.random.set_seed(params.seed + member)  # tf.data's seeded shuffles also read the global seed
+    # one pipeline for the whole fit (Keras keeps the iterator across epochs with steps_per_epoch)
+    network.fit(train_stream(state.epochs_done, member), steps_per_epoch=math.ceil(n_train / params.batch_size),
+                validation_data=val_ds, initial_epoch=state.epochs_done,
+                epochs=state.epochs_done if state.stopped else params.epochs,
+                verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
+                callbacks=[epoch_log, stop, tracking.epoch_logger(log_prefix), checkpoint.callback(backup, stop, state)])
+    history = pd.DataFrame(state.rows)[list(HISTORY_COLUMNS)].astype({"epoch": int})
     best = int(history["val_loss"].idxmin())
-    return {"best_epoch": best + 1, "best_val_loss": float(history["val_loss"][best]),
-            "best_val_accuracy": float(history["val_accuracy"][best]), "epochs_run": len(history),
-            "parameters": int(model.count_params())}
+    log.info("%sbest epoch %d/%d: val_loss %.4f, val_accuracy %.4f", f"{network.name}: " if log_prefix else "",
+             best + 1, len(history), history["val_loss"][best], history["val_accuracy"][best])
+    return NetworkFit(network, history, time.perf_counter() - started, epoch_log.samples_per_second())
+
+
+def member_history(fits: list[NetworkFit]) -> pd.DataFrame:
+    """history.csv: one network's epochs, or every network's with a leading ``member`` column (0-based)."""
+    if len(fits) == 1:
+        return fits[0].history
+    return pd.concat([fit.history.assign(member=k) for k, fit in enumerate(fits)], ignore_index=True)[
+        ["member", *HISTORY_COLUMNS]]
+
+
+def val_scores(model: "keras.Model", val_ds: Any, params: TrainParams) -> tuple[float, float]:
+    """(loss, accuracy) of ``model`` on the (x, one-hot y) val batches, as Keras' val_loss/val_accuracy count them."""
+    import keras
+
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing, reduction="sum")
+    total_loss, correct, count = 0.0, 0, 0
+    for x, y in val_ds:
+        probs = model(x, training=False)  # (batch, classes)
+        total_loss += float(keras.ops.convert_to_numpy(loss(y, probs)))
+        predicted, actual = (keras.ops.convert_to_numpy(t).argmax(axis=1) for t in (probs, y))
+        correct += int((predicted == actual).sum())
+        count += len(probs)
+    return total_loss / count, correct / count
+
+
+def train_metrics(history: pd.DataFrame, model: "keras.Model",
+                  average: tuple[float, float] | None = None) -> dict[str, Any]:
+    """metrics/train.json from the history: the best epoch by val_loss (the weights early stopping kept).
+
+    An ensemble's history (a ``member`` column): each network's best epoch and scores under
+    ``members.<name>``, epochs_run summed over the networks, and the val (loss, accuracy) of the
+    saved average, ``average``, as best_val_loss and best_val_accuracy.
+    """
+    if "member" not in history:
+        best = int(history["val_loss"].idxmin())
+        return {"best_epoch": best + 1, "best_val_loss": float(history["val_loss"][best]),
+                "best_val_accuracy": float(history["val_accuracy"][best]), "epochs_run": len(history),
+                "parameters": int(model.count_params())}
+    from audiocnn import models
+
+    each = {models.member_name(int(k)): train_metrics(rows.drop(columns="member").reset_index(drop=True), model)
+            for k, rows in history.groupby("member")}
+    for scores in each.values():
+        del scores["parameters"]
+    loss, accuracy = average
+    return {"best_val_loss": loss, "best_val_accuracy": accuracy, "epochs_run": len(history),
+            "parameters": int(model.count_params()), "members": each}
 
 
 def epoch_logger(n_train: int, epochs: int) -> Any:
