@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import keras
 
     from audiocnn.audio import AudioParams
+    from audiocnn.checkpoint import Backup, TrainState
     from audiocnn.normalize import NormalizeParams
     from audiocnn.spectrogram import SpectrogramParams
 
@@ -279,7 +280,7 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
 
 
 def fit_network(network: "keras.Model", params: TrainParams, n_train: int, train_stream: Any, val_ds: Any,
-                backup: Any, state: Any, member: int, log_prefix: str) -> NetworkFit:
+                backup: "Backup", state: "TrainState", member: int, log_prefix: str) -> NetworkFit:
     """Fit one compiled network on stream ``member`` (seeds train.seed + member), from ``state`` (a backup's
     epochs, or none) saving every epoch to ``backup``; the best epoch's weights restored (early stopping).
     MLflow's per-epoch metrics and the resume tag are named ``log_prefix`` + key."""
