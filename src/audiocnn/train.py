@@ -246,7 +246,7 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
             tracking.log_params(raw_params)
             tracking.set_data_tags(split_files)
             tracking.set_tags(tracking.environment_tags())
-            fits = [fit_network(net, params, n_train, train_stream, val_ds, backup, state, member=k,
+            fits = [fit_network(net, params, n_train, steps, train_stream, val_ds, backup, state, member=k,
                                 log_prefix="" if members == 1 else f"{net.name}/")
                     for k, (net, backup, state) in enumerate(zip(networks, backups, states))]
             model = fits[0].network if members == 1 else models.ensemble(
@@ -279,8 +279,8 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
     return metrics
 
 
-def fit_network(network: "keras.Model", params: TrainParams, n_train: int, train_stream: Any, val_ds: Any,
-                backup: "Backup", state: "TrainState", member: int, log_prefix: str) -> NetworkFit:
+def fit_network(network: "keras.Model", params: TrainParams, n_train: int, steps: int, train_stream: Any,
+                val_ds: Any, backup: "Backup", state: "TrainState", member: int, log_prefix: str) -> NetworkFit:
     """Fit one compiled network on stream ``member`` (seeds train.seed + member), from ``state`` (a backup's
     epochs, or none) saving every epoch to ``backup``; the best epoch's weights restored (early stopping).
     MLflow's per-epoch metrics and the resume tag are named ``log_prefix`` + key."""
@@ -298,15 +298,15 @@ def fit_network(network: "keras.Model", params: TrainParams, n_train: int, train
     started = time.perf_counter()
     tf.random.set_seed(params.seed + member)  # tf.data's seeded shuffles also read the global seed
     # one pipeline for the whole fit (Keras keeps the iterator across epochs with steps_per_epoch)
-    network.fit(train_stream(state.epochs_done, member), steps_per_epoch=math.ceil(n_train / params.batch_size),
-                validation_data=val_ds, initial_epoch=state.epochs_done,
+    network.fit(train_stream(state.epochs_done, member), steps_per_epoch=steps, validation_data=val_ds,
+                initial_epoch=state.epochs_done,
                 epochs=state.epochs_done if state.stopped else params.epochs,
                 verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
                 callbacks=[epoch_log, stop, tracking.epoch_logger(log_prefix), checkpoint.callback(backup, stop, state)])
     history = pd.DataFrame(state.rows)[list(HISTORY_COLUMNS)].astype({"epoch": int})
-    best = int(history["val_loss"].idxmin())
+    scores = train_metrics(history, network)
     log.info("%sbest epoch %d/%d: val_loss %.4f, val_accuracy %.4f", f"{network.name}: " if log_prefix else "",
-             best + 1, len(history), history["val_loss"][best], history["val_accuracy"][best])
+             scores["best_epoch"], scores["epochs_run"], scores["best_val_loss"], scores["best_val_accuracy"])
     return NetworkFit(network, history, time.perf_counter() - started, epoch_log.samples_per_second())
 
 
