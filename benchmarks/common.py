@@ -130,6 +130,23 @@ def folders_params(source: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def set_params(params: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+    """``params`` with dotted ``key=value`` assignments applied (values parsed as YAML), as ``dvc exp run -S`` does."""
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        *parents, leaf = key.split(".")
+        section = params
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+            if section is None:
+                break
+        if not sep or section is None or not isinstance(section, dict) or leaf not in section:
+            raise SystemExit(f"--set {assignment}: expected KEY=VALUE with KEY a dotted params key (e.g. "
+                             "spectrogram.images=false)")
+        section[leaf] = yaml.safe_load(value)
+    return params
+
+
 def write_params(path: Path, params: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")

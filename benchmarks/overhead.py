@@ -1,6 +1,6 @@
 """Pipeline overhead: a no-op `dvc repro`, `dvc exp run -S train.lr=...`, and `dvc repro` after adding 1% new clips.
 
-    python benchmarks/overhead.py [--clips 3000 | --synthetic 30000] [--epochs 1] [--noop-runs 5]
+    python benchmarks/overhead.py [--clips 3000 | --synthetic 30000] [--epochs 1] [--noop-runs 5] [--set KEY=VALUE]
 
 A fresh git + DVC workspace (benchmarks/pipeline.py's helpers) in a temporary folder runs the
 pipeline on FSDD (``--clips`` files, hard-linked into a temporary source folder, never written)
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="use this many generated clips (benchmarks/common.py) instead of FSDD")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--noop-runs", type=int, default=5)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key, e.g. spectrogram.images=false (repeatable)")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "overhead")
     args = parser.parse_args(argv)
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             params = common.fsdd_params(source, split={"strategy": "stratified", "test_folds": [], "val_folds": []},
                                         **sections)
+        params = common.set_params(params, args.set)
         root = pipeline.make_workspace(tmp / "workspace", params)
         env = common.tool_env(AUDIOCNN_CACHE_DIR=str(tmp / "cache"),
                               MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'workspace' / 'mlflow.db'}")

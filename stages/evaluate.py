@@ -14,7 +14,7 @@ from audiocnn.train import TrainParams
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = stage.parser(__doc__)
-    p.add_argument("--features", type=Path, required=True, help="spectrogram output: <id>.npy arrays")
+    p.add_argument("--features", type=Path, required=True, help="spectrogram output (features.npy, index.csv)")
     p.add_argument("--images", type=Path, required=True, help="spectrogram PNGs (model.arch seed)")
     p.add_argument("--split", type=Path, required=True, help="folder with test.csv")
     p.add_argument("--model", type=Path, required=True, help="train output: model.keras, labels.json, run.json")

@@ -14,7 +14,7 @@ from audiocnn.spectrogram import SpectrogramParams, check_against_audio
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = stage.parser(__doc__)
-    p.add_argument("--features", type=Path, required=True, help="spectrogram output (<id>.npy, meta.json)")
+    p.add_argument("--features", type=Path, required=True, help="spectrogram output (features.npy, index.csv)")
     p.add_argument("--images", type=Path, required=True, help="per-clip PNGs (model.arch seed)")
     p.add_argument("--split", type=Path, required=True, help="split output (train.csv, val.csv, test.csv)")
     p.add_argument("--model", type=Path, required=True, help="output folder: model.keras, labels/preprocess/run.json")

@@ -93,7 +93,7 @@ def test_dynamic_range_in_the_window_transform_and_its_limit():
     assert np.array_equal(augment.augment_window(tf.constant(window()), tf.constant(0), None, seed(1), params(),
                                                  top_db=45.0).numpy(), window())  # 0 disables
     with pytest.raises(ParamsError, match=r"dynamic_range_db=80 must be below spectrogram.top_db=80"):
-        augment.window_transform(params(dynamic_range_db=80.0), frames=30, n_mels=16, top_db=80.0, n_classes=3)
+        augment.window_transform(None, params(dynamic_range_db=80.0), frames=30, top_db=80.0, n_classes=3)
     with pytest.raises(ParamsError, match="augment.dynamic_range_db"):
         load_section({"augment": {**real_params()["train"]["augment"], "dynamic_range_db": -1.0}}, "augment",
                      AugmentParams)
@@ -171,12 +171,13 @@ def test_freq_warp_down_fills_the_top_bins_with_the_floor():
 
 
 def test_time_stretch_and_freq_warp_run_in_the_training_transform(tmp_path):
-    from audiocnn import fileio
+    from audiocnn import packed
 
-    fileio.write_npy(tmp_path / "a.npy", window())
+    packed.write(tmp_path, {"a": window()})
+    features = packed.open_folder(tmp_path)
     p = params(time_stretch=0.2, freq_warp=0.1, time_shift=True)
-    transform = augment.window_transform(p, frames=30, n_mels=16, top_db=80.0, n_classes=3)
-    items = tf.data.Dataset.from_tensor_slices(([str(tmp_path / "a.npy")] * 8, [1] * 8, [1.0] * 8,
+    transform = augment.window_transform(features, p, frames=30, top_db=80.0, n_classes=3)
+    items = tf.data.Dataset.from_tensor_slices((features.refs_of(["a"] * 8), [1] * 8, [1.0] * 8,
                                                 tf.constant([[7, i] for i in range(8)], tf.int64)))
     out = list(items.map(transform).as_numpy_iterator())
     assert all(x.shape == (30, 16, 1) and y.tolist() == [0, 1, 0] for x, y, _ in out)

@@ -70,6 +70,16 @@ def test_overhead_stages_alone_and_table(tmp_path):
     assert "no-op `dvc repro`: median 0.90 s" in text and "5.0% of its full-run time" in text
 
 
+def test_set_params_applies_dotted_overrides_and_names_a_wrong_key():
+    common = bench("common")
+    params = {"spectrogram": {"images": True, "n_mels": 40}, "train": {"augment": {"gain_db": 6.0}}}
+    common.set_params(params, ["spectrogram.images=false", "train.augment.gain_db=0"])
+    assert params == {"spectrogram": {"images": False, "n_mels": 40}, "train": {"augment": {"gain_db": 0}}}
+    for wrong in ("spectrogram.image=false", "nope.images=1", "spectrogram.images"):
+        with pytest.raises(SystemExit, match=wrong.replace(".", "\\.")):
+            common.set_params(params, [wrong])
+
+
 def test_training_table_and_target_recorder(tmp_path):
     training, common = bench("training"), bench("common")
     recorder = training.TargetRecorder(0.95, stop=True)
@@ -96,8 +106,8 @@ def test_training_table_and_target_recorder(tmp_path):
 def test_overhead_runner_end_to_end(tmp_path, data):
     if data[0] == "--clips" and not FSDD.is_dir():
         pytest.skip(f"FSDD not found at {FSDD} (the overhead runner reads it)")
-    assert bench("overhead").main([*data, "--noop-runs", "1", "--workdir", str(tmp_path),
-                                   "--out", str(tmp_path / "out")]) == 0
+    assert bench("overhead").main([*data, "--noop-runs", "1", "--workdir", str(tmp_path), "--set",
+                                   "spectrogram.images=false", "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "results.md").read_text()
     assert "no-op `dvc repro`" in text and "+1 clips s" in text  # 60 clips: 59 first, then 1 more
     assert ("generated" in text) == (data[0] == "--synthetic")

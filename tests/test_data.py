@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from audiocnn import data, fileio
+from audiocnn import data, fileio, packed, store
 from audiocnn.errors import DataError
 
 N_MELS = 8
@@ -18,10 +18,11 @@ def ramp(frames: int) -> np.ndarray:
     return np.repeat(np.arange(frames, dtype=np.float32)[:, None] - 80.0, N_MELS, axis=1)
 
 
-def write_clips(tmp_path, lengths: dict[str, int]) -> list[str]:
-    for clip_id, frames in lengths.items():
-        fileio.write_npy(tmp_path / f"{clip_id}.npy", ramp(frames))
-    return [str(tmp_path / f"{clip_id}.npy") for clip_id in lengths]
+def write_clips(tmp_path, lengths: dict[str, int]) -> tuple[packed.Packed, np.ndarray]:
+    """Ramps of the given frame counts, packed: (the features, their (n, 2) refs in the given order)."""
+    packed.write(tmp_path, {clip_id: ramp(frames) for clip_id, frames in lengths.items()})
+    features = packed.open_folder(tmp_path)
+    return features, features.refs_of(list(lengths))
 
 
 @pytest.mark.parametrize(
@@ -85,12 +86,30 @@ def test_sliding_windows_short_clip_is_one_padded_window():
     assert windows[0, 3:, 0].tolist() == [-88.0, -88.0]
 
 
-def test_load_features_errors_name_the_file(tmp_path):
-    with pytest.raises(DataError, match="nope.npy"):
+def test_load_features_errors_name_the_file_or_clip(tmp_path):
+    with pytest.raises(DataError, match="features.npy"):
         data.load_features(tmp_path, "nope")
-    fileio.write_npy(tmp_path / "flat.npy", np.zeros(5, np.float32))
-    with pytest.raises(DataError, match="flat.npy"):
-        data.load_features(tmp_path, "flat")
+    write_clips(tmp_path, {"a": 3, "b": 5})
+    np.testing.assert_array_equal(data.load_features(tmp_path, "b"), ramp(5))
+    with pytest.raises(DataError, match=f"no features for clip 'nope' in {tmp_path}"):
+        data.load_features(tmp_path, "nope")
+    fileio.write_npy(tmp_path / "features.npy", np.zeros(5, np.float32))
+    with pytest.raises(DataError, match="features.npy: expected \\(frames, n_mels\\) float32"):
+        data.load_features(tmp_path, "a")
+    whole = store.npy_bytes(np.zeros((8, N_MELS), np.float32))
+    (tmp_path / "features.npy").write_bytes(whole[:-4])
+    with pytest.raises(DataError, match="features.npy: .* bytes, not the \\(8, 8\\) float32 array .*truncated"):
+        data.load_features(tmp_path, "a")
+    fileio.write_npy(tmp_path / "features.npy", np.zeros((7, N_MELS), np.float32))  # 8 rows listed
+    with pytest.raises(DataError, match="index.csv: clip b has rows 3\\+5 outside .*features.npy \\(7 rows\\)"):
+        data.load_features(tmp_path, "a")
+
+
+def test_packed_features_are_reopened_when_rewritten(tmp_path):
+    write_clips(tmp_path, {"a": 3})
+    np.testing.assert_array_equal(data.load_features(tmp_path, "a"), ramp(3))
+    write_clips(tmp_path, {"a": 4})  # same names, new files
+    np.testing.assert_array_equal(data.load_features(tmp_path, "a"), ramp(4))
 
 
 def test_load_image_rgb_unit_range(tmp_path):
@@ -119,14 +138,14 @@ def first_frames(ds) -> list[float]:
 def test_train_stream_crops_vary_per_epoch_but_repeat_per_seed(tmp_path):
     import tensorflow as tf
 
-    paths = write_clips(tmp_path, {f"c{i}": 40 + i for i in range(6)})
+    features, refs = write_clips(tmp_path, {f"c{i}": 40 + i for i in range(6)})
     labels = np.arange(6, dtype=np.int32)
 
-    def crop(path, label, seed):
-        return data.crop_tf(data.load_npy_tf(path, N_MELS), 10, TOP_DB, seed), label
+    def crop(ref, label, seed):
+        return data.crop_tf(data.load_rows_tf(features, ref), 10, TOP_DB, seed), label
 
     def stream(seed):
-        items = tf.data.Dataset.from_tensor_slices((paths, labels))
+        items = tf.data.Dataset.from_tensor_slices((refs, labels))
         return data.train_stream(items, shuffle_buffer=6, seed=seed, transform=crop, batch_size=4)
 
     batch_x, batch_y = next(iter(stream(3)))
@@ -140,9 +159,9 @@ def test_train_stream_crops_vary_per_epoch_but_repeat_per_seed(tmp_path):
 
 
 def test_eval_dataset_centre_windows(tmp_path):
-    paths = write_clips(tmp_path, {"long": 20, "short": 3})
-    ds = data.eval_dataset(paths, np.array([1, 0], np.int32), n_classes=2, frames=6, n_mels=N_MELS,
-                           top_db=TOP_DB, batch_size=8)
+    features, refs = write_clips(tmp_path, {"long": 20, "short": 3})
+    ds = data.eval_dataset(features, refs, np.array([1, 0], np.int32), n_classes=2, frames=6, top_db=TOP_DB,
+                           batch_size=8)
     x, y = next(iter(ds))
     assert x.shape == (2, 6, N_MELS, 1) and y.shape == (2, 2)
     np.testing.assert_array_equal(x[0, :, 0, 0], np.arange(7, 13) - 80.0)  # centre of 20 frames
@@ -151,10 +170,10 @@ def test_eval_dataset_centre_windows(tmp_path):
 
 
 def test_feature_sample_is_bounded_and_seeded(tmp_path):
-    paths = write_clips(tmp_path, {f"c{i}": 12 for i in range(5)})
-    sample = data.feature_sample(paths, 8, TOP_DB, limit=3, seed=1)
+    features, refs = write_clips(tmp_path, {f"c{i}": 12 for i in range(5)})
+    sample = data.feature_sample(features, refs, 8, TOP_DB, limit=3, seed=1)
     assert sample.shape == (3, 8, N_MELS)
-    np.testing.assert_array_equal(sample, data.feature_sample(paths, 8, TOP_DB, limit=3, seed=1))
+    np.testing.assert_array_equal(sample, data.feature_sample(features, refs, 8, TOP_DB, limit=3, seed=1))
 
 
 def test_crop_tf_time_shift_places_short_clips_at_random_offsets(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audiocnn import config, evaluate, fileio, models, tracking
+from audiocnn import config, evaluate, fileio, models, packed, tracking
 from audiocnn.errors import DataError
 from audiocnn.spectrogram import SpectrogramParams
 from conftest import REPO, real_params
@@ -69,8 +69,7 @@ def test_clip_prediction_is_mean_over_its_windows(tmp_path):
     ramp = np.linspace(0, 1, 10, dtype=np.float32)[:, None].repeat(2, axis=1)  # (10 frames, 2 mels)
     short = np.full((2, 2), 0.5, dtype=np.float32)
     short[0, 0] = 0.1  # peak 0.5: with top_db 0.4 the padded frames take silence = 0.1
-    fileio.write_npy(tmp_path / "long.npy", ramp)
-    fileio.write_npy(tmp_path / "short.npy", short)
+    packed.write(tmp_path, {"long": ramp, "short": short})
     rows = [{"id": "long", "image": ""}, {"id": "short", "image": ""}]
     inputs = [models.model_input("cnn", r, features_dir=tmp_path, images_dir=tmp_path, window_frames=4,
                                  hop_frames=3, top_db=0.4) for r in rows]
@@ -127,14 +126,15 @@ class BandModel:
 
 
 def make_dataset(root: Path) -> dict[str, Path]:
-    """features/<id>.npy (band k loud for class k), split/test.csv, models/labels.json."""
-    rows = []
+    """features (band k loud for class k, packed), split/test.csv, models/labels.json."""
+    rows, arrays = [], {}
     for i, (label, frames) in enumerate([("a", 5), ("a", 30), ("b", 11), ("c", 40), ("c", 8)]):
         x = np.zeros((frames, 3), dtype=np.float32)
         band = "abc".index(label) if i != 4 else 1  # clip 4 (c) sounds like b: a mistake
         x[:, band] = 1.0
-        fileio.write_npy(root / "features" / f"clip{i}.npy", x)
+        arrays[f"clip{i}"] = x
         rows.append({"id": f"clip{i}", "path": f"{label}/clip{i}.wav", "label": label, "image": ""})
+    packed.write(root / "features", arrays)
     fileio.write_csv(root / "split" / "test.csv", pd.DataFrame(rows))
     fileio.write_json(root / "models" / "labels.json", {"labels": LABELS})
     return {k: root / k for k in ("features", "split", "models")}

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from audiocnn import cli, data, export, fileio, frontend, predict
+from audiocnn import cli, data, export, fileio, frontend, packed, predict
 from audiocnn.config import ParamsError, load_section
 from audiocnn.errors import DataError
 from audiocnn.tflite import TFLiteRunner
@@ -151,6 +151,7 @@ def learnable_set(root: Path, pre: predict.Preprocess, per_class: dict[str, int]
 
     rng = np.random.default_rng(5)
     rows: dict[str, list[dict]] = {}
+    features: dict[str, np.ndarray] = {}
     for split, n in per_class.items():
         for label, freq in zip(LABELS, (300.0, 3000.0, 0.0)):
             for i in range(n):
@@ -160,8 +161,9 @@ def learnable_set(root: Path, pre: predict.Preprocess, per_class: dict[str, int]
                 mono = normalize_signal(x[:, None].astype(np.float32), SAMPLE_RATE, SAMPLE_RATE, pre.normalize)
                 clip_id = f"{label}-{split}{i:02d}"
                 fileio.write_npy(root / "normalize" / "clips" / f"{clip_id}.npy", mono)
-                fileio.write_npy(root / "features" / f"{clip_id}.npy", log_mel(mono, SAMPLE_RATE, pre.spectrogram))
+                features[clip_id] = log_mel(mono, SAMPLE_RATE, pre.spectrogram)
                 rows.setdefault(split, []).append({"id": clip_id, "path": f"{clip_id}.wav", "label": label})
+    packed.write(root / "features", features)
     for split, frame in rows.items():
         fileio.write_csv(root / "split" / f"{split}.csv", pd.DataFrame(frame))
 

@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from audiocnn import audio, fileio, ingest, normalize, split, stage
+from audiocnn import audio, data, fileio, ingest, normalize, split, stage
 from audiocnn.errors import DataError
 from conftest import REPO, real_params
 from test_ingest import make_params, snapshot
@@ -106,7 +106,7 @@ def test_every_depth_rate_and_channel_count_goes_through(tmp_path):
         assert rms_dbfs == pytest.approx(-20.0, abs=0.2), subtype  # normalize.target_dbfs, method rms
         spectrum = np.abs(np.fft.rfft(mono))
         assert np.argmax(spectrum) * SR / len(mono) == pytest.approx(TONE_HZ, abs=5), subtype
-        features = fileio.load_npy(ds / "features" / f"{row.id}.npy")  # (frames, n_mels) dB
+        features = data.load_features(ds / "features", row.id)  # (frames, n_mels) dB
         assert features.shape == (1 + (len(mono) + 255) // 160, 64) and np.isfinite(features).all()  # frames overlapping it
     split = {name: fileio.read_csv(ds / "split" / f"{name}.csv") for name in ("train", "val", "test")}
     assert sum(len(f) for f in split.values()) == len(manifest)
@@ -184,7 +184,7 @@ def test_single_sample_clip_is_processed_when_min_duration_allows(tmp_path):
     index = fileio.read_csv(ds / "features" / "index.csv")
     assert len(index) == 6 and set(index["frames"]) == {"2"}  # 2 samples at 16 kHz: 1 + (2 + 255) // 160 frames
     for clip_id in index["id"]:
-        x = fileio.load_npy(ds / "features" / f"{clip_id}.npy")
+        x = data.load_features(ds / "features", clip_id)
         assert x.shape == (2, 64) and np.isfinite(x).all()
     assert len(fileio.read_csv(ds / "split" / "train.csv")) == 2
 
@@ -206,7 +206,7 @@ def test_hostile_names_through_the_pipeline(tmp_path):
     assert sorted(set(index["label"])) == sorted(HOSTILE_CLASSES) and len(index) == 4 * len(HOSTILE_CLASSES)
     assert all((source / p).is_file() for p in index["path"])
     for row in index.itertuples():
-        assert (ds / "spectrograms" / row.image).is_file() and (ds / "features" / f"{row.id}.npy").is_file()
+        assert (ds / "spectrograms" / row.image).is_file() and data.load_features(ds / "features", row.id).size
     split = [fileio.read_csv(ds / "split" / f"{name}.csv") for name in ("train", "val", "test")]
     assert all(set(part["label"]) == set(HOSTILE_CLASSES) for part in split)
     assert snapshot(source) == before

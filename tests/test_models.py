@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from audiocnn import fileio
+from audiocnn import fileio, packed
 from audiocnn.config import ParamsError, load_section
 from audiocnn.models import ModelParams, model_input
 
@@ -114,7 +114,7 @@ def test_seed_is_the_notebook_network():
 
 def test_model_input_per_arch(tmp_path):
     x = np.linspace(-80, -20, 250 * 64, dtype=np.float32).reshape(250, 64)
-    fileio.write_npy(tmp_path / "clip-1.npy", x)
+    packed.write(tmp_path, {"clip-1": x})
     (tmp_path / "img" / "dog").mkdir(parents=True)
     Image.fromarray(np.full((224, 224, 3), 255, np.uint8)).save(tmp_path / "img" / "dog" / "clip-1.png")
     row = {"id": "clip-1", "image": "dog/clip-1.png"}

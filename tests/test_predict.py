@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiocnn import data, fileio, predict, spectrogram, stream, timeline
+from audiocnn import data, fileio, packed, predict, spectrogram, stream, timeline
 from audiocnn.audio import AudioReadError
 from audiocnn.config import ParamsError, load_section, to_dict
 from audiocnn.errors import DataError
@@ -157,7 +157,8 @@ def pipeline_probabilities(wav: Path, model_dir: Path, tmp: Path, hop_seconds: f
     record = {"id": "clip-1", "path": wav.name, "label": "engine"}
     normalize.normalize_clip(record, wav.parent, tmp / "clips", SAMPLE_RATE,
                              load_section(params, "normalize", normalize.NormalizeParams), max_seconds=600.0)
-    spectrogram.spectrogram_clip(record, tmp / "clips", tmp / "features", tmp / "images", SAMPLE_RATE, spec)
+    db, _ = spectrogram.spectrogram_clip(record, tmp / "clips", tmp / "images", SAMPLE_RATE, spec)
+    packed.write(tmp / "features", {record["id"]: db})
     keras_model, labels = evaluate.load_model(model_dir)
     assert labels == LABELS
     frames = data.window_frames(WINDOW_SECONDS, SAMPLE_RATE, spec.hop_length, spec.n_fft)
@@ -302,8 +303,7 @@ def test_seed_model_predicts_the_clip_image_the_pipeline_renders(tmp_path):
     wav = write_wav(tmp_path / "in" / "clip.wav", 1.7)
     record = {"id": "clip-1", "path": "clip.wav", "label": "storm"}
     normalize.normalize_clip(record, wav.parent, tmp_path / "clips", SAMPLE_RATE, norm, max_seconds=600.0)
-    _, image = spectrogram.spectrogram_clip(record, tmp_path / "clips", tmp_path / "features", tmp_path / "images",
-                                            SAMPLE_RATE, spec)
+    _, image = spectrogram.spectrogram_clip(record, tmp_path / "clips", tmp_path / "images", SAMPLE_RATE, spec)
     keras_model, _ = evaluate.load_model(tmp_path / "models")
     x = models.model_input("seed", record | {"image": image}, features_dir=tmp_path / "features",
                            images_dir=tmp_path / "images", window_frames=51, hop_frames=25, top_db=spec.top_db)

@@ -193,13 +193,15 @@ def test_no_pickle_anywhere(path):
 
 
 def test_pickled_arrays_are_refused(tmp_path):
-    from audiocnn import data
+    from audiocnn import data, packed
 
     np.save(tmp_path / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="allow_pickle"):
         fileio.load_npy(tmp_path / "evil.npy")
-    with pytest.raises(DataError, match="evil.npy"):
-        data.load_features(tmp_path, "evil")
+    packed.write(tmp_path / "features", {"evil": np.zeros((2, 3), np.float32)})
+    np.save(tmp_path / "features" / "features.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="features.npy"):
+        data.load_features(tmp_path / "features", "evil")
 
 
 def test_model_with_code_is_refused(tmp_path):

@@ -109,7 +109,7 @@ def test_kill_during_spectrogram_then_repro(reference, tmp_path):
     features = repo / "dataset" / "features"
 
     def arrays() -> list[Path]:  # in the folder, or in the stage's staging folder beside it
-        return [*features.glob("*.npy"), *features.parent.glob(".features.*.tmp/*.npy")]
+        return [*features.glob("*.npy"), *features.parent.glob(".features.*.tmp/features.npy")]
 
     kill_when(proc, lambda: arrays() and not (features / "meta.json").exists())
     assert not (features / "meta.json").exists()  # killed mid-stage

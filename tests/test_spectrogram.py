@@ -12,9 +12,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from audiocnn import config, fileio, spectrogram
+from audiocnn import config, data, fileio, spectrogram
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError
+from audiocnn.errors import DataError
 from audiocnn.spectrogram import SpectrogramParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,34 +97,54 @@ def make_normalized(tmp_path: Path) -> Path:
     return root
 
 
-def run_stage(tmp_path: Path, name: str, **overrides) -> Path:
+def run_stage(tmp_path: Path, name: str, cache="env", **overrides) -> Path:
     out = tmp_path / name
     spectrogram.run(tmp_path / "normalize", out / "features", out / "images", out / "gallery.png",
-                    AudioParams(16000), spec_params(image_size=32, **overrides))
+                    AudioParams(16000), spec_params(image_size=32, **overrides), cache=cache)
     return out
 
 
 def test_run_outputs_and_workers_identical(tmp_path):
     make_normalized(tmp_path)
-    one, two = run_stage(tmp_path, "one"), run_stage(tmp_path, "two", workers=2)
+    one = run_stage(tmp_path, "one")  # computed in-process, stored in the cache
+    two = run_stage(tmp_path, "two", cache=None, workers=2)  # computed by two workers
+    three = run_stage(tmp_path, "three", workers=2)  # every clip from the cache
     index = fileio.read_csv(one / "features" / "index.csv")
-    assert list(index.columns) == ["id", "path", "label", "group", "fold", "samples", "frames", "image"]
+    assert list(index.columns) == ["id", "path", "label", "group", "fold", "samples", "frames", "offset", "image"]
     assert index["frames"].astype(int).tolist() == [1 + (int(s) + 255) // 160 for s in index["samples"]]  # frames overlapping the clip
+    assert index["offset"].astype(int).tolist() == [0, *np.cumsum(index["frames"].astype(int))[:-1]]
     assert fileio.read_json(one / "features" / "meta.json") == {
         "sample_rate": 16000, "n_fft": 512, "hop_length": 160, "n_mels": 64, "fmin": 20.0, "fmax": 8000.0,
         "top_db": 80.0}
+    assert sorted(p.name for p in (one / "features").iterdir()) == ["features.npy", "index.csv", "meta.json"]
+    array = fileio.load_npy(one / "features" / "features.npy")
+    assert array.shape == (index["frames"].astype(int).sum(), 64) and array.dtype == np.float32
+    for out in (two, three):
+        assert (out / "features" / "features.npy").read_bytes() == (one / "features" / "features.npy").read_bytes()
+        assert fileio.read_csv(out / "features" / "index.csv").equals(index)
     for row in index.itertuples():
-        db = fileio.load_npy(one / "features" / f"{row.id}.npy")
-        assert db.shape == (int(row.frames), 64) and db.dtype == np.float32
-        np.testing.assert_array_equal(db, fileio.load_npy(two / "features" / f"{row.id}.npy"))
+        clip = fileio.load_npy(tmp_path / "normalize" / "clips" / f"{row.id}.npy")
+        expected, _ = spectrogram.features_of(clip, 16000, spec_params(image_size=32), image=False)
+        np.testing.assert_allclose(data.load_features(one / "features", row.id), expected, atol=1e-4)  # BLAS threads
         assert row.image.endswith(f"/{row.id}.png") and "/" not in row.image.split("/")[0]
         with Image.open(one / "images" / row.image) as image:
             assert image.mode == "RGB" and image.size == (32, 32)
-        assert (one / "images" / row.image).read_bytes() == (two / "images" / row.image).read_bytes()
-    assert fileio.read_csv(two / "features" / "index.csv").equals(index)
+        for out in (two, three):
+            assert (one / "images" / row.image).read_bytes() == (out / "images" / row.image).read_bytes()
     assert len({p.parent for p in (one / "images").rglob("*.png")}) == 2
     with Image.open(one / "gallery.png") as gallery:
         assert gallery.size[0] > 300
+
+
+def test_run_rejects_a_clip_whose_length_disagrees_with_the_index(tmp_path):
+    make_normalized(tmp_path)
+    index_path = tmp_path / "normalize" / "index.csv"
+    index = fileio.read_csv(index_path)
+    index.loc[2, "samples"] = str(int(index.loc[2, "samples"]) + 1000)
+    fileio.write_csv(index_path, index)
+    with pytest.raises(DataError, match=f"{index.loc[2, 'id']}.npy: .* samples, but normalize's index.csv says"):
+        run_stage(tmp_path, "bad", cache=None)
+    assert not (tmp_path / "bad" / "features").exists()
 
 
 def test_run_without_images(tmp_path):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from audiocnn import config, fileio, normalize, spectrogram, store
+from audiocnn import config, data, fileio, normalize, spectrogram, store
 from audiocnn.audio import AudioParams
 from audiocnn.errors import DataError
 from audiocnn.normalize import NormalizeParams
@@ -71,11 +71,6 @@ def test_npy_bytes_round_trip_and_truncation(tmp_path):
         store.npy_array(b"garbage", "y")
     ints = store.npy_bytes(np.arange(3))  # any other .npy still loads (through np.load)
     np.testing.assert_array_equal(store.npy_array(ints, "z"), np.arange(3))
-
-
-@pytest.mark.parametrize("shape", [(0,), (7, 5), (101, 64), (123456, 40)])
-def test_npy_size_is_the_written_size(shape):
-    assert store.npy_size(shape) == len(store.npy_bytes(np.zeros(shape, np.float32)))
 
 
 def test_place_unread_checks_size_and_ending_without_reading_the_whole_entry(tmp_path):
@@ -190,7 +185,7 @@ def test_miss_then_hit_with_identical_outputs(tmp_path, counted):
 
 
 def test_warm_spectrogram_reads_no_clip(tmp_path, monkeypatch):
-    """Cached clips are found by normalize's clip_sha256 and linked: only new clips reach a worker."""
+    """Cached clips are found by normalize's clip_sha256 (their features copied): only new clips reach a worker."""
     source, manifest = make_manifest(tmp_path, clips=5)
     full = fileio.read_csv(manifest)
     fileio.write_csv(manifest, full.iloc[:4])
@@ -240,7 +235,7 @@ def test_params_change_invalidates(tmp_path, counted):
     spec = section("spectrogram", SpectrogramParams, n_mels=32, image_size=32, gallery_per_class=1)
     out = run_both(tmp_path, "c", tmp_path / "cache", spec=spec)
     assert counted == {"normalize": 8, "spectrogram": 12}  # same clips (cached), new features
-    assert fileio.load_npy(out / "features" / "c0.npy").shape[1] == 32
+    assert data.load_features(out / "features", "c0").shape[1] == 32
     spec = section("spectrogram", SpectrogramParams, image_size=48, gallery_per_class=1)
     out = run_both(tmp_path, "d", tmp_path / "cache", spec=spec)
     assert counted["spectrogram"] == 12  # image size: features reused, images rendered from them

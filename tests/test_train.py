@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from audiocnn import fileio, tracking
+from audiocnn import fileio, packed, tracking
 from audiocnn.config import ParamsError, load_section
 from audiocnn.errors import DataError
 from audiocnn.data import sample_weights
@@ -27,12 +27,13 @@ TIMING = ("samples_per_second", "train_seconds")
 def synthetic_dataset(root: Path, clips_per_class: dict[str, int], image_size: int = 0, seed: int = 0) -> Path:
     """Pipeline-shaped features: class-dependent mel bands over a noise floor, clips of 20..60 frames.
 
-    Writes ``features/<id>.npy`` (frames, N_MELS) dB, ``features/meta.json``, ``split/{train,val,test}.csv``
+    Writes the packed features (frames, N_MELS) dB, ``features/meta.json``, ``split/{train,val,test}.csv``
     and, with ``image_size``, ``spectrograms/<label>/<id>.png``.
     """
     rng = np.random.default_rng(seed)
     features, split, images = root / "features", root / "split", root / "spectrograms"
     band = {"background": None, "high": slice(10, 14), "low": slice(2, 6)}
+    arrays = {}
     for name, per_class in clips_per_class.items():
         rows = []
         for label in CLASSES:
@@ -43,7 +44,7 @@ def synthetic_dataset(root: Path, clips_per_class: dict[str, int], image_size: i
                 if band[label] is not None:
                     x[:, band[label]] += 30.0
                 x = np.maximum(x, x.max() - 80.0)
-                fileio.write_npy(features / f"{clip_id}.npy", x)
+                arrays[clip_id] = x
                 image = ""
                 if image_size:
                     image = f"{label}/{clip_id}.png"
@@ -53,6 +54,7 @@ def synthetic_dataset(root: Path, clips_per_class: dict[str, int], image_size: i
                 rows.append({"id": clip_id, "path": f"{label}/{clip_id}.wav", "label": label, "group": "",
                              "fold": "", "frames": str(frames), "image": image})
         fileio.write_csv(split / f"{name}.csv", pd.DataFrame(rows))
+    packed.write(features, arrays)
     fileio.write_json(features / "meta.json", {"sample_rate": 16000, "n_fft": 512, "hop_length": 160,
                                                "n_mels": N_MELS, "fmin": 20.0, "fmax": 8000.0, "top_db": 80.0})
     return root
@@ -237,7 +239,8 @@ def test_members_train_one_after_another_and_the_saved_mean_is_what_validation_s
     val = data.read_split(root / "split", "val")
     labels = list(CLASSES)
     y = data.label_indices(val, labels, "val.csv")
-    ds = data.eval_dataset(data.clip_files(root / "features", val), y, len(labels), 32, N_MELS, 80.0, 8)
+    features = packed.open_folder(root / "features")
+    ds = data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(labels), 32, 80.0, 8)
     probs = model.predict(ds, verbose=0)  # (clips, classes): the mean of the two networks'
     assert float((probs.argmax(axis=1) == y).mean()) == pytest.approx(metrics["best_val_accuracy"])
     smoothing = params["train"]["label_smoothing"]
@@ -258,7 +261,8 @@ def test_val_scores_count_as_keras_validation_does(tmp_path, params, mlflow_db):
     model = keras.models.load_model(root / "out" / "models" / "model.keras", safe_mode=True)
     val = data.read_split(root / "split", "val")
     y = data.label_indices(val, list(CLASSES), "val.csv")
-    ds = data.eval_dataset(data.clip_files(root / "features", val), y, len(CLASSES), 32, N_MELS, 80.0, 4)
+    features = packed.open_folder(root / "features")
+    ds = data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(CLASSES), 32, 80.0, 4)
     loss, accuracy = train.val_scores(model, ds, load_section(params, "train", TrainParams))
     assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-5)
     assert accuracy == pytest.approx(metrics["best_val_accuracy"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from audiocnn import data
+from audiocnn import data, packed
 from audiocnn.config import ParamsError, check
 
 if TYPE_CHECKING:
@@ -197,11 +197,12 @@ def noise_label(p: AugmentParams, labels: Sequence[str]) -> int:
     return labels.index(p.noise_class)
 
 
-def window_transform(p: AugmentParams, frames: int, n_mels: int, top_db: float, n_classes: int,
+def window_transform(features: "packed.Packed", p: AugmentParams, frames: int, top_db: float, n_classes: int,
                      noise_label: int = -1) -> Callable[..., Any]:
-    """The per-clip training map: (path, label, weight, [noise window,] seed) -> (x, one-hot y, weight).
+    """The per-clip training map: (ref, label, weight, [noise window,] seed) -> (x, one-hot y, weight).
 
-    Loads the clip, takes a random silence-padded window, augments it: x (frames, n_mels, 1) dB.
+    Loads the clip at ``ref`` (offset, frames) of the packed ``features``, takes a random
+    silence-padded window, augments it: x (frames, n_mels, 1) dB.
     """
     import tensorflow as tf
 
@@ -209,10 +210,10 @@ def window_transform(p: AugmentParams, frames: int, n_mels: int, top_db: float, 
         raise ParamsError(f"train.augment.dynamic_range_db={p.dynamic_range_db:g} must be below "
                           f"spectrogram.top_db={top_db:g} (the features' own range), or 0 to disable")
 
-    def transform(path: tf.Tensor, label: tf.Tensor, weight: tf.Tensor, *rest: tf.Tensor):
+    def transform(ref: tf.Tensor, label: tf.Tensor, weight: tf.Tensor, *rest: tf.Tensor):
         *noise, seed = rest
         crop_seed, aug_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        x = data.load_npy_tf(path, n_mels)  # (T, n_mels) dB
+        x = data.load_rows_tf(features, ref)  # (T, n_mels) dB
         if p.time_stretch > 0:
             x = stretch(x, tf.random.experimental.stateless_fold_in(seed, STRETCH_STREAM), p.time_stretch, axis=0)
         x = data.crop_tf(x, frames, top_db, crop_seed, p.time_shift)  # (frames, n_mels) dB

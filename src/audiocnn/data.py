@@ -1,9 +1,9 @@
 """Model inputs from the pipeline's files: windowing math, clip loading, tf.data streams.
 
 The numpy helpers (window sizes, silence padding, sliding windows, images) are shared by training
-and evaluation, so both cut clips alike. The tf.data builders stream per-clip ``.npy`` files:
-only paths are shuffled (``train.shuffle_buffer`` costs no feature memory), arrays are loaded
-inside the pipeline. Training crops a random window per clip and epoch; validation takes the
+and evaluation, so both cut clips alike. The tf.data builders stream clips from the packed
+features (``audiocnn.packed``, a memory map): only each clip's (offset, frames) is shuffled
+(``train.shuffle_buffer`` costs no feature memory), its rows are read inside the pipeline. Training crops a random window per clip and epoch; validation takes the
 deterministic centre window (one per clip: val_loss comparable across epochs); evaluation
 averages the model over ``sliding_windows``.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from audiocnn import fileio
+from audiocnn import fileio, packed
 from audiocnn.errors import DataError
 from audiocnn.melspec import SILENCE_DB, overlapping_frames
 
@@ -38,15 +38,8 @@ def window_frames(window_seconds: float, sample_rate: int, hop_length: int, n_ff
 
 
 def load_features(features_dir: str | Path, clip_id: str) -> np.ndarray:
-    """One clip's log-mel features ``<features_dir>/<clip_id>.npy``: (frames, n_mels) float32 dB."""
-    path = Path(features_dir) / f"{clip_id}.npy"
-    try:
-        x = fileio.load_npy(path)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read features {path}: {err}") from err
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise DataError(f"{path}: expected (frames, n_mels) features, got shape {x.shape}")
-    return x.astype(np.float32, copy=False)
+    """One clip's log-mel features from the packed ``<features_dir>``: (frames, n_mels) float32 dB (a copy)."""
+    return np.array(packed.open_folder(features_dir).clip(clip_id), dtype=np.float32)
 
 
 def silence_db(x: np.ndarray, top_db: float) -> np.float32:
@@ -138,14 +131,14 @@ def label_indices(frame: Any, labels: Sequence[str], where: str) -> np.ndarray:
     return np.array([index[label] for label in frame["label"]], dtype=np.int32)
 
 
-def clip_files(root: str | Path, frame: Any, images: bool = False) -> list[str]:
-    """Each clip's ``<root>/<id>.npy`` (or, with ``images``, its PNG ``<root>/<image>``); DataError if missing."""
-    if images and ("image" not in frame.columns or (frame["image"] == "").any()):
-        raise DataError(f"clips without an image under {root}: set spectrogram.images: true for model.arch seed")
-    paths = [Path(root) / name for name in (frame["image"] if images else frame["id"] + ".npy")]
+def image_files(images_dir: str | Path, frame: Any) -> list[str]:
+    """Each clip's PNG ``<images_dir>/<image>`` (the seed model's input); DataError if missing."""
+    if "image" not in frame.columns or (frame["image"] == "").any():
+        raise DataError(f"clips without an image under {images_dir}: set spectrogram.images: true for model.arch seed")
+    paths = [Path(images_dir) / name for name in frame["image"]]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{len(missing)} {'image' if images else 'feature'} file(s) missing, first: {missing[0]}")
+        raise DataError(f"{len(missing)} image file(s) missing, first: {missing[0]}")
     return [str(p) for p in paths]
 
 
@@ -157,26 +150,27 @@ def sample_weights(labels: np.ndarray, n_classes: int, balanced: bool) -> np.nda
     return (len(labels) / (n_classes * counts[labels])).astype(np.float32)
 
 
-def feature_sample(paths: Sequence[str], frames: int, top_db: float, limit: int, seed: int) -> np.ndarray:
-    """Centre windows of up to ``limit`` clips drawn with ``seed``: (n, frames, n_mels) float32 dB.
+def feature_sample(features: packed.Packed, refs: np.ndarray, frames: int, top_db: float, limit: int,
+                   seed: int) -> np.ndarray:
+    """Centre windows of up to ``limit`` of the clips at ``refs`` (n, 2), drawn with ``seed``: (k, frames, n_mels) dB.
 
     A bounded sample, e.g. to adapt the model's input normalization without loading every clip.
     """
-    order = np.random.default_rng(seed).permutation(len(paths))[:limit]
-    return np.stack([center_crop(fileio.load_npy(paths[i]).astype(np.float32), frames, top_db) for i in sorted(order)])
+    order = np.random.default_rng(seed).permutation(len(refs))[:limit]
+    return np.stack([center_crop(np.array(features.rows(*refs[i]), np.float32), frames, top_db) for i in sorted(order)])
 
 
 # --- tf.data -----------------------------------------------------------------------------------
 
 
-def load_npy_tf(path: "tf.Tensor", n_mels: int) -> "tf.Tensor":
-    """Read one clip inside a tf.data map: (frames, n_mels) float32 dB."""
+def load_rows_tf(features: packed.Packed, ref: "tf.Tensor") -> "tf.Tensor":
+    """Read one clip inside a tf.data map, ``ref`` its (offset, frames) int64: (frames, n_mels) float32 dB."""
     import tensorflow as tf
 
-    # stateful=False: a pure function of the path, so op determinism keeps the map parallel and prefetching
-    x = tf.numpy_function(lambda p: fileio.load_npy(p.decode()).astype(np.float32), [path], tf.float32,
-                          stateful=False)
-    x.set_shape([None, n_mels])
+    # stateful=False: a pure function of the ref, so op determinism keeps the map parallel and prefetching
+    x = tf.numpy_function(lambda offset, frames: np.array(features.rows(offset, frames), np.float32),
+                          [ref[0], ref[1]], tf.float32, stateful=False)
+    x.set_shape([None, features.width])
     return x
 
 
@@ -204,16 +198,16 @@ def crop_tf(x: "tf.Tensor", frames: int, top_db: float, seed: "tf.Tensor | None"
     return x[start : start + frames]  # (frames, n_mels)
 
 
-def eval_dataset(paths: Sequence[str], labels: np.ndarray, n_classes: int, frames: int, n_mels: int,
+def eval_dataset(features: packed.Packed, refs: np.ndarray, labels: np.ndarray, n_classes: int, frames: int,
                  top_db: float, batch_size: int) -> "tf.data.Dataset":
-    """Validation stream: centre window per clip -> ((batch, frames, n_mels, 1), one-hot (batch, classes))."""
+    """Validation stream of the clips at ``refs`` (n, 2): centre windows -> ((batch, frames, n_mels, 1), one-hot)."""
     import tensorflow as tf
 
-    def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = crop_tf(load_npy_tf(path, n_mels), frames, top_db, None)
+    def load(ref: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = crop_tf(load_rows_tf(features, ref), frames, top_db, None)
         return x[..., tf.newaxis], tf.one_hot(label, n_classes)
 
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
+    ds = tf.data.Dataset.from_tensor_slices((refs, labels))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
@@ -235,14 +229,15 @@ def image_dataset(paths: Sequence[str], labels: np.ndarray, n_classes: int, size
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def noise_stream(paths: Sequence[str], frames: int, n_mels: int, top_db: float, seed: int) -> "tf.data.Dataset":
-    """Endless random windows (frames, n_mels) dB of the clips at ``paths`` (background-noise source)."""
+def noise_stream(features: packed.Packed, refs: np.ndarray, frames: int, top_db: float,
+                 seed: int) -> "tf.data.Dataset":
+    """Endless random windows (frames, n_mels) dB of the clips at ``refs`` (n, 2) (background-noise source)."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(list(paths))
-    ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = tf.data.Dataset.from_tensor_slices(refs)
+    ds = ds.shuffle(len(refs), seed=seed, reshuffle_each_iteration=True).repeat()
     seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
-    return tf.data.Dataset.zip(ds, seeds).map(lambda path, s: crop_tf(load_npy_tf(path, n_mels), frames, top_db, s),
+    return tf.data.Dataset.zip(ds, seeds).map(lambda ref, s: crop_tf(load_rows_tf(features, ref), frames, top_db, s),
                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -250,7 +245,7 @@ def train_stream(items: "tf.data.Dataset", shuffle_buffer: int, seed: int,
                  transform: Callable[..., Any], batch_size: int,
                  batch_transform: Callable[..., Any] | None = None,
                  side: "tf.data.Dataset | None" = None) -> "tf.data.Dataset":
-    """Shuffle ``items`` (paths, labels, ...) each epoch, attach a per-example random seed, map ``transform``.
+    """Shuffle ``items`` (clip refs or paths, labels, ...) each epoch, attach a per-example seed, map ``transform``.
 
     The seed stream is ``Dataset.random(seed)`` re-randomized on each iteration: a new crop and new
     augmentation every epoch, the same sequence for the same ``seed``. ``transform(*item, [side,] seed)``

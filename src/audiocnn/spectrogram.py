@@ -2,9 +2,10 @@
 
 Per clip (a pure function of the index record and the settings, run in parallel):
 power STFT (centred), mel filterbank (built once per process), ``power_to_db`` with
-ref 1.0 floored at clip max - top_db, saved as float32 (frames, n_mels). Results are
-cached by the normalized clip's content (``audiocnn.store``): a rerun after adding clips
-computes only the new ones, and finds the others by the hash normalize recorded in its
+ref 1.0 floored at clip max - top_db: float32 (frames, n_mels), written into its rows of one
+packed file, ``features.npy`` (``audiocnn.packed``; rows laid out from normalize's sample counts).
+Results are cached by the normalized clip's content (``audiocnn.store``): a rerun after adding
+clips computes only the new ones, and finds the others by the hash normalize recorded in its
 index (no clip is read for a hit).
 """
 
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from audiocnn import fileio, images, melspec, parallel, store
+from audiocnn import fileio, images, melspec, packed, parallel, store
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
@@ -90,61 +91,74 @@ def features_of(mono: np.ndarray, sample_rate: int, params: SpectrogramParams,
     return db, images.png_bytes(images.render(db, params.top_db, params.image_size))
 
 
-def spectrogram_clip(record: Mapping[str, str], clips_dir: Path, features_dir: Path, images_dir: Path,
-                     sample_rate: int, params: SpectrogramParams) -> tuple[int, str]:
-    """Features (and image) of one normalized clip, written atomically; return (frames, image path).
+def spectrogram_clip(record: Mapping[str, str], clips_dir: Path, images_dir: Path, sample_rate: int,
+                     params: SpectrogramParams) -> tuple[np.ndarray, str]:
+    """Features of one normalized clip, and its image written atomically; return (db, image path).
 
-    The stand-alone form (creates folders, one atomic write per file); ``run`` uses ``_clip_task``.
+    The stand-alone form (``run`` packs every clip's features into one file, ``_clip_task``).
     """
     mono = fileio.load_npy(clips_dir / f"{record['id']}.npy")  # (samples,) float32
     try:
         db, png = features_of(mono, sample_rate, params)
     except DataError as err:
         raise DataError(f"{clips_dir / record['id']}.npy: {err}") from None
-    fileio.write_npy(features_dir / f"{record['id']}.npy", db)
     image = ""
     if png is not None:
         image = f"{images.label_slug(record['label'])}/{record['id']}.png"
         with fileio.atomic_path(images_dir / image) as tmp:
             tmp.write_bytes(png)
-    return db.shape[0], image
+    return db, image
 
 
-def _clip_task(record: Mapping[str, str], clips_dir: str, features_dir: str, images_dir: str, sample_rate: int,
-               params: SpectrogramParams, slugs: Mapping[str, str], cache: store.ClipCache | None) -> tuple[int, str]:
-    """One clip inside ``run``: from the cache when it holds this clip's content, else computed (and cached).
+@dataclass(frozen=True)
+class _Outputs:
+    """Where ``run`` writes: the packed features file (laid out by ``packed.create``) and the image folder."""
 
-    Writes plain files: ``run`` builds the output folders under temporary names.
+    array: str  # features.npy under its staged folder
+    header: int  # bytes before the first row
+    images_dir: str
+    slugs: Mapping[str, str]  # label -> image subfolder
+
+
+def _clip_task(record: Mapping[str, str], clips_dir: str, out: _Outputs, sample_rate: int,
+               params: SpectrogramParams, cache: store.ClipCache | None) -> str:
+    """One clip inside ``run``: its rows of the packed features (and image), cached or computed; return the image.
+
+    ``record`` carries the clip's ``offset`` and ``frames`` in the packed file (laid out from
+    normalize's ``samples``), so a clip whose length disagrees is an error naming it.
     """
     clip_path = os.path.join(clips_dir, f"{record['id']}.npy")
     clip_bytes = store.read_bytes(clip_path)
     mono = store.npy_array(clip_bytes, clip_path)  # (samples,) float32
     if mono.ndim != 1 or mono.size == 0:
         raise DataError(f"{clip_path}: expected a non-empty (samples,) array, got shape {mono.shape}")
-    image = f"{slugs[record['label']]}/{record['id']}.png" if params.images else ""
     key = _checked_key(record, clip_bytes, clip_path) if cache is not None or record.get(store.CLIP_HASH_COLUMN) else ""
-    db_bytes, png = _cached(cache, key, expected_frames(mono.size, params), params)
-    feature_path = os.path.join(features_dir, f"{record['id']}.npy")
-    image_path = os.path.join(images_dir, image)
-    png_suffix = f".{params.image_size}px.png"
+    frames = expected_frames(mono.size, params)
+    if frames != int(record["frames"]):
+        raise DataError(f"{clip_path}: {mono.size} samples, but normalize's index.csv says {record['samples']}: "
+                        "rerun normalize (`dvc repro --force normalize`)")
+    image = f"{out.slugs[record['label']]}/{record['id']}.png" if params.images else ""
+    db_bytes, png = _cached(cache, key, frames, params)
     if db_bytes is None:
         db, png = features_of(mono, sample_rate, params)
-        db_bytes = store.npy_bytes(db)
-        store.write_bytes(feature_path, db_bytes)
         if cache is not None:
-            cache.put(key, ".npy", db_bytes, written=feature_path)
+            cache.put(key, ".npy", store.npy_bytes(db))
     else:
-        cache.place_read(key, ".npy", feature_path, db_bytes)  # type: ignore[union-attr]
-        if params.images and png is not None:
-            cache.place_read(key, png_suffix, image_path, png)  # type: ignore[union-attr]
-            return expected_frames(mono.size, params), image
-        if params.images:  # features cached, image not (yet): render it from the features
-            png = images.png_bytes(images.render(store.npy_array(db_bytes, key), params.top_db, params.image_size))
-    if image:
-        store.write_bytes(image_path, png)  # type: ignore[arg-type]
+        db = store.npy_array(db_bytes, key)
+        if params.images and png is None:  # features cached, image not (yet): render it from the features
+            png = images.png_bytes(images.render(db, params.top_db, params.image_size))
+        elif params.images:
+            image_path = os.path.join(out.images_dir, image)
+            cache.place_read(key, f".{params.image_size}px.png", image_path, png)  # type: ignore[union-attr]
+            png = None
+    with packed.RowWriter(out.array, out.header, params.n_mels) as writer:
+        writer.write(int(record["offset"]), db)
+    if image and png is not None:
+        image_path = os.path.join(out.images_dir, image)
+        store.write_bytes(image_path, png)
         if cache is not None:
-            cache.put(key, png_suffix, png, written=image_path)  # type: ignore[arg-type]
-    return expected_frames(mono.size, params), image
+            cache.put(key, f".{params.image_size}px.png", png, written=image_path)
+    return image
 
 
 def _checked_key(record: Mapping[str, str], clip_bytes: bytes, clip_path: str) -> str:
@@ -162,32 +176,28 @@ def _checked_key(record: Mapping[str, str], clip_bytes: bytes, clip_path: str) -
     return key
 
 
-def _linked_from_cache(record: Mapping[str, str], cache: store.ClipCache, features_dir: str, images_dir: str,
-                       params: SpectrogramParams, slugs: Mapping[str, str]) -> tuple[int, str] | None:
-    """A clip whose features (and image) the cache holds, linked into the outputs without reading a file.
+def _from_cache(record: Mapping[str, str], cache: store.ClipCache, writer: packed.RowWriter, out: _Outputs,
+                params: SpectrogramParams) -> str | None:
+    """A clip whose features (and image) the cache holds, put in the outputs without reading the clip; its image.
 
-    The key is normalize's hash of the clip (index column ``clip_sha256``) and the frame count
-    follows from its ``samples``, so a hit costs a few system calls. None (nothing left
-    behind) when the index lacks them or the cache misses: the clip then goes to the workers.
+    The key is normalize's hash of the clip (index column ``clip_sha256``), so a hit costs one
+    small read and write (the image: a link). None when the index lacks the hash or the cache
+    misses: the clip then goes to the workers, which rewrite its rows.
     """
     key = str(record.get(store.CLIP_HASH_COLUMN, "")).lower()
-    try:
-        samples = int(record["samples"])
-    except (KeyError, TypeError, ValueError):
+    if not store.is_sha256(key):
         return None
-    if not store.is_sha256(key) or samples <= 0:
+    db_bytes = _cached_features(cache, key, (int(record["frames"]), params.n_mels))
+    if db_bytes is None:
         return None
-    frames = expected_frames(samples, params)
-    feature_path = os.path.join(features_dir, f"{record['id']}.npy")
-    if not cache.place_unread(key, ".npy", feature_path, size=store.npy_size((frames, params.n_mels))):
-        return None
-    if not params.images:
-        return frames, ""
-    image = f"{slugs[record['label']]}/{record['id']}.png"
-    if not cache.place_unread(key, f".{params.image_size}px.png", os.path.join(images_dir, image), tail=images.PNG_END):
-        os.unlink(feature_path)  # the worker links it again and renders the image from it
-        return None
-    return frames, image
+    image = ""
+    if params.images:
+        image = f"{out.slugs[record['label']]}/{record['id']}.png"
+        if not cache.place_unread(key, f".{params.image_size}px.png", os.path.join(out.images_dir, image),
+                                  tail=images.PNG_END):
+            return None
+    writer.write(int(record["offset"]), store.npy_array(db_bytes, key))
+    return image
 
 
 def _cached(cache: store.ClipCache | None, key: str, frames: int,
@@ -195,17 +205,7 @@ def _cached(cache: store.ClipCache | None, key: str, frames: int,
     """(feature .npy bytes, PNG bytes) from the cache, each None when absent or corrupt (then discarded)."""
     if cache is None:
         return None, None
-    db_bytes = cache.get(key, ".npy")
-    if db_bytes is not None:
-        try:
-            shape = store.npy_array(db_bytes, key).shape
-        except ValueError as err:
-            shape, reason = None, str(err)
-        else:
-            reason = f"of shape {shape}, not ({frames}, {params.n_mels})"
-        if shape != (frames, params.n_mels):
-            cache.discard(key, ".npy", reason)
-            return None, None
+    db_bytes = _cached_features(cache, key, (frames, params.n_mels))
     if db_bytes is None or not params.images:
         return db_bytes, None
     png = cache.get(key, f".{params.image_size}px.png")
@@ -215,19 +215,53 @@ def _cached(cache: store.ClipCache | None, key: str, frames: int,
     return db_bytes, png
 
 
+def _cached_features(cache: store.ClipCache, key: str, shape: tuple[int, int]) -> bytes | None:
+    """A clip's cached feature .npy bytes of ``shape``; None when absent or corrupt (then discarded)."""
+    db_bytes = cache.get(key, ".npy")
+    if db_bytes is None:
+        return None
+    try:
+        found = store.npy_array(db_bytes, key).shape
+    except ValueError as err:
+        found, reason = None, str(err)
+    else:
+        reason = f"of shape {found}, not {shape}"
+    if found != shape:
+        cache.discard(key, ".npy", reason)
+        return None
+    return db_bytes
+
+
+def clip_layout(index: pd.DataFrame, index_path: Path, params: SpectrogramParams) -> pd.DataFrame:
+    """``index`` with each clip's ``offset`` and ``frames`` in the packed features, from normalize's ``samples``."""
+    try:
+        samples = index["samples"].astype(np.int64)
+    except (KeyError, ValueError) as err:
+        raise DataError(f"{index_path}: column 'samples' missing or not integer ({err})") from None
+    if (samples < 1).any():
+        raise DataError(f"{index_path}: clip {index['id'][samples < 1].iloc[0]} has no samples")
+    layout = index.copy()
+    layout["frames"] = [expected_frames(int(n), params) for n in samples]
+    layout["offset"] = packed.offsets(layout["frames"])
+    return layout
+
+
 def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio: AudioParams,
         params: SpectrogramParams, cache: store.ClipCache | None | str = "env") -> None:
-    """Features for every clip in ``normalized/index.csv``: arrays, index.csv, meta.json, PNGs, gallery.
+    """Features for every clip in ``normalized/index.csv``: features.npy, index.csv, meta.json, PNGs, gallery.
 
-    ``cache``: a ClipCache, None (no cache) or "env" (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
+    The features of all clips are packed into one file (``audiocnn.packed``): clip ``id`` is rows
+    ``offset`` to ``offset + frames`` of index.csv. ``cache``: a ClipCache, None (no cache) or "env"
+    (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
     """
     index_path = normalized / "index.csv"
     index = fileio.read_csv(index_path)
-    missing = sorted({"id", "label", "path"} - set(index.columns))
+    missing = sorted({"id", "label", "path", "samples"} - set(index.columns))
     if missing:
         raise DataError(f"{index_path}: missing column(s) {', '.join(missing)}")
     if index.empty:
         raise DataError(f"{index_path}: no clips")
+    layout = clip_layout(index, index_path, params)
     if cache == "env":
         cache = store.ClipCache.from_env("spectrogram", cache_settings(audio.sample_rate, params))
     if cache is not None:
@@ -241,36 +275,38 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
         if params.images:
             for slug in slugs.values():
                 (images_tmp / slug).mkdir()
-        records = index.to_dict("records")
-        results: list[tuple[int, str] | None] = [None] * len(records)
+        array = features_tmp / packed.ARRAY_NAME
+        out = _Outputs(str(array), packed.create(array, int(layout["frames"].sum()), params.n_mels),
+                       str(images_tmp), slugs)
+        records = layout.to_dict("records")
+        results: list[str | None] = [None] * len(records)
         if cache is not None and store.CLIP_HASH_COLUMN in index.columns:
-            results = [_linked_from_cache(record, cache, str(features_tmp), str(images_tmp), params, slugs)
-                       for record in records]
+            with packed.RowWriter(out.array, out.header, params.n_mels) as writer:
+                results = [_from_cache(record, cache, writer, out, params) for record in records]
         missed = [i for i, result in enumerate(results) if result is None]
         if len(missed) < len(records):
             log.info("feature cache: %d of %d clips cached, computing %d", len(records) - len(missed),
                      len(records), len(missed))
         if params.images and missed:
             images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
-        work = functools.partial(_clip_task, clips_dir=str(normalized / "clips"), features_dir=str(features_tmp),
-                                 images_dir=str(images_tmp), sample_rate=audio.sample_rate, params=params,
-                                 slugs=slugs, cache=cache)
+        work = functools.partial(_clip_task, clips_dir=str(normalized / "clips"), out=out,
+                                 sample_rate=audio.sample_rate, params=params, cache=cache)
         computed = parallel.map_clips(work, [records[i] for i in missed], params.workers, "spectrogram",
                                       name=lambda record: f"{record['path']} (id {record['id']})",
                                       meanwhile=draw_gallery)
         for i, result in zip(missed, computed):
             results[i] = result
-        index["frames"] = [frames for frames, _ in results]
-        index["image"] = [image for _, image in results]
-        fileio.write_csv(features_tmp / "index.csv", index)
+        layout["image"] = results
+        fileio.write_csv(features_tmp / packed.INDEX_NAME, layout)
         fileio.write_json(features_tmp / "meta.json", {
             "sample_rate": audio.sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
             "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
         })
     with fileio.atomic_path(gallery) as tmp:
         tmp.write_bytes(gallery_bytes[0])
-    log.info("log-mel features of %d clips (%d frames, %d mels) in %s; images %s", len(index),
-             index["frames"].sum(), params.n_mels, features, images_dir if params.images else "off")
+    log.info("log-mel features of %d clips (%d frames, %d mels) in %s; images %s", len(layout),
+             layout["frames"].sum(), params.n_mels, features / packed.ARRAY_NAME,
+             images_dir if params.images else "off")
 
 
 def _gallery(index: pd.DataFrame, clips_dir: Path, audio: AudioParams, params: SpectrogramParams,

@@ -158,6 +158,7 @@ def run(features: Path, out: Path, metrics: Path, params: SplitParams) -> None:
         raise DataError(f"{index_path}: no clips to split")
     if params.strategy != "fold" and (params.test_folds or params.val_folds):
         log.warning("split.test_folds / split.val_folds are ignored by split.strategy=%s", params.strategy)
+    index = index.drop(columns="offset", errors="ignore")  # where a clip's rows are is the features' business
     index = index.sort_values("id", kind="stable").reset_index(drop=True)
     assigned = assign(index, params, str(index_path))
     fileio.fresh_dir(out)

@@ -20,7 +20,6 @@ write into an existing file, so DVC sees complete, ordinary outputs either way.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -101,14 +100,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-@functools.lru_cache(maxsize=4096)
-def npy_size(shape: tuple[int, ...]) -> int:
-    """Bytes of the float32 .npy file of an array of ``shape`` (what ``npy_bytes`` writes)."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
-    return header.tell() + 4 * math.prod(shape)
 
 
 _NPY_HEADER = re.compile(rb"\{'descr': '<f4', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 import numpy as np
 import pandas as pd
 
-from audiocnn import data, fileio
+from audiocnn import data, fileio, packed
 from audiocnn.augment import AugmentParams
 from audiocnn.config import ParamsError, check, to_dict
 from audiocnn.errors import DataError
@@ -135,36 +135,37 @@ def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int
     y_val = data.label_indices(val_frame, labels, str(paths.split / "val.csv"))
     weights = data.sample_weights(y_train, len(labels), params.class_weights)
     p = params.augment
-    noise: list[str] = []
+    noise = None  # (n, 2) refs of the noise clips
 
     if arch == "seed":  # images: no dB-domain augmentation (masks, gain, noise); mixup still applies
-        train_paths, val_paths = (data.clip_files(paths.images, f, images=True) for f in (train_frame, val_frame))
+        train_clips, val_clips = (data.image_files(paths.images, f) for f in (train_frame, val_frame))
         def transform(path, label, weight, seed):  # noqa: E306
             return data.load_png_tf(path, image_size), tf.one_hot(label, len(labels)), weight
         norm_sample = None
-        val_ds = data.image_dataset(val_paths, y_val, len(labels), image_size).batch(params.batch_size)
+        val_ds = data.image_dataset(val_clips, y_val, len(labels), image_size).batch(params.batch_size)
     else:
-        train_paths, val_paths = (data.clip_files(paths.features, f) for f in (train_frame, val_frame))
+        features = packed.open_folder(paths.features)
+        train_clips, val_clips = (features.refs_of(list(f["id"])) for f in (train_frame, val_frame))  # (n, 2) each
         noise_label = augment.noise_label(p, labels) if p.noise_prob > 0 else -1
         if p.noise_prob > 0:
-            noise = [path for path, y in zip(train_paths, y_train) if noise_label < 0 or y == noise_label]
-        transform = augment.window_transform(p, frames, n_mels, top_db, len(labels), noise_label)
-        norm_sample = data.feature_sample(train_paths, frames, top_db, NORM_SAMPLE_CLIPS, params.seed)
-        val_ds = data.eval_dataset(val_paths, y_val, len(labels), frames, n_mels, top_db, params.batch_size)
+            noise = train_clips[(y_train == noise_label) | (noise_label < 0)]
+        transform = augment.window_transform(features, p, frames, top_db, len(labels), noise_label)
+        norm_sample = data.feature_sample(features, train_clips, frames, top_db, NORM_SAMPLE_CLIPS, params.seed)
+        val_ds = data.eval_dataset(features, val_clips, y_val, len(labels), frames, top_db, params.batch_size)
 
     mix = (lambda x, y, w, s: augment.mixup(x, y, w, s, p.mixup_alpha)) if p.mixup_alpha > 0 else None
-    items = tf.data.Dataset.from_tensor_slices((train_paths, y_train, weights))
+    items = tf.data.Dataset.from_tensor_slices((train_clips, y_train, weights))
 
     def train_stream(first_epoch: int, member: int = 0) -> tf.data.Dataset:
         def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:  # epoch: int64 scalar
             seed = epoch_seed(params.seed + member, epoch)
-            side = data.noise_stream(noise, frames, n_mels, top_db, seed + 10) if noise else None
+            side = data.noise_stream(features, noise, frames, top_db, seed + 10) if noise is not None else None
             return data.train_stream(items, params.shuffle_buffer, seed, transform, params.batch_size, mix, side)
 
         return tf.data.Dataset.range(first_epoch, params.epochs).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
-    log.info("train: %d clips, val: %d clips, %d classes, arch %s", len(train_paths), len(val_paths), len(labels), arch)
-    return train_stream, val_ds, labels, len(train_paths), norm_sample
+    log.info("train: %d clips, val: %d clips, %d classes, arch %s", len(train_clips), len(val_clips), len(labels), arch)
+    return train_stream, val_ds, labels, len(train_clips), norm_sample
 
 
 def epoch_seed(seed: int, epoch: Any) -> Any:

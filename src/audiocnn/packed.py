@@ -1,0 +1,196 @@
+"""Many clips' arrays in one file: ``<dir>/features.npy`` plus each clip's rows in ``<dir>/index.csv``.
+
+Clip ``id`` is ``array[offset : offset + frames]`` of one float32 .npy file of shape
+(total frames, n_mels), with ``offset`` and ``frames`` columns in the folder's index.csv. One file
+instead of one per clip keeps DVC's work proportional to bytes, not files: a no-op ``dvc repro``
+stats one file where it stated thousands, and a rerun stage hashes and links one file instead
+of relinking every clip. Readers ``pread`` one clip's rows when they need them (memory does not
+grow with the data set); writers lay the rows out first (every clip's frame count is
+known from its sample count) and then fill them in any order, from any process, with ``pwrite``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from audiocnn import fileio
+from audiocnn.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+ARRAY_NAME = "features.npy"
+INDEX_NAME = "index.csv"
+DTYPE = np.dtype("<f4")
+
+
+def offsets(frames: Sequence[int]) -> np.ndarray:
+    """Each clip's first row when clips are stored one after another: (n,) int64."""
+    lengths = np.asarray(frames, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]) if lengths.size else lengths
+
+
+def create(path: str | Path, rows: int, width: int) -> int:
+    """An all-zero (rows, width) float32 .npy file at ``path`` (sparse until written); return its header size.
+
+    Rows are then written with a ``RowWriter`` at ``header + row * width * 4`` bytes.
+    """
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": DTYPE.str, "fortran_order": False,
+                                                  "shape": (int(rows), int(width))})
+    with open(path, "wb") as handle:
+        handle.write(header.getvalue())
+        handle.truncate(header.tell() + rows * width * DTYPE.itemsize)
+    return header.tell()
+
+
+class RowWriter:
+    """Writes clips' rows into a file made by ``create`` (one open file for many clips)."""
+
+    def __init__(self, path: str | Path, header: int, width: int) -> None:
+        self.path, self.header, self.width = str(path), header, width
+        self.fd = os.open(self.path, os.O_WRONLY)
+
+    def write(self, offset: int, rows: np.ndarray) -> None:
+        """(frames, width) float32 ``rows`` from row ``offset`` on."""
+        data = np.ascontiguousarray(rows, dtype=DTYPE)
+        if data.ndim != 2 or data.shape[1] != self.width:
+            raise ValueError(f"{self.path}: rows of shape {data.shape}, expected (frames, {self.width})")
+        position = self.header + offset * self.width * DTYPE.itemsize
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self.fd, view, position)
+            view, position = view[written:], position + written
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write(folder: str | Path, arrays: Mapping[str, np.ndarray], index: "pd.DataFrame | None" = None) -> None:
+    """Pack (frames, width) arrays by clip id into ``folder`` (features.npy and index.csv) in one go.
+
+    ``index``: rows with an ``id`` column to which ``offset`` and ``frames`` are added (default: just
+    the ids). For small sets (tests, examples); stages lay out and fill the file with ``create`` and a
+    ``RowWriter`` instead, without holding every array.
+    """
+    import pandas as pd
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = pd.DataFrame({"id": list(arrays)}) if index is None else index.copy()
+    chosen = [np.asarray(arrays[clip_id], dtype=DTYPE) for clip_id in index["id"]]
+    width = chosen[0].shape[1] if chosen else 0
+    index["offset"] = offsets([x.shape[0] for x in chosen])
+    index["frames"] = [x.shape[0] for x in chosen]
+    with fileio.atomic_path(folder / ARRAY_NAME) as tmp:
+        with RowWriter(tmp, create(tmp, int(index["frames"].sum()), width), width) as writer:
+            for start, x in zip(index["offset"], chosen):
+                writer.write(int(start), x)
+    fileio.write_csv(folder / INDEX_NAME, index)
+
+
+class Packed:
+    """The clips of one packed folder, read by id (``clip``) or by (offset, frames) (``rows``)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / ARRAY_NAME
+        index_path = self.folder / INDEX_NAME
+        try:
+            with open(self.path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(handle)  # the header alone: no pickle, no data read
+                self.header = handle.tell()
+                size = os.fstat(handle.fileno()).st_size
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read features {self.path}: {err}") from err
+        if len(shape) != 2 or dtype != DTYPE or fortran:
+            raise DataError(f"{self.path}: expected (frames, n_mels) float32, got {dtype} {shape}")
+        if size != self.header + shape[0] * shape[1] * DTYPE.itemsize:
+            raise DataError(f"{self.path}: {size} bytes, not the {shape} float32 array its header announces "
+                            "(truncated?)")
+        self.shape = (int(shape[0]), int(shape[1]))  # (total frames, width)
+        try:
+            index = fileio.read_csv(index_path)
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read {index_path}: {err}") from err
+        missing = sorted({"id", "offset", "frames"} - set(index.columns))
+        if missing:
+            raise DataError(f"{index_path}: missing column(s) {', '.join(missing)}")
+        try:
+            starts, lengths = index["offset"].astype(np.int64).to_numpy(), index["frames"].astype(np.int64).to_numpy()
+        except ValueError as err:
+            raise DataError(f"{index_path}: offset and frames must be integers ({err})") from None
+        bad = (starts < 0) | (lengths < 1) | (starts + lengths > self.shape[0])
+        if bad.any():
+            row = index[bad].iloc[0]
+            raise DataError(f"{index_path}: clip {row['id']} has rows {row['offset']}+{row['frames']} outside "
+                            f"{self.path} ({self.shape[0]} rows)")
+        self.refs = dict(zip(index["id"], zip(starts.tolist(), lengths.tolist())))
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+    @property
+    def width(self) -> int:
+        return self.shape[1]
+
+    def ref(self, clip_id: str) -> tuple[int, int]:
+        """(offset, frames) of ``clip_id``; DataError naming the folder when it holds no such clip."""
+        try:
+            return self.refs[clip_id]
+        except KeyError:
+            raise DataError(f"no features for clip {clip_id!r} in {self.folder} (not in its {INDEX_NAME})") from None
+
+    def refs_of(self, clip_ids: Sequence[str]) -> np.ndarray:
+        """(n, 2) int64 (offset, frames) of each id, e.g. to stream the clips in tf.data."""
+        return np.array([self.ref(clip_id) for clip_id in clip_ids], dtype=np.int64).reshape(-1, 2)
+
+    def rows(self, offset: int, frames: int) -> np.ndarray:
+        """(frames, width) float32: one ``pread`` (thread-safe; the file's pages stay in the OS cache, not in RSS)."""
+        nbytes = int(frames) * self.shape[1] * DTYPE.itemsize
+        data = os.pread(self.fd, nbytes, self.header + int(offset) * self.shape[1] * DTYPE.itemsize)
+        if len(data) != nbytes:
+            raise DataError(f"{self.path}: rows {offset}+{frames} cut short (file changed while read?)")
+        return np.frombuffer(data, dtype=DTYPE).reshape(int(frames), self.shape[1])
+
+    def clip(self, clip_id: str) -> np.ndarray:
+        """One clip's (frames, width) float32 rows."""
+        return self.rows(*self.ref(clip_id))
+
+
+def open_folder(folder: str | Path) -> Packed:
+    """``Packed(folder)``, opened once per process while its files are unchanged (by inode, size and mtime)."""
+    folder = Path(folder)
+    stamps = []
+    for name in (ARRAY_NAME, INDEX_NAME):
+        try:
+            info = os.stat(folder / name)
+        except OSError as err:
+            raise DataError(f"cannot read features {folder / name}: {err.strerror or err}") from err
+        stamps.append((info.st_ino, info.st_size, info.st_mtime_ns))
+    return _open(str(folder.resolve()), tuple(stamps))
+
+
+@functools.lru_cache(maxsize=8)
+def _open(folder: str, stamps: tuple) -> Packed:
+    return Packed(folder)
