@@ -35,7 +35,7 @@ def pipeline_params(source: Path, **ingest) -> dict:
     params = real_params()
     params["ingest"].update(source=str(source), max_reject_fraction=1.0, **ingest)
     params["normalize"]["workers"] = 1
-    params["spectrogram"].update(workers=1, image_size=32, gallery_per_class=1)
+    params["spectrogram"].update(workers=1, images=True, image_size=32, gallery_per_class=1)
     params["split"].update(val_size=0.25, test_size=0.25)
     return params
 

@@ -100,7 +100,7 @@ def make_normalized(tmp_path: Path) -> Path:
 def run_stage(tmp_path: Path, name: str, cache="env", **overrides) -> Path:
     out = tmp_path / name
     spectrogram.run(tmp_path / "normalize", out / "features", out / "images", out / "gallery.png",
-                    AudioParams(16000), spec_params(image_size=32, **overrides), cache=cache)
+                    AudioParams(16000), spec_params(**{"images": True, "image_size": 32, **overrides}), cache=cache)
     return out
 
 

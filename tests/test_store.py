@@ -136,7 +136,7 @@ def run_both(tmp_path: Path, name: str, cache, norm=None, spec=None) -> Path:
     """normalize + spectrogram into tmp_path/name with ``cache`` (a root folder or None)."""
     source, manifest = tmp_path / "source", tmp_path / "manifest.csv"
     norm = norm or section("normalize", NormalizeParams)
-    spec = spec or section("spectrogram", SpectrogramParams, image_size=32, gallery_per_class=1)
+    spec = spec or section("spectrogram", SpectrogramParams, images=True, image_size=32, gallery_per_class=1)
     out, audio = tmp_path / name, AudioParams(RATE)
     ncache = scache = None
     if cache is not None:
@@ -208,7 +208,7 @@ def test_a_clip_changed_after_normalize_is_refused_by_name(tmp_path):
     out = run_both(tmp_path, "a", None)
     clip = out / "normalize" / "clips" / "c2.npy"
     fileio.write_npy(clip, np.zeros(800, np.float32))  # silence instead of the tone: same shape class, other bytes
-    spec = section("spectrogram", SpectrogramParams, image_size=32, gallery_per_class=1)
+    spec = section("spectrogram", SpectrogramParams, images=True, image_size=32, gallery_per_class=1)
     for cache in (None, store.ClipCache(tmp_path / "cache", "spectrogram", spectrogram.cache_settings(RATE, spec))):
         with pytest.raises(DataError, match=r"c2\.npy: content changed since normalize wrote it"):
             spectrogram.run(out / "normalize", out / "f2", out / "i2", out / "g2.png", AudioParams(RATE), spec,
@@ -232,11 +232,11 @@ def test_params_change_invalidates(tmp_path, counted):
     run_both(tmp_path, "a", tmp_path / "cache")
     run_both(tmp_path, "b", tmp_path / "cache", norm=section("normalize", NormalizeParams, target_dbfs=-23.0))
     assert counted == {"normalize": 8, "spectrogram": 8}  # new levels: new clips, so new features too
-    spec = section("spectrogram", SpectrogramParams, n_mels=32, image_size=32, gallery_per_class=1)
+    spec = section("spectrogram", SpectrogramParams, images=True, n_mels=32, image_size=32, gallery_per_class=1)
     out = run_both(tmp_path, "c", tmp_path / "cache", spec=spec)
     assert counted == {"normalize": 8, "spectrogram": 12}  # same clips (cached), new features
     assert data.load_features(out / "features", "c0").shape[1] == 32
-    spec = section("spectrogram", SpectrogramParams, image_size=48, gallery_per_class=1)
+    spec = section("spectrogram", SpectrogramParams, images=True, image_size=48, gallery_per_class=1)
     out = run_both(tmp_path, "d", tmp_path / "cache", spec=spec)
     assert counted["spectrogram"] == 12  # image size: features reused, images rendered from them
     assert files(out) == files(run_both(tmp_path, "d-plain", None, spec=spec))

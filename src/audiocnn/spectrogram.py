@@ -138,13 +138,12 @@ def _clip_task(record: Mapping[str, str], clips_dir: str, out: _Outputs, sample_
         raise DataError(f"{clip_path}: {mono.size} samples, but normalize's index.csv says {record['samples']}: "
                         "rerun normalize (`dvc repro --force normalize`)")
     image = f"{out.slugs[record['label']]}/{record['id']}.png" if params.images else ""
-    db_bytes, png = _cached(cache, key, frames, params)
-    if db_bytes is None:
+    db, png = _cached(cache, key, frames, params)
+    if db is None:
         db, png = features_of(mono, sample_rate, params)
         if cache is not None:
             cache.put(key, ".npy", store.npy_bytes(db))
     else:
-        db = store.npy_array(db_bytes, key)
         if params.images and png is None:  # features cached, image not (yet): render it from the features
             png = images.png_bytes(images.render(db, params.top_db, params.image_size))
         elif params.images:
@@ -187,8 +186,8 @@ def _from_cache(record: Mapping[str, str], cache: store.ClipCache, writer: packe
     key = str(record.get(store.CLIP_HASH_COLUMN, "")).lower()
     if not store.is_sha256(key):
         return None
-    db_bytes = _cached_features(cache, key, (int(record["frames"]), params.n_mels))
-    if db_bytes is None:
+    db = _cached_features(cache, key, (int(record["frames"]), params.n_mels))
+    if db is None:
         return None
     image = ""
     if params.images:
@@ -196,40 +195,39 @@ def _from_cache(record: Mapping[str, str], cache: store.ClipCache, writer: packe
         if not cache.place_unread(key, f".{params.image_size}px.png", os.path.join(out.images_dir, image),
                                   tail=images.PNG_END):
             return None
-    writer.write(int(record["offset"]), store.npy_array(db_bytes, key))
+    writer.write(int(record["offset"]), db)
     return image
 
 
 def _cached(cache: store.ClipCache | None, key: str, frames: int,
-            params: SpectrogramParams) -> tuple[bytes | None, bytes | None]:
-    """(feature .npy bytes, PNG bytes) from the cache, each None when absent or corrupt (then discarded)."""
+            params: SpectrogramParams) -> tuple[np.ndarray | None, bytes | None]:
+    """(features (frames, n_mels), PNG bytes) from the cache, each None when absent or corrupt (then discarded)."""
     if cache is None:
         return None, None
-    db_bytes = _cached_features(cache, key, (frames, params.n_mels))
-    if db_bytes is None or not params.images:
-        return db_bytes, None
+    db = _cached_features(cache, key, (frames, params.n_mels))
+    if db is None or not params.images:
+        return db, None
     png = cache.get(key, f".{params.image_size}px.png")
     if png is not None and not images.is_complete_png(png):
         cache.discard(key, f".{params.image_size}px.png", "not a complete PNG")
         png = None
-    return db_bytes, png
+    return db, png
 
 
-def _cached_features(cache: store.ClipCache, key: str, shape: tuple[int, int]) -> bytes | None:
-    """A clip's cached feature .npy bytes of ``shape``; None when absent or corrupt (then discarded)."""
+def _cached_features(cache: store.ClipCache, key: str, shape: tuple[int, int]) -> np.ndarray | None:
+    """A clip's cached features of ``shape`` (frames, n_mels); None when absent or corrupt (then discarded)."""
     db_bytes = cache.get(key, ".npy")
     if db_bytes is None:
         return None
     try:
-        found = store.npy_array(db_bytes, key).shape
+        db = store.npy_array(db_bytes, key)
     except ValueError as err:
-        found, reason = None, str(err)
-    else:
-        reason = f"of shape {found}, not {shape}"
-    if found != shape:
-        cache.discard(key, ".npy", reason)
+        cache.discard(key, ".npy", str(err))
         return None
-    return db_bytes
+    if db.shape != shape:
+        cache.discard(key, ".npy", f"of shape {db.shape}, not {shape}")
+        return None
+    return db
 
 
 def clip_layout(index: pd.DataFrame, index_path: Path, params: SpectrogramParams) -> pd.DataFrame:
