@@ -2,10 +2,11 @@
 
 The numpy helpers (window sizes, silence padding, sliding windows, images) are shared by training
 and evaluation, so both cut clips alike. The tf.data builders stream clips from the packed
-features (``audiocnn.packed``, a memory map): only each clip's (offset, frames) is shuffled
-(``train.shuffle_buffer`` costs no feature memory), its rows are read inside the pipeline. Training crops a random window per clip and epoch; validation takes the
-deterministic centre window (one per clip: val_loss comparable across epochs); evaluation
-averages the model over ``sliding_windows``.
+features (``audiocnn.packed``): only each clip's (offset, frames) is shuffled
+(``train.shuffle_buffer`` costs no feature memory), its rows are read inside the pipeline.
+Training crops a random window per clip and epoch; validation takes the deterministic centre
+window (one per clip: val_loss comparable across epochs); evaluation averages the model over
+``sliding_windows``.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def label_indices(frame: Any, labels: Sequence[str], where: str) -> np.ndarray:
 def image_files(images_dir: str | Path, frame: Any) -> list[str]:
     """Each clip's PNG ``<images_dir>/<image>`` (the seed model's input); DataError if missing."""
     if "image" not in frame.columns or (frame["image"] == "").any():
-        raise DataError(f"clips without an image under {images_dir}: set spectrogram.images: true for model.arch seed")
+        raise DataError(f"clips without an image under {images_dir}: "
+                        "set spectrogram.images: true for model.arch seed")
     paths = [Path(images_dir) / name for name in frame["image"]]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -152,7 +154,7 @@ def sample_weights(labels: np.ndarray, n_classes: int, balanced: bool) -> np.nda
 
 def feature_sample(features: packed.Packed, refs: np.ndarray, frames: int, top_db: float, limit: int,
                    seed: int) -> np.ndarray:
-    """Centre windows of up to ``limit`` of the clips at ``refs`` (n, 2), drawn with ``seed``: (k, frames, n_mels) dB.
+    """Centre windows of up to ``limit`` of the clips at ``refs`` (n, 2), drawn with ``seed``: (k, frames, n_mels).
 
     A bounded sample, e.g. to adapt the model's input normalization without loading every clip.
     """
