@@ -14,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from audiocnn import data, packed
+from audiocnn import data
 from audiocnn.config import ParamsError, check
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+    from audiocnn import packed
 
 
 STRETCH_STREAM, WARP_STREAM, RANGE_STREAM = 101, 102, 103  # seed streams folded in for these: the other draws stay as they were
@@ -197,7 +199,7 @@ def noise_label(p: AugmentParams, labels: Sequence[str]) -> int:
     return labels.index(p.noise_class)
 
 
-def window_transform(features: "packed.Packed", p: AugmentParams, frames: int, top_db: float, n_classes: int,
+def window_transform(features: packed.Packed, p: AugmentParams, frames: int, top_db: float, n_classes: int,
                      noise_label: int = -1) -> Callable[..., Any]:
     """The per-clip training map: (ref, label, weight, [noise window,] seed) -> (x, one-hot y, weight).
 

@@ -138,6 +138,7 @@ def _clip_task(record: Mapping[str, str], clips_dir: str, out: _Outputs, sample_
         raise DataError(f"{clip_path}: {mono.size} samples, but normalize's index.csv says {record['samples']}: "
                         "rerun normalize (`dvc repro --force normalize`)")
     image = f"{out.slugs[record['label']]}/{record['id']}.png" if params.images else ""
+    image_path = os.path.join(out.images_dir, image)
     db, png = _cached(cache, key, frames, params)
     if db is None:
         db, png = features_of(mono, sample_rate, params)
@@ -147,13 +148,11 @@ def _clip_task(record: Mapping[str, str], clips_dir: str, out: _Outputs, sample_
         if params.images and png is None:  # features cached, image not (yet): render it from the features
             png = images.png_bytes(images.render(db, params.top_db, params.image_size))
         elif params.images:
-            image_path = os.path.join(out.images_dir, image)
             cache.place_read(key, f".{params.image_size}px.png", image_path, png)  # type: ignore[union-attr]
             png = None
     with packed.RowWriter(out.array, out.header, params.n_mels) as writer:
         writer.write(int(record["offset"]), db)
     if image and png is not None:
-        image_path = os.path.join(out.images_dir, image)
         store.write_bytes(image_path, png)
         if cache is not None:
             cache.put(key, f".{params.image_size}px.png", png, written=image_path)
@@ -234,8 +233,8 @@ def clip_layout(index: pd.DataFrame, index_path: Path, params: SpectrogramParams
     """``index`` with each clip's ``offset`` and ``frames`` in the packed features, from normalize's ``samples``."""
     try:
         samples = index["samples"].astype(np.int64)
-    except (KeyError, ValueError) as err:
-        raise DataError(f"{index_path}: column 'samples' missing or not integer ({err})") from None
+    except ValueError as err:
+        raise DataError(f"{index_path}: column 'samples' is not integer ({err})") from None
     if (samples < 1).any():
         raise DataError(f"{index_path}: clip {index['id'][samples < 1].iloc[0]} has no samples")
     layout = index.copy()

@@ -126,7 +126,7 @@ def build_streams(arch: str, paths: TrainPaths, params: TrainParams, frames: int
 
     from audiocnn import augment
 
-    n_mels, image_size, top_db = spectrogram.n_mels, spectrogram.image_size, spectrogram.top_db
+    image_size, top_db = spectrogram.image_size, spectrogram.top_db
     train_frame, val_frame = data.read_split(paths.split, "train"), data.read_split(paths.split, "val")
     labels = data.class_labels(train_frame)
     if len(labels) < 2:
