@@ -12,7 +12,7 @@ from audiocnn.evaluate import EvaluateParams
 def main(argv: Sequence[str] | None = None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("--model", type=Path, required=True, help="train output: model.keras, labels.json, preprocess.json")
-    p.add_argument("--normalized", type=Path, required=True, help="normalize output: clips/<id>.npy waveforms")
+    p.add_argument("--normalized", type=Path, required=True, help="normalize output: clips.npy waveforms, index.csv")
     p.add_argument("--features", type=Path, required=True, help="spectrogram output: evaluate's inputs (the reference)")
     p.add_argument("--split", type=Path, required=True,
                    help="folder with train.csv (int8 calibration) and test.csv (parity)")

@@ -13,7 +13,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("--source", type=Path, required=True, help="folder the manifest paths are relative to")
     p.add_argument("--manifest", type=Path, required=True, help="ingest manifest.csv")
-    p.add_argument("--out", type=Path, required=True, help="output folder (clips/ and index.csv)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (clips.npy and index.csv)")
     args = p.parse_args(argv)
     params = config.read_params(args.params)
     audio = config.load_section(params, "audio", AudioParams)

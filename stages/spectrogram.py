@@ -11,7 +11,7 @@ from audiocnn.audio import AudioParams
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = stage.parser(__doc__)
-    p.add_argument("--normalized", type=Path, required=True, help="normalize output (clips/, index.csv)")
+    p.add_argument("--normalized", type=Path, required=True, help="normalize output (clips.npy, index.csv)")
     p.add_argument("--features", type=Path, required=True, help="output folder for arrays, index.csv, meta.json")
     p.add_argument("--images", type=Path, required=True, help="output folder for the per-clip PNGs")
     p.add_argument("--gallery", type=Path, required=True, help="output PNG: examples of every class")

@@ -152,6 +152,7 @@ def learnable_set(root: Path, pre: predict.Preprocess, per_class: dict[str, int]
     rng = np.random.default_rng(5)
     rows: dict[str, list[dict]] = {}
     features: dict[str, np.ndarray] = {}
+    clips: dict[str, np.ndarray] = {}
     for split, n in per_class.items():
         for label, freq in zip(LABELS, (300.0, 3000.0, 0.0)):
             for i in range(n):
@@ -160,9 +161,10 @@ def learnable_set(root: Path, pre: predict.Preprocess, per_class: dict[str, int]
                 x = rng.normal(0, 0.05, t.size) + (np.sin(2 * np.pi * freq * rng.uniform(0.9, 1.1) * t) if freq else 0)
                 mono = normalize_signal(x[:, None].astype(np.float32), SAMPLE_RATE, SAMPLE_RATE, pre.normalize)
                 clip_id = f"{label}-{split}{i:02d}"
-                fileio.write_npy(root / "normalize" / "clips" / f"{clip_id}.npy", mono)
+                clips[clip_id] = mono[:, np.newaxis]  # (samples, 1)
                 features[clip_id] = log_mel(mono, SAMPLE_RATE, pre.spectrogram)
                 rows.setdefault(split, []).append({"id": clip_id, "path": f"{clip_id}.wav", "label": label})
+    packed.write(root / "normalize", clips, kind=packed.AUDIO)
     packed.write(root / "features", features)
     for split, frame in rows.items():
         fileio.write_csv(root / "split" / f"{split}.csv", pd.DataFrame(frame))

@@ -96,10 +96,11 @@ def test_every_depth_rate_and_channel_count_goes_through(tmp_path):
     manifest = fileio.read_csv(ds / "ingest" / "manifest.csv")
     assert fileio.read_csv(ds / "ingest" / "rejected.csv").empty and len(manifest) == 3 * len(FORMATS)
     index = fileio.read_csv(ds / "normalize" / "index.csv").set_index("path")
+    clips = normalize.open_clips(ds / "normalize")
     for subtype, fmt, rate, channels in FORMATS:
         row = index.loc[f"a/{subtype}-{rate}-{channels}ch.{fmt.lower()}"]
         assert (int(row.sample_rate), int(row.channels)) == (rate, channels)
-        mono = fileio.load_npy(ds / "normalize" / "clips" / f"{row.id}.npy")  # (samples,) float32 at SR
+        mono = normalize.read_clip(clips, row.id)  # (samples,) float32 at SR
         assert mono.dtype == np.float32 and mono.ndim == 1 and np.isfinite(mono).all()
         assert abs(len(mono) - float(row.duration) * SR) <= 2, subtype
         rms_dbfs = 20 * math.log10(float(np.sqrt(np.mean(mono.astype(np.float64) ** 2))))
@@ -165,9 +166,9 @@ def test_odd_files_are_rejected_with_a_reason_or_processed(tmp_path, caplog):
     index = fileio.read_csv(ds / "normalize" / "index.csv").set_index("path")
     for path in ("a/clipped.wav", "a/clipped-float.wav", "c/tiny.wav", "b/flac-named.wav", "b/wav-named.flac",
                  "c/truncated-data.wav"):
-        mono = fileio.load_npy(ds / "normalize" / "clips" / f"{index.loc[path, 'id']}.npy")
+        mono = normalize.read_clip(normalize.open_clips(ds / "normalize"), index.loc[path, "id"])
         assert np.isfinite(mono).all() and 0 < np.abs(mono).max() <= 1.0, path
-    clipped = fileio.load_npy(ds / "normalize" / "clips" / f"{index.loc['a/clipped.wav', 'id']}.npy")
+    clipped = normalize.read_clip(normalize.open_clips(ds / "normalize"), index.loc["a/clipped.wav", "id"])
     assert 20 * math.log10(np.abs(clipped).max()) <= -0.1 + 1e-3  # rms gain limited below full scale
     features = fileio.read_csv(ds / "features" / "index.csv")
     assert len(features) == len(manifest) and (features["frames"].astype(int) > 0).all()
@@ -312,12 +313,11 @@ def test_hours_long_file_is_kept_and_normalize_reads_only_max_duration(tmp_path,
     tracemalloc.start()
     record = {"id": "hour", "path": "long/hour.wav"}
     params = normalize.NormalizeParams(method="rms", target_dbfs=-20.0, trim_db=0.0, workers=1)
-    samples, _ = normalize.normalize_clip(record, tmp_path / "src", tmp_path / "clips", SR, params, max_seconds=5.0)
+    mono = normalize.normalized_audio(record, tmp_path / "src", SR, params, max_seconds=5.0)
     peak_bytes = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert sum(frames_read) == 5 * rate  # 5 s of 3600 s decoded
-    assert samples == 5 * SR and peak_bytes < 20 * 2**20  # far below the 3600 s (115 MB as float32)
-    assert fileio.load_npy(tmp_path / "clips" / "hour.npy").shape == (5 * SR,)
+    assert mono.shape == (5 * SR,) and peak_bytes < 20 * 2**20  # far below the 3600 s (115 MB as float32)
     assert audio.scan(path).frames == 3600 * rate
 
 

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from audiocnn import config, fileio, normalize, parallel
+from audiocnn import config, fileio, normalize, packed, parallel
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError
 from audiocnn.normalize import NormalizeParams
@@ -142,14 +142,43 @@ def test_run_writes_contract_outputs_same_for_1_and_2_workers(tmp_path):
         normalize.run(source, manifest, out, AudioParams(16000), norm_params(workers=workers), max_seconds=2.0)
         outs.append(out)
     index = fileio.read_csv(outs[0] / "index.csv")
-    assert list(index.columns) == [*fileio.read_csv(manifest).columns, "samples", "clip_sha256"]
+    assert list(index.columns) == [*fileio.read_csv(manifest).columns, "offset", "samples", "clip_sha256"]
     assert index["samples"].astype(int).tolist() == [8000, 11200, 32000]  # 0.5 s, 0.7 s, capped at 2 s
-    for clip_id, samples, digest in zip(index["id"], index["samples"].astype(int), index["clip_sha256"]):
-        a = fileio.load_npy(outs[0] / "clips" / f"{clip_id}.npy")
+    assert index["offset"].astype(int).tolist() == [0, 8000, 19200]  # packed in manifest order
+    whole = np.load(outs[0] / "clips.npy", allow_pickle=False)  # one ordinary .npy: (total samples, 1)
+    assert whole.dtype == np.float32 and whole.shape == (51200, 1)
+    clips = normalize.open_clips(outs[0])
+    for clip_id, start, samples, digest in zip(index["id"], index["offset"].astype(int), index["samples"].astype(int),
+                                               index["clip_sha256"]):
+        a = normalize.read_clip(clips, clip_id)
         assert a.dtype == np.float32 and a.shape == (samples,)
-        assert hashlib.sha256((outs[0] / "clips" / f"{clip_id}.npy").read_bytes()).hexdigest() == digest
-        np.testing.assert_array_equal(a, fileio.load_npy(outs[1] / "clips" / f"{clip_id}.npy"))
-    assert fileio.read_csv(outs[1] / "index.csv").equals(index)
+        np.testing.assert_array_equal(a, whole[start : start + samples, 0])
+        assert hashlib.sha256(a.astype("<f4").tobytes()).hexdigest() == digest
+    the_same = [(outs[0] / name).read_bytes() == (outs[1] / name).read_bytes() for name in ("clips.npy", "index.csv")]
+    assert the_same == [True, True]  # the number of workers changes nothing
+
+
+def test_clips_come_from_the_cache_when_the_source_is_unchanged(tmp_path, monkeypatch):
+    """A rerun reads no source file whose sha256 the cache holds, and writes the same bytes."""
+    source, manifest = make_source(tmp_path)
+    index = fileio.read_csv(manifest)
+    index["sha256"] = [hashlib.sha256((source / p).read_bytes()).hexdigest() for p in index["path"]]
+    fileio.write_csv(manifest, index)
+    normalize.run(source, manifest, tmp_path / "cold", AudioParams(16000), norm_params(workers=2), max_seconds=2.0)
+    monkeypatch.setattr(normalize, "read_audio", lambda *a: pytest.fail("a cached clip was read from the source"))
+    normalize.run(source, manifest, tmp_path / "warm", AudioParams(16000), norm_params(workers=1), max_seconds=2.0)
+    for name in ("clips.npy", "index.csv"):
+        assert (tmp_path / "cold" / name).read_bytes() == (tmp_path / "warm" / name).read_bytes()
+
+
+def test_a_failed_run_leaves_no_output(tmp_path):
+    """A clip failing half way through leaves neither the folder nor a half-written clips.npy under its name."""
+    source, manifest = make_source(tmp_path)
+    normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(), max_seconds=2.0)
+    (source / "a" / "long.wav").write_bytes(b"not audio")
+    with pytest.raises(ClipError, match=r"a/long\.wav"):
+        normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(workers=2), max_seconds=2.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feature-cache", "manifest.csv", "source"]
 
 
 def test_run_error_names_the_clip(tmp_path):
@@ -176,7 +205,7 @@ def test_stage_script(tmp_path):
     main = runpy.run_path(str(REPO / "stages" / "normalize.py"))["main"]
     main(["--params", str(tmp_path / "params.yaml"), "--source", str(source), "--manifest", str(manifest),
           "--out", str(tmp_path / "out")])
-    assert len(list((tmp_path / "out" / "clips").glob("*.npy"))) == 3
+    assert len(normalize.open_clips(tmp_path / "out").refs) == 3
 
 
 def _square_or_fail(item: dict) -> int:
@@ -197,3 +226,43 @@ def test_map_clips_keeps_order_and_names_the_failing_clip(workers):
     ran = []
     assert parallel.map_clips(_square_or_fail, items[:3], workers, "t", meanwhile=lambda: ran.append(1)) == [0, 1, 4]
     assert ran == [1]  # the side job ran once, in this process
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_iter_clips_streams_in_order_and_names_the_failing_clip(workers):
+    items = [{"path": f"c/{x}.wav", "x": x} for x in range(300)]
+    assert list(parallel.iter_clips(_square_or_fail, items[:7] + items[8:], workers, "t")) == [
+        x * x for x in range(300) if x != 7]
+    received = []
+    with pytest.raises(ClipError, match=r"^c/7\.wav: ValueError: seven is not allowed$"):
+        for result in parallel.iter_clips(_square_or_fail, items, workers, "t"):
+            received.append(result)
+    assert received == [x * x for x in range(len(received))] and len(received) <= 7  # in order, up to the failure
+    early = parallel.iter_clips(_square_or_fail, items[8:], workers, "t")
+    assert next(early) == 64
+    early.close()  # a consumer that stops early cancels the rest (no hang, no error)
+
+
+def test_appender_writes_an_ordinary_npy_and_a_failure_no_array(tmp_path):
+    with packed.Appender(tmp_path / "a.npy", width=2) as appender:
+        assert appender.append(np.ones((3, 2), np.float32)) == 0
+        assert appender.append(np.zeros((1, 2), np.float64)) == 3  # stored as float32
+        with pytest.raises(ValueError, match=r"a\.npy: rows of shape \(2, 3\)"):
+            appender.append(np.zeros((2, 3), np.float32))
+    loaded = np.load(tmp_path / "a.npy", allow_pickle=False)
+    assert loaded.dtype == np.float32 and loaded.tolist() == [[1, 1], [1, 1], [1, 1], [0, 0]]
+    assert (tmp_path / "a.npy").read_bytes() == fileio_bytes(loaded)  # the bytes np.save writes
+    with pytest.raises(RuntimeError):
+        with packed.Appender(tmp_path / "b.npy", width=1) as appender:
+            appender.append(np.ones((5, 1), np.float32))
+            raise RuntimeError("stop")
+    with pytest.raises(ValueError):
+        np.load(tmp_path / "b.npy", allow_pickle=False)  # zero header: never taken for an array
+
+
+def fileio_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

@@ -147,7 +147,7 @@ def test_target_reports_where_its_probability_reaches_the_threshold():
 
 
 def pipeline_probabilities(wav: Path, model_dir: Path, tmp: Path, hop_seconds: float) -> np.ndarray:
-    """The pipeline's own path for one clip: normalize_clip, spectrogram_clip, model_input, clip_probabilities."""
+    """The pipeline's own path for one clip: normalized_audio, features_of, model_input, clip_probabilities."""
     from audiocnn import evaluate, models, normalize, spectrogram
     from audiocnn.spectrogram import SpectrogramParams
 
@@ -155,9 +155,9 @@ def pipeline_probabilities(wav: Path, model_dir: Path, tmp: Path, hop_seconds: f
     params["spectrogram"]["images"] = False
     spec = load_section(params, "spectrogram", SpectrogramParams)
     record = {"id": "clip-1", "path": wav.name, "label": "engine"}
-    normalize.normalize_clip(record, wav.parent, tmp / "clips", SAMPLE_RATE,
-                             load_section(params, "normalize", normalize.NormalizeParams), max_seconds=600.0)
-    db, _ = spectrogram.spectrogram_clip(record, tmp / "clips", tmp / "images", SAMPLE_RATE, spec)
+    mono = normalize.normalized_audio(record, wav.parent, SAMPLE_RATE,
+                                      load_section(params, "normalize", normalize.NormalizeParams), max_seconds=600.0)
+    db, _ = spectrogram.features_of(mono, SAMPLE_RATE, spec)
     packed.write(tmp / "features", {record["id"]: db})
     keras_model, labels = evaluate.load_model(model_dir)
     assert labels == LABELS
@@ -302,8 +302,11 @@ def test_seed_model_predicts_the_clip_image_the_pipeline_renders(tmp_path):
     train.write_model_dir(tmp_path / "models", models.build_seed(3, (48, 48, 3)), LABELS, preprocess)
     wav = write_wav(tmp_path / "in" / "clip.wav", 1.7)
     record = {"id": "clip-1", "path": "clip.wav", "label": "storm"}
-    normalize.normalize_clip(record, wav.parent, tmp_path / "clips", SAMPLE_RATE, norm, max_seconds=600.0)
-    _, image = spectrogram.spectrogram_clip(record, tmp_path / "clips", tmp_path / "images", SAMPLE_RATE, spec)
+    mono = normalize.normalized_audio(record, wav.parent, SAMPLE_RATE, norm, max_seconds=600.0)
+    _, png = spectrogram.features_of(mono, SAMPLE_RATE, spec)  # the image the stage writes for this clip
+    image = "storm/clip-1.png"
+    (tmp_path / "images" / "storm").mkdir(parents=True)
+    (tmp_path / "images" / image).write_bytes(png)
     keras_model, _ = evaluate.load_model(tmp_path / "models")
     x = models.model_input("seed", record | {"image": image}, features_dir=tmp_path / "features",
                            images_dir=tmp_path / "images", window_frames=51, hop_frames=25, top_db=spec.top_db)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from audiocnn import config, data, fileio, spectrogram
+from audiocnn import config, data, fileio, normalize, packed, spectrogram
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError
 from audiocnn.errors import DataError
@@ -84,16 +84,17 @@ def test_top_db_floor_and_filterbank_cache():
 def make_normalized(tmp_path: Path) -> Path:
     """A normalize output: 2 classes x 3 clips of tones, index.csv with the contract columns."""
     root = tmp_path / "normalize"
-    (root / "clips").mkdir(parents=True)
-    rows = []
+    rows, clips = [], {}
     for label, freq in (("low tone", 300.0), ("High/Tone", 3000.0)):
         for k in range(3):
             clip_id = f"{label[:3].lower()}-{k}"
             t = np.arange(4000 + 800 * k) / 16000
-            fileio.write_npy(root / "clips" / f"{clip_id}.npy", (0.1 * np.sin(2 * np.pi * freq * t)).astype(np.float32))
-            rows.append({"id": clip_id, "path": f"{clip_id}.wav", "label": label, "group": "", "fold": "",
-                         "samples": str(t.size)})
-    fileio.write_csv(root / "index.csv", pd.DataFrame(rows))
+            clips[clip_id] = (0.1 * np.sin(2 * np.pi * freq * t)).astype(np.float32)[:, np.newaxis]  # (samples, 1)
+            rows.append({"id": clip_id, "path": f"{clip_id}.wav", "label": label, "group": "", "fold": ""})
+    packed.write(root, clips, pd.DataFrame(rows), kind=packed.AUDIO)
+    index = fileio.read_csv(root / "index.csv")
+    index["clip_sha256"] = [normalize.clip_sha256(clips[i]) for i in index["id"]]
+    fileio.write_csv(root / "index.csv", index)
     return root
 
 
@@ -110,7 +111,8 @@ def test_run_outputs_and_workers_identical(tmp_path):
     two = run_stage(tmp_path, "two", cache=None, workers=2)  # computed by two workers
     three = run_stage(tmp_path, "three", workers=2)  # every clip from the cache
     index = fileio.read_csv(one / "features" / "index.csv")
-    assert list(index.columns) == ["id", "path", "label", "group", "fold", "samples", "frames", "offset", "image"]
+    assert list(index.columns) == ["id", "path", "label", "group", "fold", "samples", "clip_sha256", "frames", "offset",
+                                   "image"]
     assert index["frames"].astype(int).tolist() == [1 + (int(s) + 255) // 160 for s in index["samples"]]  # frames overlapping the clip
     assert index["offset"].astype(int).tolist() == [0, *np.cumsum(index["frames"].astype(int))[:-1]]
     assert fileio.read_json(one / "features" / "meta.json") == {
@@ -123,7 +125,7 @@ def test_run_outputs_and_workers_identical(tmp_path):
         assert (out / "features" / "features.npy").read_bytes() == (one / "features" / "features.npy").read_bytes()
         assert fileio.read_csv(out / "features" / "index.csv").equals(index)
     for row in index.itertuples():
-        clip = fileio.load_npy(tmp_path / "normalize" / "clips" / f"{row.id}.npy")
+        clip = normalize.read_clip(normalize.open_clips(tmp_path / "normalize"), row.id)
         expected, _ = spectrogram.features_of(clip, 16000, spec_params(image_size=32), image=False)
         np.testing.assert_allclose(data.load_features(one / "features", row.id), expected, atol=1e-4)  # BLAS threads
         assert row.image.endswith(f"/{row.id}.png") and "/" not in row.image.split("/")[0]
@@ -136,13 +138,20 @@ def test_run_outputs_and_workers_identical(tmp_path):
         assert gallery.size[0] > 300
 
 
-def test_run_rejects_a_clip_whose_length_disagrees_with_the_index(tmp_path):
+@pytest.mark.parametrize("row, change, error", [
+    (2, {"samples": 1000}, r"clips\.npy \(clip low-2\): content changed since normalize wrote it"),
+    (1, {"offset": 1}, r"clips\.npy \(clip low-1\): content changed since normalize wrote it"),
+    (5, {"samples": 1}, r"index\.csv: clip hig-2 has rows \d+\+5601 outside .*clips\.npy"),
+])
+def test_run_rejects_an_index_that_disagrees_with_the_clips(tmp_path, row, change, error):
+    """normalize's index.csv edited by hand: the clip's rows no longer hold what clip_sha256 says, or lie outside."""
     make_normalized(tmp_path)
     index_path = tmp_path / "normalize" / "index.csv"
     index = fileio.read_csv(index_path)
-    index.loc[2, "samples"] = str(int(index.loc[2, "samples"]) + 1000)
+    for column, delta in change.items():
+        index.loc[row, column] = str(int(index.loc[row, column]) + delta)
     fileio.write_csv(index_path, index)
-    with pytest.raises(DataError, match=f"{index.loc[2, 'id']}.npy: .* samples, but normalize's index.csv says"):
+    with pytest.raises(DataError, match=error):
         run_stage(tmp_path, "bad", cache=None)
     assert not (tmp_path / "bad" / "features").exists()
 

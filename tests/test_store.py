@@ -197,20 +197,24 @@ def test_warm_spectrogram_reads_no_clip(tmp_path, monkeypatch):
     out = run_both(tmp_path, "five", tmp_path / "cache")
     assert tasks == ["c4"]
     assert files(out) == files(run_both(tmp_path, "five-plain", None))
-    index = fileio.read_csv(out / "normalize" / "index.csv")  # the key: the written clip's hash
+    index = fileio.read_csv(out / "normalize" / "index.csv")  # the key: the hash of the clip's samples
+    clips = normalize.open_clips(out / "normalize")
     assert index["clip_sha256"].tolist() == [
-        hashlib.sha256((out / "normalize" / "clips" / f"{i}.npy").read_bytes()).hexdigest() for i in index["id"]]
+        hashlib.sha256(normalize.read_clip(clips, i).tobytes()).hexdigest() for i in index["id"]]
 
 
 def test_a_clip_changed_after_normalize_is_refused_by_name(tmp_path):
     """spectrogram checks a clip it reads against normalize's clip_sha256 (with or without a cache)."""
     make_manifest(tmp_path)
     out = run_both(tmp_path, "a", None)
-    clip = out / "normalize" / "clips" / "c2.npy"
-    fileio.write_npy(clip, np.zeros(800, np.float32))  # silence instead of the tone: same shape class, other bytes
+    clips = normalize.open_clips(out / "normalize")
+    offset, samples = clips.ref("c2")
+    with open(clips.path, "r+b") as handle:  # silence instead of the tone: same length, other samples
+        handle.seek(clips.header + 4 * offset)
+        handle.write(bytes(4 * samples))
     spec = section("spectrogram", SpectrogramParams, images=True, image_size=32, gallery_per_class=1)
     for cache in (None, store.ClipCache(tmp_path / "cache", "spectrogram", spectrogram.cache_settings(RATE, spec))):
-        with pytest.raises(DataError, match=r"c2\.npy: content changed since normalize wrote it"):
+        with pytest.raises(DataError, match=r"clips\.npy \(clip c2\): content changed since normalize wrote it"):
             spectrogram.run(out / "normalize", out / "f2", out / "i2", out / "g2.png", AudioParams(RATE), spec,
                             cache=cache)
         assert not (out / "f2").exists()  # nothing half-written under the output's name

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from audiocnn import data, fileio, predict, timeline
+from audiocnn import data, fileio, normalize, packed, predict, timeline
 from audiocnn.config import check
 from audiocnn.errors import DataError
 from audiocnn.frontend import waveform_models
@@ -103,13 +103,16 @@ def to_tflite(saved_model: Path, representative: Callable[[], Iterator[list[np.n
     return converter.convert()
 
 
-def calibration_set(paths: list[Path], pre: predict.Preprocess, frontend: "keras.Model", count: int,
-                    seed: int) -> list[np.ndarray]:
-    """``count`` random training windows as the int8 classifier sees them: (1, frames, n_mels, 1) dB each."""
+def calibration_set(clips: packed.Packed, ids: list[str], pre: predict.Preprocess, frontend: "keras.Model",
+                    count: int, seed: int) -> list[np.ndarray]:
+    """``count`` random training windows as the int8 classifier sees them: (1, frames, n_mels, 1) dB each.
+
+    ``clips``: normalize's packed clips; ``ids``: the training clips, used in turn.
+    """
     rng = np.random.default_rng(seed)
     windows = []
     for i in range(count):
-        mono = fileio.load_npy(paths[i % len(paths)])
+        mono = normalize.read_clip(clips, ids[i % len(ids)])
         start = int(rng.integers(0, max(1, len(mono) - pre.window_samples + 1)))
         windows.append(predict.waveform_segment(mono, start, pre))
     logmel = np.asarray(frontend.predict(np.stack(windows), batch_size=64, verbose=0), dtype=np.float32)
@@ -231,10 +234,11 @@ def run(*, model_dir: Path, normalized: Path, split: Path, features: Path, out: 
     classifier, labels = evaluate.load_model(model_dir)
     test, train = data.read_split(split, "test"), data.read_split(split, "train")
     y = data.label_indices(test, labels, str(split / "test.csv"))
-    clip_paths = {i: normalized / "clips" / f"{i}.npy" for i in list(test["id"]) + list(train["id"])}
-    missing = [p for p in clip_paths.values() if not p.is_file()]
+    clips = normalize.open_clips(normalized)
+    missing = [i for i in list(test["id"]) + list(train["id"]) if i not in clips.refs]
     if missing:
-        raise DataError(f"{len(missing)} normalized clip(s) missing, first: {missing[0]}")
+        raise DataError(f"{len(missing)} clip(s) of {split} not in {clips.folder / packed.INDEX_NAME}, "
+                        f"first: {missing[0]}")
     hop = timeline.hop_frames(hop_seconds, pre.sample_rate, pre.spectrogram.hop_length)
     wave_model, frontend = waveform_models(classifier, pre)
 
@@ -245,21 +249,22 @@ def run(*, model_dir: Path, normalized: Path, split: Path, features: Path, out: 
         files = {"model.tflite": to_tflite(tmp / "saved_model"), "frontend.tflite": to_tflite(tmp / "frontend")}
         runners = {name: TFLiteRunner(content) for name, content in files.items()}
         if params.int8:
-            calibration = calibration_set([clip_paths[i] for i in train["id"]], pre, frontend,
-                                          params.calibration_windows, params.seed)
+            calibration = calibration_set(clips, list(train["id"]), pre, frontend, params.calibration_windows,
+                                          params.seed)
             classifier.export(str(tmp / "classifier"), format="tf_saved_model", verbose=False)
             files["model_int8.tflite"] = to_tflite(tmp / "classifier", lambda: ([x] for x in calibration))
             runners["model_int8.tflite"] = TFLiteRunner(files["model_int8.tflite"])
         log.info("converted: %s", ", ".join(f"{name} {len(content) / 1e6:.2f} MB" for name, content in files.items()))
 
         reference = reference_probabilities(classifier, list(test["id"]), features, pre, hop, batch_size)
-        clips = [fileio.load_npy(clip_paths[i]) for i in test["id"]]
-        floats = clip_means(runners["model.tflite"], clips, pre, hop)
+        test_clips = [normalize.read_clip(clips, i) for i in test["id"]]
+        floats = clip_means(runners["model.tflite"], test_clips, pre, hop)
         int8 = None
         if params.int8:
-            int8 = clip_means(lambda x: runners["model_int8.tflite"](runners["frontend.tflite"](x)), clips, pre, hop)
+            int8 = clip_means(lambda x: runners["model_int8.tflite"](runners["frontend.tflite"](x)), test_clips, pre,
+                              hop)
         figures = parity(reference, floats, int8, y)
-        figures["frontend_max_abs_db"] = frontend_max_db(runners["frontend.tflite"], clips[:16], pre)
+        figures["frontend_max_abs_db"] = frontend_max_db(runners["frontend.tflite"], test_clips[:16], pre)
         log.info("parity: %s", figures)
         check_parity(figures, params)
 

@@ -3,9 +3,11 @@
 Per clip (a pure function of the manifest record and the settings, run in parallel):
 read at most ``ingest.max_duration`` seconds, downmix to mono (mean of channels),
 resample with soxr (HQ), subtract the mean, optionally trim quiet lead-in/tail, then
-scale to ``target_dbfs`` by peak or RMS. Clips keep their full length. Results are
-cached by the source file's sha256 (``audiocnn.store``): a rerun after adding clips reads
-and normalizes only the new ones.
+scale to ``target_dbfs`` by peak or RMS. Clips keep their full length. The clips are packed
+one after another into one file, ``clips.npy`` (``audiocnn.packed``; clip ``id`` is samples
+``offset`` to ``offset + samples`` of index.csv), in manifest order whatever the number of
+workers. Results are cached by the source file's sha256 (``audiocnn.store``): a rerun after
+adding clips reads and normalizes only the new ones.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import functools
 import hashlib
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Literal, Mapping
 import numpy as np
 import soxr
 
-from audiocnn import fileio, parallel, store
+from audiocnn import fileio, packed, parallel, store
 from audiocnn.audio import AudioParams, read_audio
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
@@ -130,19 +131,6 @@ def normalize_signal(audio: np.ndarray, rate_in: int, sample_rate: int, params: 
     return normalize_level(mono, params.method, params.target_dbfs)
 
 
-def normalize_clip(
-    record: Mapping[str, str], source: Path, clips_dir: Path, sample_rate: int, params: NormalizeParams,
-    max_seconds: float,
-) -> tuple[int, bool]:
-    """Normalize one manifest record into ``clips_dir/<id>.npy`` (atomically); return (samples, silent).
-
-    The stand-alone form; ``run`` uses ``_clip_task`` (cache, plain writes into a staged folder).
-    """
-    mono = normalized_audio(record, source, sample_rate, params, max_seconds)
-    fileio.write_npy(clips_dir / f"{record['id']}.npy", mono)
-    return int(mono.size), is_silent(mono)
-
-
 def normalized_audio(record: Mapping[str, str], source: Path, sample_rate: int, params: NormalizeParams,
                      max_seconds: float) -> np.ndarray:
     """Read and normalize one manifest record: (samples,) float32 mono at ``sample_rate``."""
@@ -159,6 +147,21 @@ def is_silent(mono: np.ndarray) -> bool:
     return bool(np.max(np.abs(mono)) <= 10 ** (SILENT_DBFS / 20))
 
 
+def open_clips(normalized: str | Path) -> packed.Packed:
+    """The packed clips of normalize's output folder (``clips.npy`` and ``index.csv``), opened once per process."""
+    return packed.open_folder(normalized, packed.AUDIO)
+
+
+def read_clip(clips: packed.Packed, clip_id: str) -> np.ndarray:
+    """One normalized clip: (samples,) float32 (read-only)."""
+    return clips.clip(clip_id)[:, 0]
+
+
+def clip_sha256(mono: np.ndarray) -> str:
+    """The clip's content hash (index column ``clip_sha256``): sha256 of its float32 little-endian samples."""
+    return hashlib.sha256(np.ascontiguousarray(mono, dtype=packed.DTYPE)).hexdigest()
+
+
 def cache_settings(sample_rate: int, params: NormalizeParams, max_seconds: float) -> dict:
     """Everything a cached clip depends on besides the source file's bytes: params, code, library versions."""
     import soundfile
@@ -171,11 +174,11 @@ def cache_settings(sample_rate: int, params: NormalizeParams, max_seconds: float
             "soxr": soxr.__version__, "soundfile": soundfile.__version__, "libsndfile": soundfile.__libsndfile_version__}
 
 
-def _clip_task(record: Mapping[str, str], source: Path, clips_dir: str, sample_rate: int, params: NormalizeParams,
-               max_seconds: float, cache: store.ClipCache | None) -> tuple[int, bool, str]:
+def _clip_task(record: Mapping[str, str], source: Path, sample_rate: int, params: NormalizeParams,
+               max_seconds: float, cache: store.ClipCache | None) -> tuple[np.ndarray, bool, str]:
     """One clip inside ``run``: from the cache (keyed by the manifest's sha256) or computed and cached.
 
-    Returns (samples, silent, sha256 of the written .npy): the spectrogram stage keys its cache
+    Returns ((samples,) float32, silent, ``clip_sha256``): the spectrogram stage keys its cache
     by that hash, so finding a clip's cached features needs no read of the clip.
     """
     key = record.get("sha256", "") if cache else ""
@@ -191,21 +194,16 @@ def _clip_task(record: Mapping[str, str], source: Path, clips_dir: str, sample_r
             if mono.ndim != 1 or mono.size == 0:
                 cache.discard(key, ".npy", f"of shape {mono.shape}")  # type: ignore[union-attr]
                 mono = None
-    out_path = os.path.join(clips_dir, f"{record['id']}.npy")
     if mono is None:
         mono = normalized_audio(record, source, sample_rate, params, max_seconds)
-        data = store.npy_bytes(mono)
-        store.write_bytes(out_path, data)
         if cacheable:
-            cache.put(key, ".npy", data, written=out_path)  # type: ignore[union-attr]
-    else:
-        cache.place_read(key, ".npy", out_path, data)  # type: ignore[union-attr,arg-type]
-    return int(mono.size), is_silent(mono), hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
+            cache.put(key, ".npy", store.npy_bytes(mono))  # type: ignore[union-attr]
+    return mono, is_silent(mono), clip_sha256(mono)
 
 
 def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: NormalizeParams,
         max_seconds: float, cache: store.ClipCache | None | str = "env") -> None:
-    """Normalize every clip in ``manifest``; write ``out/clips/<id>.npy`` and ``out/index.csv``.
+    """Normalize every clip in ``manifest``; write ``out/clips.npy`` and ``out/index.csv`` (see the module doc).
 
     ``cache``: a ClipCache, None (no cache) or "env" (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
     """
@@ -222,17 +220,24 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
         cache = store.ClipCache.from_env("normalize", cache_settings(audio.sample_rate, params, max_seconds))
     if cache is not None:
         cache.prepare()
-    with store.staged_dir(out) as tmp:  # renamed to ``out`` once index.csv is written
-        (tmp / "clips").mkdir()
-        work = functools.partial(_clip_task, source=Path(source), clips_dir=str(tmp / "clips"),
-                                 sample_rate=audio.sample_rate, params=params, max_seconds=max_seconds, cache=cache)
-        results = parallel.map_clips(work, index.to_dict("records"), params.workers, "normalize")
-        index["samples"] = [samples for samples, _, _ in results]
-        index[store.CLIP_HASH_COLUMN] = [digest for _, _, digest in results]
-        fileio.write_csv(tmp / "index.csv", index)
-    silent = [path for path, (_, is_silent, _) in zip(index["path"], results) if is_silent]
+    work = functools.partial(_clip_task, source=Path(source), sample_rate=audio.sample_rate, params=params,
+                             max_seconds=max_seconds, cache=cache)
+    offsets, samples, digests, silent = [], [], [], []
+    with store.staged_dir(out) as tmp:  # renamed to ``out`` once clips.npy and index.csv are written
+        with packed.Appender(tmp / packed.AUDIO.array, width=1) as clips:
+            results = parallel.iter_clips(work, index.to_dict("records"), params.workers, "normalize")
+            for path, (mono, clip_silent, digest) in zip(index["path"], results):
+                offsets.append(clips.append(mono[:, np.newaxis]))  # (samples, 1)
+                samples.append(mono.size)
+                digests.append(digest)
+                if clip_silent:
+                    silent.append(path)
+        index["offset"] = offsets
+        index["samples"] = samples
+        index[store.CLIP_HASH_COLUMN] = digests
+        fileio.write_csv(tmp / packed.INDEX_NAME, index)
     if silent:
         log.warning("%d silent clip(s) (peak below %.0f dBFS) left unscaled, e.g. %s",
                     len(silent), SILENT_DBFS, silent[0])
     log.info("normalized %d clips to %d Hz, %s %.1f dBFS: %.1f s of audio in %s", len(index), audio.sample_rate,
-             params.method, params.target_dbfs, index["samples"].sum() / audio.sample_rate, out)
+             params.method, params.target_dbfs, index["samples"].sum() / audio.sample_rate, out / packed.AUDIO.array)

@@ -1,12 +1,15 @@
-"""Many clips' arrays in one file: ``<dir>/features.npy`` plus each clip's rows in ``<dir>/index.csv``.
+"""Many clips' arrays in one file: ``<dir>/<array>.npy`` plus each clip's rows in ``<dir>/index.csv``.
 
-Clip ``id`` is ``array[offset : offset + frames]`` of one float32 .npy file of shape
-(total frames, n_mels), with ``offset`` and ``frames`` columns in the folder's index.csv. One file
-instead of one per clip keeps DVC's work proportional to bytes, not files: a no-op ``dvc repro``
-stats one file where it stated thousands, and a rerun stage hashes and links one file instead
-of relinking every clip. Readers ``pread`` one clip's rows when they need them (memory does not
-grow with the data set); writers lay the rows out first (every clip's frame count is
-known from its sample count) and then fill them in any order, from any process, with ``pwrite``.
+Clip ``id`` is ``array[offset : offset + length]`` of one float32 .npy file of shape
+(total rows, width), with ``offset`` and a length column in the folder's index.csv. Two kinds:
+the spectrogram stage's ``features.npy`` (rows: frames, width: n_mels; column ``frames``) and
+normalize's ``clips.npy`` (rows: samples, width 1; column ``samples``). One file instead of one
+per clip keeps DVC's work proportional to bytes, not files: a no-op ``dvc repro`` stats one file
+where it stated thousands, and a rerun stage hashes and links one file instead of relinking
+every clip. Readers ``pread`` one clip's rows when they need them (memory does not grow with the
+data set). Writers either lay the rows out first when every clip's length is known up front
+(``create``, then ``RowWriter`` fills them in any order, from any process, with ``pwrite``) or
+append clips in order when lengths are only known once computed (``Appender``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 import io
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -28,14 +32,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ARRAY_NAME = "features.npy"
 INDEX_NAME = "index.csv"
 DTYPE = np.dtype("<f4")
+HEADER_BYTES = 128  # an Appender's .npy header: room for any 2-D shape, 64-byte aligned as numpy writes it
 
 
-def offsets(frames: Sequence[int]) -> np.ndarray:
+@dataclass(frozen=True)
+class Kind:
+    """What a packed folder holds: its array file, the index column with each clip's row count, a name for messages."""
+
+    array: str
+    length: str
+    what: str
+
+
+FEATURES = Kind("features.npy", "frames", "features")  # (total frames, n_mels) log-mel dB (spectrogram)
+AUDIO = Kind("clips.npy", "samples", "normalized audio")  # (total samples, 1) waveform (normalize)
+
+
+def offsets(lengths: Sequence[int]) -> np.ndarray:
     """Each clip's first row when clips are stored one after another: (n,) int64."""
-    lengths = np.asarray(frames, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]) if lengths.size else lengths
 
 
@@ -51,6 +68,57 @@ def create(path: str | Path, rows: int, width: int) -> int:
         handle.write(header.getvalue())
         handle.truncate(header.tell() + rows * width * DTYPE.itemsize)
     return header.tell()
+
+
+def npy_header(rows: int, width: int) -> bytes:
+    """The ``HEADER_BYTES``-long .npy (version 1.0) header of a (rows, width) float32 array.
+
+    For the shapes of real data sets it is byte for byte the header ``np.save`` writes; a fixed
+    length lets an ``Appender`` write rows before it knows how many there will be.
+    """
+    text = "{'descr': '%s', 'fortran_order': False, 'shape': (%d, %d), }" % (DTYPE.str, rows, width)
+    body = text.ljust(HEADER_BYTES - 11) + "\n"
+    if len(body) != HEADER_BYTES - 10:
+        raise ValueError(f"shape ({rows}, {width}) does not fit a {HEADER_BYTES}-byte .npy header")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
+class Appender:
+    """Writes clips' rows one after another into a new (rows, width) float32 .npy file, header last.
+
+    For clips whose lengths are only known once computed (normalize's trimmed audio): ``append``
+    returns each clip's offset, ``close`` writes the header with the final row count. A file
+    left by a failure has a zero header, which no reader takes for an array.
+    """
+
+    def __init__(self, path: str | Path, width: int) -> None:
+        self.path, self.width, self.rows = str(path), width, 0
+        self.handle = open(self.path, "wb")
+        self.handle.write(bytes(HEADER_BYTES))
+
+    def append(self, rows: np.ndarray) -> int:
+        """(length, width) float32 ``rows`` after the last clip; return their offset (first row)."""
+        data = np.ascontiguousarray(rows, dtype=DTYPE)
+        if data.ndim != 2 or data.shape[1] != self.width:
+            raise ValueError(f"{self.path}: rows of shape {data.shape}, expected (length, {self.width})")
+        self.handle.write(memoryview(data).cast("B"))
+        offset, self.rows = self.rows, self.rows + data.shape[0]
+        return offset
+
+    def close(self) -> None:
+        """Write the header (the array is complete) and close the file."""
+        self.handle.seek(0)
+        self.handle.write(npy_header(self.rows, self.width))
+        self.handle.close()
+
+    def __enter__(self) -> Appender:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.handle.close()
 
 
 class RowWriter:
@@ -81,12 +149,13 @@ class RowWriter:
         self.close()
 
 
-def write(folder: str | Path, arrays: Mapping[str, np.ndarray], index: "pd.DataFrame | None" = None) -> None:
-    """Pack (frames, width) arrays by clip id into ``folder`` (features.npy and index.csv) in one go.
+def write(folder: str | Path, arrays: Mapping[str, np.ndarray], index: "pd.DataFrame | None" = None,
+          kind: Kind = FEATURES) -> None:
+    """Pack (length, width) arrays by clip id into ``folder`` (the kind's array and index.csv) in one go.
 
-    ``index``: rows with an ``id`` column to which ``offset`` and ``frames`` are added (default: just
-    the ids). For small sets (tests, examples); stages lay out and fill the file with ``create`` and a
-    ``RowWriter`` instead, without holding every array.
+    ``index``: rows with an ``id`` column to which ``offset`` and the length column are added
+    (default: just the ids). For small sets (tests, examples); stages write with a ``RowWriter``
+    or an ``Appender`` instead, without holding every array.
     """
     import pandas as pd
 
@@ -96,20 +165,20 @@ def write(folder: str | Path, arrays: Mapping[str, np.ndarray], index: "pd.DataF
     chosen = [np.asarray(arrays[clip_id], dtype=DTYPE) for clip_id in index["id"]]
     width = chosen[0].shape[1] if chosen else 0
     index["offset"] = offsets([x.shape[0] for x in chosen])
-    index["frames"] = [x.shape[0] for x in chosen]
-    with fileio.atomic_path(folder / ARRAY_NAME) as tmp:
-        with RowWriter(tmp, create(tmp, int(index["frames"].sum()), width), width) as writer:
+    index[kind.length] = [x.shape[0] for x in chosen]
+    with fileio.atomic_path(folder / kind.array) as tmp:
+        with RowWriter(tmp, create(tmp, int(index[kind.length].sum()), width), width) as writer:
             for start, x in zip(index["offset"], chosen):
                 writer.write(int(start), x)
     fileio.write_csv(folder / INDEX_NAME, index)
 
 
 class Packed:
-    """The clips of one packed folder, read by id (``clip``) or by (offset, frames) (``rows``)."""
+    """The clips of one packed folder, read by id (``clip``) or by (offset, length) (``rows``)."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / ARRAY_NAME
+    def __init__(self, folder: str | Path, kind: Kind = FEATURES) -> None:
+        self.folder, self.kind = Path(folder), kind
+        self.path = self.folder / kind.array
         index_path = self.folder / INDEX_NAME
         try:
             with open(self.path, "rb") as handle:
@@ -120,28 +189,29 @@ class Packed:
                 self.header = handle.tell()
                 size = os.fstat(handle.fileno()).st_size
         except (OSError, ValueError) as err:
-            raise DataError(f"cannot read features {self.path}: {err}") from err
+            raise DataError(f"cannot read {kind.what} {self.path}: {err}") from err
         if len(shape) != 2 or dtype != DTYPE or fortran:
-            raise DataError(f"{self.path}: expected (frames, n_mels) float32, got {dtype} {shape}")
+            raise DataError(f"{self.path}: expected a 2-D float32 array of {kind.what}, got {dtype} {shape}")
         if size != self.header + shape[0] * shape[1] * DTYPE.itemsize:
             raise DataError(f"{self.path}: {size} bytes, not the {shape} float32 array its header announces "
                             "(truncated?)")
-        self.shape = (int(shape[0]), int(shape[1]))  # (total frames, width)
+        self.shape = (int(shape[0]), int(shape[1]))  # (total rows, width)
         try:
             index = fileio.read_csv(index_path)
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read {index_path}: {err}") from err
-        missing = sorted({"id", "offset", "frames"} - set(index.columns))
+        missing = sorted({"id", "offset", kind.length} - set(index.columns))
         if missing:
             raise DataError(f"{index_path}: missing column(s) {', '.join(missing)}")
         try:
-            starts, lengths = index["offset"].astype(np.int64).to_numpy(), index["frames"].astype(np.int64).to_numpy()
+            starts = index["offset"].astype(np.int64).to_numpy()
+            lengths = index[kind.length].astype(np.int64).to_numpy()
         except ValueError as err:
-            raise DataError(f"{index_path}: offset and frames must be integers ({err})") from None
+            raise DataError(f"{index_path}: offset and {kind.length} must be integers ({err})") from None
         bad = (starts < 0) | (lengths < 1) | (starts + lengths > self.shape[0])
         if bad.any():
             row = index[bad].iloc[0]
-            raise DataError(f"{index_path}: clip {row['id']} has rows {row['offset']}+{row['frames']} outside "
+            raise DataError(f"{index_path}: clip {row['id']} has rows {row['offset']}+{row[kind.length]} outside "
                             f"{self.path} ({self.shape[0]} rows)")
         self.refs = dict(zip(index["id"], zip(starts.tolist(), lengths.tolist())))
         self.fd = os.open(self.path, os.O_RDONLY)
@@ -155,42 +225,43 @@ class Packed:
         return self.shape[1]
 
     def ref(self, clip_id: str) -> tuple[int, int]:
-        """(offset, frames) of ``clip_id``; DataError naming the folder when it holds no such clip."""
+        """(offset, length) of ``clip_id``; DataError naming the folder when it holds no such clip."""
         try:
             return self.refs[clip_id]
         except KeyError:
-            raise DataError(f"no features for clip {clip_id!r} in {self.folder} (not in its {INDEX_NAME})") from None
+            raise DataError(f"no {self.kind.what} for clip {clip_id!r} in {self.folder} "
+                            f"(not in its {INDEX_NAME})") from None
 
     def refs_of(self, clip_ids: Sequence[str]) -> np.ndarray:
-        """(n, 2) int64 (offset, frames) of each id, e.g. to stream the clips in tf.data."""
+        """(n, 2) int64 (offset, length) of each id, e.g. to stream the clips in tf.data."""
         return np.array([self.ref(clip_id) for clip_id in clip_ids], dtype=np.int64).reshape(-1, 2)
 
-    def rows(self, offset: int, frames: int) -> np.ndarray:
-        """(frames, width) float32: one ``pread`` (thread-safe; the file's pages stay in the OS cache, not in RSS)."""
-        nbytes = int(frames) * self.shape[1] * DTYPE.itemsize
+    def rows(self, offset: int, length: int) -> np.ndarray:
+        """(length, width) float32 (read-only): one ``pread`` (thread-safe; pages stay in the OS cache, not in RSS)."""
+        nbytes = int(length) * self.shape[1] * DTYPE.itemsize
         data = os.pread(self.fd, nbytes, self.header + int(offset) * self.shape[1] * DTYPE.itemsize)
         if len(data) != nbytes:
-            raise DataError(f"{self.path}: rows {offset}+{frames} cut short (file changed while read?)")
-        return np.frombuffer(data, dtype=DTYPE).reshape(int(frames), self.shape[1])
+            raise DataError(f"{self.path}: rows {offset}+{length} cut short (file changed while read?)")
+        return np.frombuffer(data, dtype=DTYPE).reshape(int(length), self.shape[1])
 
     def clip(self, clip_id: str) -> np.ndarray:
-        """One clip's (frames, width) float32 rows."""
+        """One clip's (length, width) float32 rows."""
         return self.rows(*self.ref(clip_id))
 
 
-def open_folder(folder: str | Path) -> Packed:
-    """``Packed(folder)``, opened once per process while its files are unchanged (by inode, size and mtime)."""
+def open_folder(folder: str | Path, kind: Kind = FEATURES) -> Packed:
+    """``Packed(folder, kind)``, opened once per process while its files are unchanged (by inode, size and mtime)."""
     folder = Path(folder)
     stamps = []
-    for name in (ARRAY_NAME, INDEX_NAME):
+    for name in (kind.array, INDEX_NAME):
         try:
             info = os.stat(folder / name)
         except OSError as err:
-            raise DataError(f"cannot read features {folder / name}: {err.strerror or err}") from err
+            raise DataError(f"cannot read {kind.what} {folder / name}: {err.strerror or err}") from err
         stamps.append((info.st_ino, info.st_size, info.st_mtime_ns))
-    return _open(str(folder.resolve()), tuple(stamps))
+    return _open(str(folder.resolve()), kind, tuple(stamps))
 
 
 @functools.lru_cache(maxsize=8)
-def _open(folder: str, stamps: tuple) -> Packed:
-    return Packed(folder)
+def _open(folder: str, kind: Kind, stamps: tuple) -> Packed:
+    return Packed(folder, kind)

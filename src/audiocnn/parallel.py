@@ -3,11 +3,13 @@
 Stages describe per-clip work as a top-level function of (clip record, settings)
 (bound with ``functools.partial``), so the same function can run in-process, in a
 local process pool (here) or later on a distributed engine. Results come back in
-input order. A failure names the clip it happened on.
+input order: all at once (``map_clips``) or one by one as they are ready (``iter_clips``, for
+results too large to hold together, such as audio). A failure names the clip it happened on.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import logging
 import math
@@ -15,7 +17,7 @@ import multiprocessing
 import os
 import sys
 import traceback
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
@@ -28,6 +30,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 MAX_CHUNK = 32  # clips per task: amortizes pickling without starving the progress bar
+AHEAD_PER_WORKER = 4  # iter_clips: tasks submitted ahead of the consumer per worker (bounds the results in memory)
 
 
 class ClipError(DataError):
@@ -76,6 +79,63 @@ def map_clips(
     except ClipError as err:
         log.debug("%s\n%s", err, err.detail)
         raise
+
+
+def iter_clips(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    workers: int,
+    desc: str,
+    name: Callable[[T], str] = lambda item: str(item["path"]),  # type: ignore[index]
+) -> Iterator[R]:
+    """Yield ``fn(item)`` for each item, in input order, over ``workers`` processes (as ``map_clips``).
+
+    At most ``AHEAD_PER_WORKER`` tasks per worker are computed ahead of the consumer, so the
+    results held at any time do not grow with the number of items. Stopping the iteration
+    early cancels the tasks not yet started.
+    """
+    workers = resolve_workers(workers)
+    names = [name(item) for item in items]
+    try:
+        if workers == 1 or len(items) <= 1:
+            with _progress(len(items), desc) as bar, threadpool_limits(1):
+                for item, item_name in zip(items, names):
+                    yield _call(fn, item, item_name)
+                    bar.update(1)
+            return
+        yield from _stream_pool(fn, items, names, desc, workers)
+    except ClipError as err:
+        log.debug("%s\n%s", err, err.detail)
+        raise
+
+
+def _stream_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str,
+                 workers: int) -> Iterator[R]:
+    size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (workers * 8))))
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    starts = iter(range(0, len(items), size))
+    pending: collections.deque[cf.Future] = collections.deque()
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                initializer=_init_worker) as pool:
+
+        def submit_next() -> None:
+            start = next(starts, None)
+            if start is not None:
+                pending.append(pool.submit(_run_chunk, fn, items[start : start + size], names[start : start + size]))
+
+        for _ in range(workers * AHEAD_PER_WORKER):  # the workers fork before the progress bar starts its thread
+            submit_next()
+        try:
+            with _progress(len(items), desc) as bar:
+                while pending:
+                    chunk = pending.popleft().result()
+                    submit_next()
+                    for result in chunk:
+                        yield result
+                    bar.update(len(chunk))
+        except BaseException:  # includes GeneratorExit: the consumer stopped early
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _progress(total: int, desc: str) -> tqdm:

@@ -4,9 +4,9 @@ Per clip (a pure function of the index record and the settings, run in parallel)
 power STFT (centred), mel filterbank (built once per process), ``power_to_db`` with
 ref 1.0 floored at clip max - top_db: float32 (frames, n_mels), written into its rows of one
 packed file, ``features.npy`` (``audiocnn.packed``; rows laid out from normalize's sample counts).
-Results are cached by the normalized clip's content (``audiocnn.store``): a rerun after adding
-clips computes only the new ones, and finds the others by the hash normalize recorded in its
-index (no clip is read for a hit).
+The normalized clips are read from normalize's packed ``clips.npy``. Results are cached by the
+normalized clip's content (``audiocnn.store``): a rerun after adding clips computes only the new
+ones, and finds the others by the hash normalize recorded in its index (no clip is read for a hit).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from audiocnn import fileio, images, melspec, packed, parallel, store
+from audiocnn import fileio, images, melspec, normalize, packed, parallel, store
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
@@ -91,25 +91,6 @@ def features_of(mono: np.ndarray, sample_rate: int, params: SpectrogramParams,
     return db, images.png_bytes(images.render(db, params.top_db, params.image_size))
 
 
-def spectrogram_clip(record: Mapping[str, str], clips_dir: Path, images_dir: Path, sample_rate: int,
-                     params: SpectrogramParams) -> tuple[np.ndarray, str]:
-    """Features of one normalized clip, and its image written atomically; return (db, image path).
-
-    The stand-alone form (``run`` packs every clip's features into one file, ``_clip_task``).
-    """
-    mono = fileio.load_npy(clips_dir / f"{record['id']}.npy")  # (samples,) float32
-    try:
-        db, png = features_of(mono, sample_rate, params)
-    except DataError as err:
-        raise DataError(f"{clips_dir / record['id']}.npy: {err}") from None
-    image = ""
-    if png is not None:
-        image = f"{images.label_slug(record['label'])}/{record['id']}.png"
-        with fileio.atomic_path(images_dir / image) as tmp:
-            tmp.write_bytes(png)
-    return db, image
-
-
 @dataclass(frozen=True)
 class _Outputs:
     """Where ``run`` writes: the packed features file (laid out by ``packed.create``) and the image folder."""
@@ -120,23 +101,18 @@ class _Outputs:
     slugs: Mapping[str, str]  # label -> image subfolder
 
 
-def _clip_task(record: Mapping[str, str], clips_dir: str, out: _Outputs, sample_rate: int,
+def _clip_task(record: Mapping[str, str], normalized: str, out: _Outputs, sample_rate: int,
                params: SpectrogramParams, cache: store.ClipCache | None) -> str:
     """One clip inside ``run``: its rows of the packed features (and image), cached or computed; return the image.
 
-    ``record`` carries the clip's ``offset`` and ``frames`` in the packed file (laid out from
-    normalize's ``samples``), so a clip whose length disagrees is an error naming it.
+    ``record`` carries the clip's ``offset`` and ``frames`` in the packed features, laid out from
+    normalize's ``samples``: the column its clip is read by, so the two always agree.
     """
-    clip_path = os.path.join(clips_dir, f"{record['id']}.npy")
-    clip_bytes = store.read_bytes(clip_path)
-    mono = store.npy_array(clip_bytes, clip_path)  # (samples,) float32
-    if mono.ndim != 1 or mono.size == 0:
-        raise DataError(f"{clip_path}: expected a non-empty (samples,) array, got shape {mono.shape}")
-    key = _checked_key(record, clip_bytes, clip_path) if cache is not None or record.get(store.CLIP_HASH_COLUMN) else ""
-    frames = expected_frames(mono.size, params)
-    if frames != int(record["frames"]):
-        raise DataError(f"{clip_path}: {mono.size} samples, but normalize's index.csv says {record['samples']}: "
-                        "rerun normalize (`dvc repro --force normalize`)")
+    clips = normalize.open_clips(normalized)
+    mono = normalize.read_clip(clips, record["id"])  # (samples,) float32
+    key = _checked_key(record, mono, f"{clips.path} (clip {record['id']})") \
+        if cache is not None or record.get(store.CLIP_HASH_COLUMN) else ""
+    frames = int(record["frames"])
     image = f"{out.slugs[record['label']]}/{record['id']}.png" if params.images else ""
     image_path = os.path.join(out.images_dir, image)
     db, png = _cached(cache, key, frames, params)
@@ -159,17 +135,17 @@ def _clip_task(record: Mapping[str, str], clips_dir: str, out: _Outputs, sample_
     return image
 
 
-def _checked_key(record: Mapping[str, str], clip_bytes: bytes, clip_path: str) -> str:
-    """The clip's sha256 (its cache key); DataError when normalize's index recorded another one.
+def _checked_key(record: Mapping[str, str], mono: np.ndarray, where: str) -> str:
+    """The clip's ``clip_sha256`` (its cache key); DataError when normalize's index recorded another one.
 
     A clip that changed after normalize wrote it (edited by hand, a partial copy) would
     otherwise give features that the index, and DVC, attribute to other content.
     """
-    key = hashlib.sha256(clip_bytes).hexdigest()
+    key = normalize.clip_sha256(mono)
     recorded = str(record.get(store.CLIP_HASH_COLUMN, "")).lower()
     if store.is_sha256(recorded) and recorded != key:
-        raise DataError(f"{clip_path}: content changed since normalize wrote it ({store.CLIP_HASH_COLUMN} "
-                        f"{recorded[:12]}... in its index.csv, file {key[:12]}...): rerun normalize "
+        raise DataError(f"{where}: content changed since normalize wrote it ({store.CLIP_HASH_COLUMN} "
+                        f"{recorded[:12]}... in its index.csv, data {key[:12]}...): rerun normalize "
                         "(`dvc repro --force normalize`)")
     return key
 
@@ -230,14 +206,17 @@ def _cached_features(cache: store.ClipCache, key: str, shape: tuple[int, int]) -
 
 
 def clip_layout(index: pd.DataFrame, index_path: Path, params: SpectrogramParams) -> pd.DataFrame:
-    """``index`` with each clip's ``offset`` and ``frames`` in the packed features, from normalize's ``samples``."""
+    """``index`` with each clip's ``offset`` and ``frames`` in the packed features, from normalize's ``samples``.
+
+    (normalize's own ``offset``, the clip's place in its audio file, is replaced.)
+    """
     try:
         samples = index["samples"].astype(np.int64)
     except ValueError as err:
         raise DataError(f"{index_path}: column 'samples' is not integer ({err})") from None
     if (samples < 1).any():
         raise DataError(f"{index_path}: clip {index['id'][samples < 1].iloc[0]} has no samples")
-    layout = index.copy()
+    layout = index.drop(columns=["offset"], errors="ignore")
     layout["frames"] = [expected_frames(int(n), params) for n in samples]
     layout["offset"] = packed.offsets(layout["frames"])
     return layout
@@ -251,7 +230,7 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
     ``offset`` to ``offset + frames`` of index.csv. ``cache``: a ClipCache, None (no cache) or "env"
     (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
     """
-    index_path = normalized / "index.csv"
+    index_path = normalized / packed.INDEX_NAME
     index = fileio.read_csv(index_path)
     missing = sorted({"id", "label", "path", "samples"} - set(index.columns))
     if missing:
@@ -266,13 +245,14 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
     slugs = {label: images.label_slug(label) for label in sorted(set(index["label"]))}
     log_mel(np.zeros(params.n_fft, np.float32), audio.sample_rate, params)  # filterbank, before workers fork
     gallery_bytes: list[bytes] = []
-    draw_gallery = functools.partial(_gallery, index, normalized / "clips", audio, params, cache, gallery_bytes)
+    normalize.open_clips(normalized)  # checked once (and opened before the workers fork)
+    draw_gallery = functools.partial(_gallery, index, normalized, audio, params, cache, gallery_bytes)
     # folders built under temporary names, renamed when complete (images first, then features with index.csv)
     with store.staged_dir(features) as features_tmp, store.staged_dir(images_dir) as images_tmp:
         if params.images:
             for slug in slugs.values():
                 (images_tmp / slug).mkdir()
-        array = features_tmp / packed.ARRAY_NAME
+        array = features_tmp / packed.FEATURES.array
         out = _Outputs(str(array), packed.create(array, int(layout["frames"].sum()), params.n_mels),
                        str(images_tmp), slugs)
         records = layout.to_dict("records")
@@ -286,7 +266,7 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
                      len(records), len(missed))
         if params.images and missed:
             images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
-        work = functools.partial(_clip_task, clips_dir=str(normalized / "clips"), out=out,
+        work = functools.partial(_clip_task, normalized=str(normalized), out=out,
                                  sample_rate=audio.sample_rate, params=params, cache=cache)
         computed = parallel.map_clips(work, [records[i] for i in missed], params.workers, "spectrogram",
                                       name=lambda record: f"{record['path']} (id {record['id']})",
@@ -302,11 +282,11 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
     with fileio.atomic_path(gallery) as tmp:
         tmp.write_bytes(gallery_bytes[0])
     log.info("log-mel features of %d clips (%d frames, %d mels) in %s; images %s", len(layout),
-             layout["frames"].sum(), params.n_mels, features / packed.ARRAY_NAME,
+             layout["frames"].sum(), params.n_mels, features / packed.FEATURES.array,
              images_dir if params.images else "off")
 
 
-def _gallery(index: pd.DataFrame, clips_dir: Path, audio: AudioParams, params: SpectrogramParams,
+def _gallery(index: pd.DataFrame, normalized: Path, audio: AudioParams, params: SpectrogramParams,
              cache: store.ClipCache | None, out: list[bytes]) -> None:
     """reports/gallery.png's bytes into ``out``: the first ``gallery_per_class`` ids (sorted) of every class.
 
@@ -316,12 +296,9 @@ def _gallery(index: pd.DataFrame, clips_dir: Path, audio: AudioParams, params: S
     chosen = index.sort_values("id").groupby("label", sort=True).head(params.gallery_per_class)
     panels = []
     digest = hashlib.sha256(f"{params.gallery_per_class}".encode())
+    clips = normalize.open_clips(normalized)
     for row in chosen.itertuples():
-        path = clips_dir / f"{row.id}.npy"
-        try:
-            db = features_of(fileio.load_npy(path), audio.sample_rate, params, image=False)[0]
-        except (OSError, ValueError) as err:  # DataError is a ValueError
-            raise DataError(f"{path} (path {row.path}): {err}") from None
+        db = features_of(normalize.read_clip(clips, row.id), audio.sample_rate, params, image=False)[0]
         panels.append((row.label, row.id, db))
         digest.update(f"\0{row.label}\0{row.id}\0".encode() + db.tobytes())
     key = digest.hexdigest()
