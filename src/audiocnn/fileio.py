@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -150,11 +150,15 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def read_csv(path: str | Path) -> "Any":
-    """Read a CSV written by this pipeline: every column as text, empty stays ''."""
+def read_csv(path: str | Path, columns: Sequence[str] | None = None) -> "Any":
+    """Read a CSV written by this pipeline: every column as text, empty stays ''.
+
+    ``columns``: read only these (those present; the caller checks for missing ones).
+    """
     import pandas as pd
 
-    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    wanted = None if columns is None else set(columns).__contains__
+    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", usecols=wanted)
 
 
 def fresh_dir(path: str | Path) -> Path:

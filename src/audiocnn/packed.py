@@ -197,7 +197,7 @@ class Packed:
                             "(truncated?)")
         self.shape = (int(shape[0]), int(shape[1]))  # (total rows, width)
         try:
-            index = fileio.read_csv(index_path)
+            index = fileio.read_csv(index_path, columns=("id", "offset", kind.length))
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read {index_path}: {err}") from err
         missing = sorted({"id", "offset", kind.length} - set(index.columns))
