@@ -83,9 +83,10 @@ def test_second_repro_runs_nothing(repo):
 
 
 def test_a_changed_source_clip_reruns_the_data_stages_through_their_indexes(repo, tmp_path):
-    """normalize and spectrogram depend on the upstream index (its sha256 columns), not on the clip folders.
+    """normalize depends on ingest's manifest (its sha256 column), not on the source folder; spectrogram on
+    normalize's packed folder.
 
-    A source file rewritten in place must still rerun them, and change only that clip's outputs.
+    A source file rewritten in place must still rerun them, and change only that clip's rows in both packed files.
     """
     source = tmp_path / "source"
     shutil.copytree(repo / "dataset/demo", source)
@@ -95,25 +96,28 @@ def test_a_changed_source_clip_reruns_the_data_stages_through_their_indexes(repo
     params["ingest"]["source"] = str(source)
     other = make_pipeline_repo(tmp_path / "repo", params)
     assert stages_run(run(["dvc", "repro", "spectrogram"], other).stdout) == ["ingest", "normalize", "spectrogram"]
-    before = clip_features(other / "dataset/features")
+    before = clip_rows(other / "dataset/features")
+    before_clips = clip_rows(other / "dataset/normalize", "AUDIO")
     changed = sorted(source.rglob("*.wav"))[0]
     audio, rate = sf.read(changed, dtype="float32")
     sf.write(changed, audio[::-1].copy(), rate)  # same length, other content
     assert stages_run(run(["dvc", "repro", "spectrogram"], other).stdout) == ["ingest", "normalize", "spectrogram"]
-    after = clip_features(other / "dataset/features")
+    after = clip_rows(other / "dataset/features")
     assert sorted(after) == sorted(before)
-    assert [name for name in after if after[name] != before[name]] == [
-        next(n for n in after if n.startswith(changed.stem + "-"))]  # ids: <file stem>-<path hash>
+    changed_id = next(n for n in after if n.startswith(changed.stem + "-"))  # ids: <file stem>-<path hash>
+    assert [name for name in after if after[name] != before[name]] == [changed_id]
+    after_clips = clip_rows(other / "dataset/normalize", "AUDIO")
+    assert [name for name in after_clips if after_clips[name] != before_clips[name]] == [changed_id]
     assert run(["dvc", "status", "spectrogram"], other).stdout.strip().endswith("up to date.")
     assert stages_run(run(["dvc", "repro", "spectrogram"], other).stdout) == []
 
 
-def clip_features(folder: Path) -> dict[str, bytes]:
-    """Each clip's rows of the packed features, by clip id."""
+def clip_rows(folder: Path, kind: str = "FEATURES") -> dict[str, bytes]:
+    """Each clip's rows of a packed folder (``FEATURES``, or ``AUDIO``: normalize's clips), by clip id."""
     from audiocnn import packed
 
-    features = packed.open_folder(folder)
-    return {clip_id: features.clip(clip_id).tobytes() for clip_id in features.refs}
+    rows = packed.open_folder(folder, getattr(packed, kind))
+    return {clip_id: rows.clip(clip_id).tobytes() for clip_id in rows.refs}
 
 
 def test_metrics_and_plots_commands(repo):

@@ -11,10 +11,12 @@ folder under the output's name, only a ``.<name>.*.tmp`` sibling that the next r
 input content (a sha256), the settings hash everything else the result depends on (params,
 the stage's own source code, library versions), so a hit is the result the stage would
 compute. Entries are written atomically; a stage validates what it reads back and
-recomputes an entry that does not load or has the wrong shape. Entries and outputs are
-hard links of one another where possible (no second copy on disk, one syscall instead of a
-file creation); either name can be removed without affecting the other, and stages never
-write into an existing file, so DVC sees complete, ordinary outputs either way.
+recomputes an entry that does not load or has the wrong shape. Per-clip outputs (the
+spectrogram stage's PNGs) and their entries are hard links of one another where possible (no
+second copy on disk, one syscall instead of a file creation); either name can be removed
+without affecting the other, and stages never write into an existing file, so DVC sees
+complete, ordinary outputs either way. Packed outputs (``audiocnn.packed``) copy the entries'
+data into their one file.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "AUDIOCNN_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path(".cache") / "audiocnn"
 DISABLED = {"off", "none", "0", "false"}
-CLIP_HASH_COLUMN = "clip_sha256"  # normalize's index.csv: sha256 of clips/<id>.npy (``sha256``: the source file's)
+CLIP_HASH_COLUMN = "clip_sha256"  # normalize's index.csv: sha256 of the clip's float32 samples (``sha256``: the source file's)
 
 
 @contextlib.contextmanager
