@@ -241,6 +241,22 @@ def test_export_end_to_end_then_predict_with_tflite(tmp_path, capsys):
     assert not (tmp_path / "failed").exists() and not (tmp_path / "failed.json").exists()
 
 
+def test_a_split_clip_missing_from_the_normalized_clips_is_named(tmp_path):
+    model_dir = make_model_dir(tmp_path / "models")
+    pre = predict.read_preprocess(fileio.read_json(model_dir / "preprocess.json"), "preprocess.json")
+    learnable_set(tmp_path, pre, {"train": 1, "test": 1})
+    index = fileio.read_csv(tmp_path / "normalize" / "index.csv")
+    gone = data.read_split(tmp_path / "split", "test")["id"].iloc[0]
+    fileio.write_csv(tmp_path / "normalize" / "index.csv", index[index["id"] != gone])
+    settings = export.ExportParams(int8=False, calibration_windows=8, min_top1_agreement=0.99,
+                                   max_mean_abs_diff=1e-3, max_int8_accuracy_drop=0.01, seed=0)
+    with pytest.raises(DataError, match=rf"1 clip\(s\) of .*split not in .*normalize/index\.csv, first: {gone}"):
+        export.run(model_dir=model_dir, normalized=tmp_path / "normalize", split=tmp_path / "split",
+                   features=tmp_path / "features", out=tmp_path / "export", params=settings, hop_seconds=0.25,
+                   batch_size=64)
+    assert not (tmp_path / "export").exists()
+
+
 def test_an_ensemble_exports_like_one_network(tmp_path):
     """model.members > 1 saves one Keras model (nested networks, Average): the float TFLite matches it."""
     from audiocnn import models
