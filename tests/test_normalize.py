@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from audiocnn import config, fileio, normalize, packed, parallel
+from audiocnn import config, fileio, normalize, packed, parallel, store
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError
 from audiocnn.normalize import NormalizeParams
@@ -251,7 +251,7 @@ def test_appender_writes_an_ordinary_npy_and_a_failure_no_array(tmp_path):
             appender.append(np.zeros((2, 3), np.float32))
     loaded = np.load(tmp_path / "a.npy", allow_pickle=False)
     assert loaded.dtype == np.float32 and loaded.tolist() == [[1, 1], [1, 1], [1, 1], [0, 0]]
-    assert (tmp_path / "a.npy").read_bytes() == fileio_bytes(loaded)  # the bytes np.save writes
+    assert (tmp_path / "a.npy").read_bytes() == store.npy_bytes(loaded)  # the bytes np.save writes
     with pytest.raises(RuntimeError):
         with packed.Appender(tmp_path / "b.npy", width=1) as appender:
             appender.append(np.ones((5, 1), np.float32))
@@ -259,10 +259,3 @@ def test_appender_writes_an_ordinary_npy_and_a_failure_no_array(tmp_path):
     with pytest.raises(ValueError):
         np.load(tmp_path / "b.npy", allow_pickle=False)  # zero header: never taken for an array
 
-
-def fileio_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()

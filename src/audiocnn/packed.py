@@ -83,6 +83,14 @@ def npy_header(rows: int, width: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
 
 
+def _checked_rows(rows: np.ndarray, width: int, path: str) -> np.ndarray:
+    """``rows`` as a C-contiguous (length, width) float32 array; ValueError naming ``path`` for another shape."""
+    data = np.ascontiguousarray(rows, dtype=DTYPE)
+    if data.ndim != 2 or data.shape[1] != width:
+        raise ValueError(f"{path}: rows of shape {data.shape}, expected (length, {width})")
+    return data
+
+
 class Appender:
     """Writes clips' rows one after another into a new (rows, width) float32 .npy file, header last.
 
@@ -98,9 +106,7 @@ class Appender:
 
     def append(self, rows: np.ndarray) -> int:
         """(length, width) float32 ``rows`` after the last clip; return their offset (first row)."""
-        data = np.ascontiguousarray(rows, dtype=DTYPE)
-        if data.ndim != 2 or data.shape[1] != self.width:
-            raise ValueError(f"{self.path}: rows of shape {data.shape}, expected (length, {self.width})")
+        data = _checked_rows(rows, self.width, self.path)
         self.handle.write(memoryview(data).cast("B"))
         offset, self.rows = self.rows, self.rows + data.shape[0]
         return offset
@@ -130,9 +136,7 @@ class RowWriter:
 
     def write(self, offset: int, rows: np.ndarray) -> None:
         """(frames, width) float32 ``rows`` from row ``offset`` on."""
-        data = np.ascontiguousarray(rows, dtype=DTYPE)
-        if data.ndim != 2 or data.shape[1] != self.width:
-            raise ValueError(f"{self.path}: rows of shape {data.shape}, expected (frames, {self.width})")
+        data = _checked_rows(rows, self.width, self.path)
         position = self.header + offset * self.width * DTYPE.itemsize
         view = memoryview(data).cast("B")
         while view:

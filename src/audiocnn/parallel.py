@@ -74,7 +74,7 @@ def map_clips(
         if workers == 1 or len(items) <= 1:
             if meanwhile is not None:
                 meanwhile()
-            return _run_here(fn, items, names, desc)
+            return list(_iter_here(fn, items, names, desc))
         return _run_pool(fn, items, names, desc, workers, meanwhile)
     except ClipError as err:
         log.debug("%s\n%s", err, err.detail)
@@ -98,12 +98,9 @@ def iter_clips(
     names = [name(item) for item in items]
     try:
         if workers == 1 or len(items) <= 1:
-            with _progress(len(items), desc) as bar, threadpool_limits(1):
-                for item, item_name in zip(items, names):
-                    yield _call(fn, item, item_name)
-                    bar.update(1)
-            return
-        yield from _stream_pool(fn, items, names, desc, workers)
+            yield from _iter_here(fn, items, names, desc)
+        else:
+            yield from _stream_pool(fn, items, names, desc, workers)
     except ClipError as err:
         log.debug("%s\n%s", err, err.detail)
         raise
@@ -111,12 +108,10 @@ def iter_clips(
 
 def _stream_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str,
                  workers: int) -> Iterator[R]:
-    size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (workers * 8))))
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    size = _chunk_size(len(items), workers)
     starts = iter(range(0, len(items), size))
     pending: collections.deque[cf.Future] = collections.deque()
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                initializer=_init_worker) as pool:
+    with _new_pool(workers) as pool:
 
         def submit_next() -> None:
             start = next(starts, None)
@@ -142,22 +137,28 @@ def _progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="clip", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
 
 
-def _run_here(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str) -> list[R]:
-    results = []
+def _iter_here(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str) -> Iterator[R]:
     with _progress(len(items), desc) as bar, threadpool_limits(1):  # 1 BLAS thread, as in the pool: same sums
         for item, item_name in zip(items, names):
-            results.append(_call(fn, item, item_name))
+            yield _call(fn, item, item_name)
             bar.update(1)
-    return results
+
+
+def _chunk_size(count: int, workers: int) -> int:
+    """Clips per pool task: about 8 tasks per worker, at most ``MAX_CHUNK``."""
+    return max(1, min(MAX_CHUNK, math.ceil(count / (workers * 8))))
+
+
+def _new_pool(workers: int) -> cf.ProcessPoolExecutor:
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker)
 
 
 def _run_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str, workers: int,
               meanwhile: Callable[[], object] | None) -> list[R]:
-    size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (workers * 8))))
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    size = _chunk_size(len(items), workers)
     results: list[Any] = [None] * len(items)
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                initializer=_init_worker) as pool:
+    with _new_pool(workers) as pool:
         # every task is submitted (and the workers forked) before the progress bar starts its thread
         futures = {pool.submit(_run_chunk, fn, items[s : s + size], names[s : s + size]): s
                    for s in range(0, len(items), size)}
