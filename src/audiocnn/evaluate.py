@@ -237,7 +237,7 @@ def run(*, features_dir: Path, images_dir: Path, split_dir: Path, model_dir: Pat
         hop = hop_frames(params.hop_seconds, sample_rate, spectrogram.hop_length)
         inputs = (models.model_input(arch, row, features_dir=features_dir, images_dir=images_dir,
                                      window_frames=frames, hop_frames=hop, top_db=spectrogram.top_db)
-                  for row in test.to_dict("records"))
+                  for row in fileio.records(test))
 
         def predict(x: np.ndarray) -> np.ndarray:  # (windows, ...) -> (windows, classes)
             return model.predict(x, batch_size=params.batch_size, verbose=0)

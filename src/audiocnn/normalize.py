@@ -225,7 +225,7 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
     offsets, samples, digests, silent = [], [], [], []
     with store.staged_dir(out) as tmp:  # renamed to ``out`` once clips.npy and index.csv are written
         with packed.Appender(tmp / packed.AUDIO.array, width=1) as clips:
-            results = parallel.iter_clips(work, index.to_dict("records"), params.workers, "normalize")
+            results = parallel.iter_clips(work, fileio.records(index), params.workers, "normalize")
             for path, (mono, clip_silent, digest) in zip(index["path"], results):
                 offsets.append(clips.append(mono[:, np.newaxis]))  # (samples, 1)
                 samples.append(mono.size)

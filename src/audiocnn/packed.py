@@ -153,6 +153,19 @@ class RowWriter:
         self.close()
 
 
+def read_rows(path: str | Path, header: int, offset: int, length: int, width: int) -> np.ndarray:
+    """(length, width) float32 rows from ``offset`` of the array file ``path`` (one ``pread``)."""
+    nbytes = length * width * DTYPE.itemsize
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, nbytes, header + offset * width * DTYPE.itemsize)
+    finally:
+        os.close(fd)
+    if len(data) != nbytes:
+        raise DataError(f"{path}: rows {offset} to {offset + length} lie beyond the end of the file")
+    return np.frombuffer(data, DTYPE).reshape(length, width)
+
+
 def write(folder: str | Path, arrays: Mapping[str, np.ndarray], index: "pd.DataFrame | None" = None,
           kind: Kind = FEATURES) -> None:
     """Pack (length, width) arrays by clip id into ``folder`` (the kind's array and index.csv) in one go.

@@ -6,7 +6,9 @@ ref 1.0 floored at clip max - top_db: float32 (frames, n_mels), written into its
 packed file, ``features.npy`` (``audiocnn.packed``; rows laid out from normalize's sample counts).
 The normalized clips are read from normalize's packed ``clips.npy``. Results are cached by the
 normalized clip's content (``audiocnn.store``): a rerun after adding clips computes only the new
-ones, and finds the others by the hash normalize recorded in its index (no clip is read for a hit).
+ones, and finds the others by the hash normalize recorded in its index (no clip is read for a hit)
+in the previous outputs kept whole and in the journals of computed clips (``audiocnn.packcache``:
+rows copied in bulk by the kernel). PNGs are cached per clip (``audiocnn.store``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from audiocnn import fileio, images, melspec, normalize, packed, parallel, store
+from audiocnn import fileio, images, melspec, normalize, packcache, packed, parallel, store
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
+
+COPIED = "_rows_copied"  # a record whose rows came from the cache (only its image is computed)
 
 
 @dataclass(frozen=True)
@@ -102,35 +106,34 @@ class _Outputs:
 
 
 def _clip_task(record: Mapping[str, str], normalized: str, out: _Outputs, sample_rate: int,
-               params: SpectrogramParams, cache: store.ClipCache | None) -> str:
-    """One clip inside ``run``: its rows of the packed features (and image), cached or computed; return the image.
+               params: SpectrogramParams, cache: store.ClipCache | None, journal: str | None) -> str:
+    """One clip inside ``run``: its rows of the packed features and its image, computed; return the image.
 
     ``record`` carries the clip's ``offset`` and ``frames`` in the packed features, laid out from
-    normalize's ``samples``: the column its clip is read by, so the two always agree.
+    normalize's ``samples``: the column its clip is read by, so the two always agree. A record
+    marked ``copied`` has its rows from the cache already and only needs its image, rendered
+    from them. Computed rows go to this process's journal in the folder ``journal`` (None: not cached).
     """
-    clips = normalize.open_clips(normalized)
-    mono = normalize.read_clip(clips, record["id"])  # (samples,) float32
-    key = _checked_key(record, mono, f"{clips.path} (clip {record['id']})") \
-        if cache is not None or record.get(store.CLIP_HASH_COLUMN) else ""
     frames = int(record["frames"])
     image = f"{out.slugs[record['label']]}/{record['id']}.png" if params.images else ""
-    image_path = os.path.join(out.images_dir, image)
-    db, png = _cached(cache, key, frames, params)
-    if db is None:
-        db, png = features_of(mono, sample_rate, params)
-        if cache is not None:
-            cache.put(key, ".npy", store.npy_bytes(db))
+    key = str(record.get(store.CLIP_HASH_COLUMN, "")).lower()
+    if record.get(COPIED):
+        db = packed.read_rows(out.array, out.header, int(record["offset"]), frames, params.n_mels)
+        png = images.png_bytes(images.render(db, params.top_db, params.image_size)) if image else None
     else:
-        if params.images and png is None:  # features cached, image not (yet): render it from the features
-            png = images.png_bytes(images.render(db, params.top_db, params.image_size))
-        elif params.images:
-            cache.place_read(key, f".{params.image_size}px.png", image_path, png)  # type: ignore[union-attr]
-            png = None
-    with packed.RowWriter(out.array, out.header, params.n_mels) as writer:
-        writer.write(int(record["offset"]), db)
+        clips = normalize.open_clips(normalized)
+        mono = normalize.read_clip(clips, record["id"])  # (samples,) float32
+        if cache is not None or key:
+            key = _checked_key(record, mono, f"{clips.path} (clip {record['id']})")
+        db, png = features_of(mono, sample_rate, params)
+        with packed.RowWriter(out.array, out.header, params.n_mels) as writer:
+            writer.write(int(record["offset"]), db)
+        if journal is not None:
+            packcache.journal_append(Path(journal), key, db)
     if image and png is not None:
+        image_path = os.path.join(out.images_dir, image)
         store.write_bytes(image_path, png)
-        if cache is not None:
+        if cache is not None and store.is_sha256(key):
             cache.put(key, f".{params.image_size}px.png", png, written=image_path)
     return image
 
@@ -150,59 +153,26 @@ def _checked_key(record: Mapping[str, str], mono: np.ndarray, where: str) -> str
     return key
 
 
-def _from_cache(record: Mapping[str, str], cache: store.ClipCache, writer: packed.RowWriter, out: _Outputs,
-                params: SpectrogramParams) -> str | None:
-    """A clip whose features (and image) the cache holds, put in the outputs without reading the clip; its image.
+def _from_packs(packs: packcache.PackCache, layout: pd.DataFrame, records: list[dict], results: list[str | None],
+                cache: store.ClipCache, out: _Outputs, params: SpectrogramParams) -> None:
+    """Clips the cache holds: rows copied in bulk, images linked from their entries; ``results[i]``: the image.
 
-    The key is normalize's hash of the clip (index column ``clip_sha256``), so a hit costs one
-    small read and write (the image: a link). None when the index lacks the hash or the cache
-    misses: the clip then goes to the workers, which rewrite its rows.
+    The key is normalize's hash of the clip (index column ``clip_sha256``), so no clip is read
+    for a hit. A clip whose image is not cached stays None, marked ``COPIED``: a worker renders
+    the image from its rows.
     """
-    key = str(record.get(store.CLIP_HASH_COLUMN, "")).lower()
-    if not store.is_sha256(key):
-        return None
-    db = _cached_features(cache, key, (int(record["frames"]), params.n_mels))
-    if db is None:
-        return None
-    image = ""
-    if params.images:
-        image = f"{out.slugs[record['label']]}/{record['id']}.png"
-        if not cache.place_unread(key, f".{params.image_size}px.png", os.path.join(out.images_dir, image),
-                                  tail=images.PNG_END):
-            return None
-    writer.write(int(record["offset"]), db)
-    return image
-
-
-def _cached(cache: store.ClipCache | None, key: str, frames: int,
-            params: SpectrogramParams) -> tuple[np.ndarray | None, bytes | None]:
-    """(features (frames, n_mels), PNG bytes) from the cache, each None when absent or corrupt (then discarded)."""
-    if cache is None:
-        return None, None
-    db = _cached_features(cache, key, (frames, params.n_mels))
-    if db is None or not params.images:
-        return db, None
-    png = cache.get(key, f".{params.image_size}px.png")
-    if png is not None and not images.is_complete_png(png):
-        cache.discard(key, f".{params.image_size}px.png", "not a complete PNG")
-        png = None
-    return db, png
-
-
-def _cached_features(cache: store.ClipCache, key: str, shape: tuple[int, int]) -> np.ndarray | None:
-    """A clip's cached features of ``shape`` (frames, n_mels); None when absent or corrupt (then discarded)."""
-    db_bytes = cache.get(key, ".npy")
-    if db_bytes is None:
-        return None
-    try:
-        db = store.npy_array(db_bytes, key)
-    except ValueError as err:
-        cache.discard(key, ".npy", str(err))
-        return None
-    if db.shape != shape:
-        cache.discard(key, ".npy", f"of shape {db.shape}, not {shape}")
-        return None
-    return db
+    found = packs.find(layout[store.CLIP_HASH_COLUMN].str.lower().tolist(), layout["frames"])
+    copied = packs.copy_rows(found, out.array, out.header, layout["offset"], layout["frames"])
+    for i in np.flatnonzero(copied):
+        image = ""
+        if params.images:
+            record = records[i]
+            image = f"{out.slugs[record['label']]}/{record['id']}.png"
+            if not cache.place_unread(str(record[store.CLIP_HASH_COLUMN]).lower(), f".{params.image_size}px.png",
+                                      os.path.join(out.images_dir, image), tail=images.PNG_END):
+                record[COPIED] = True
+                continue
+        results[i] = image
 
 
 def clip_layout(index: pd.DataFrame, index_path: Path, params: SpectrogramParams) -> pd.DataFrame:
@@ -255,24 +225,33 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
         array = features_tmp / packed.FEATURES.array
         out = _Outputs(str(array), packed.create(array, int(layout["frames"].sum()), params.n_mels),
                        str(images_tmp), slugs)
-        records = layout.to_dict("records")
+        records = fileio.records(layout)
         results: list[str | None] = [None] * len(records)
+        packs = None
         if cache is not None and store.CLIP_HASH_COLUMN in index.columns:
-            with packed.RowWriter(out.array, out.header, params.n_mels) as writer:
-                results = [_from_cache(record, cache, writer, out, params) for record in records]
+            packs = packcache.PackCache(cache, params.n_mels)
+            packs.load()
+            _from_packs(packs, layout, records, results, cache, out, params)
         missed = [i for i, result in enumerate(results) if result is None]
         if len(missed) < len(records):
             log.info("feature cache: %d of %d clips cached, computing %d", len(records) - len(missed),
                      len(records), len(missed))
         if params.images and missed:
             images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
-        work = functools.partial(_clip_task, normalized=str(normalized), out=out,
-                                 sample_rate=audio.sample_rate, params=params, cache=cache)
-        computed = parallel.map_clips(work, [records[i] for i in missed], params.workers, "spectrogram",
-                                      name=lambda record: f"{record['path']} (id {record['id']})",
-                                      meanwhile=draw_gallery)
+        work = functools.partial(_clip_task, normalized=str(normalized), out=out, sample_rate=audio.sample_rate,
+                                 params=params, cache=cache, journal=str(packs.dir) if packs else None)
+        try:
+            computed = parallel.map_clips(work, [records[i] for i in missed], params.workers, "spectrogram",
+                                          name=lambda record: f"{record['path']} (id {record['id']})",
+                                          meanwhile=draw_gallery)
+        finally:
+            if packs is not None:
+                packcache.close_journal(packs.dir)  # (an in-process run's; the workers' close as they exit)
         for i, result in zip(missed, computed):
             results[i] = result
+        if packs is not None:
+            packs.keep(array, out.header, layout[store.CLIP_HASH_COLUMN].str.lower().tolist(), layout["offset"],
+                       layout["frames"])
         layout["image"] = results
         fileio.write_csv(features_tmp / packed.INDEX_NAME, layout)
         fileio.write_json(features_tmp / "meta.json", {

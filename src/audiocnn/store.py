@@ -16,7 +16,8 @@ spectrogram stage's PNGs) and their entries are hard links of one another where 
 second copy on disk, one syscall instead of a file creation); either name can be removed
 without affecting the other, and stages never write into an existing file, so DVC sees
 complete, ordinary outputs either way. Packed outputs (``audiocnn.packed``) copy the entries'
-data into their one file.
+data into their one file; the spectrogram stage's features are cached as whole packed arrays
+instead (``audiocnn.packcache``), which costs no file per clip.
 """
 
 from __future__ import annotations
@@ -137,9 +138,12 @@ def source_digest(*modules: Any) -> str:
     return digest.hexdigest()
 
 
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def is_sha256(key: str) -> bool:
     """Whether ``key`` is a sha256 hex digest (a usable cache key; hand-made indexes may hold anything)."""
-    return len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower())
+    return _SHA256_HEX.fullmatch(key) is not None
 
 
 def cache_root(environ: Mapping[str, str] | None = None) -> Path | None:

@@ -1,0 +1,228 @@
+"""packcache: the spectrogram stage's features cached as whole packed arrays (packs) and journals."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audiocnn import fileio, packcache, packed, spectrogram, store
+from audiocnn.audio import AudioParams
+from audiocnn.errors import DataError
+from audiocnn.spectrogram import SpectrogramParams
+
+from test_store import RATE, counted, files, make_manifest, run_both, section  # noqa: F401  (fixture)
+
+WIDTH = 3
+
+
+def key(n: int) -> str:
+    return hashlib.sha256(str(n).encode()).hexdigest()
+
+
+def packed_file(path: Path, clips: list[np.ndarray]) -> tuple[int, np.ndarray]:
+    """A packed array of ``clips`` (each (length, WIDTH)) at ``path``; (header bytes, first rows)."""
+    first = packed.offsets([len(c) for c in clips])
+    header = packed.create(path, int(sum(len(c) for c in clips)), WIDTH)
+    with packed.RowWriter(path, header, WIDTH) as writer:
+        for offset, rows in zip(first, clips):
+            writer.write(int(offset), rows)
+    return header, first
+
+
+def clips_of(lengths, seed=0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((n, WIDTH)).astype(np.float32) for n in lengths]
+
+
+@pytest.fixture
+def cache(tmp_path) -> store.ClipCache:
+    return store.ClipCache(tmp_path / "cache", "spectrogram", {"test": 1})
+
+
+def kept(cache: store.ClipCache, tmp_path: Path, clips: list[np.ndarray], keys: list[str], name: str) -> Path:
+    array = tmp_path / f"{name}.npy"
+    header, first = packed_file(array, clips)
+    packcache.PackCache(cache, WIDTH).keep(array, header, keys, first, [len(c) for c in clips])
+    return array
+
+
+def copy_into(packs: packcache.PackCache, tmp_path: Path, keys: list[str], lengths: list[int]):
+    """Look ``keys`` up and copy them into a new packed file; (copied mask, the file's rows per clip)."""
+    dest = tmp_path / "dest.npy"
+    first = packed.offsets(lengths)
+    header = packed.create(dest, int(sum(lengths)), WIDTH)
+    copied = packs.copy_rows(packs.find(keys, lengths), str(dest), header, first, lengths)
+    array = np.load(dest)
+    return copied, [array[o : o + n] for o, n in zip(first, lengths)]
+
+
+def test_kept_array_is_found_by_key_and_copied_in_any_order(tmp_path, cache):
+    clips = clips_of([4, 2, 5, 3])
+    kept(cache, tmp_path, clips, [key(i) for i in range(4)], "a")
+    packs = packcache.PackCache(cache, WIDTH)
+    assert len(packs.load()) == 1
+    # reordered, one unknown key, one known key with another length, one that is no sha256
+    keys, lengths = [key(2), key(9), key(0), key(1), "not-a-key", key(3)], [5, 2, 4, 7, 3, 3]
+    copied, rows = copy_into(packs, tmp_path, keys, lengths)
+    assert copied.tolist() == [True, False, True, False, False, True]
+    np.testing.assert_array_equal(rows[0], clips[2])
+    np.testing.assert_array_equal(rows[2], clips[0])
+    np.testing.assert_array_equal(rows[5], clips[3])
+    assert not rows[1].any() and not rows[3].any()  # not copied: still the file's zeros
+
+
+def test_copy_without_copy_file_range_gives_the_same_rows(tmp_path, cache, monkeypatch):
+    clips = clips_of([4, 2, 5])
+    kept(cache, tmp_path, clips, [key(i) for i in range(3)], "a")
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    packs = packcache.PackCache(cache, WIDTH)
+    packs.load()
+    copied, rows = copy_into(packs, tmp_path, [key(1), key(0), key(2)], [2, 4, 5])
+    assert copied.all()
+    for got, want in zip(rows, [clips[1], clips[0], clips[2]]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_pack_changed_in_place_is_discarded_by_name(tmp_path, cache, caplog):
+    clips = clips_of([4, 2])
+    array = kept(cache, tmp_path, clips, [key(0), key(1)], "a")
+    time.sleep(0.02)  # past the file system's timestamp granularity
+    with open(array, "r+b") as handle:  # the output (the same file as the pack) edited in place
+        handle.seek(-4, os.SEEK_END)
+        handle.write(b"\0\0\0\0")
+    packs = packcache.PackCache(cache, WIDTH)
+    with caplog.at_level(logging.WARNING, logger="audiocnn.packcache"):
+        assert packs.load() == []
+    assert "changed since it was kept" in caplog.text and str(packs.dir) in caplog.text
+    assert not list(packs.dir.glob("*.json"))  # removed
+
+
+def test_only_the_newest_packs_are_kept(tmp_path, cache):
+    for n in range(packcache.KEEP + 2):
+        kept(cache, tmp_path, clips_of([3], seed=n), [key(n)], f"run{n}")
+        time.sleep(0.02)
+    packs = packcache.PackCache(cache, WIDTH)
+    assert len(packs.load()) == packcache.KEEP
+    found = packs.find([key(n) for n in range(packcache.KEEP + 2)], [3] * (packcache.KEEP + 2))
+    assert (found.pack >= 0).tolist() == [False, False, True, True]
+    assert len(list(packs.dir.iterdir())) == 3 * packcache.KEEP  # .npy, .keys.npy, .json each
+
+
+def test_journal_clips_are_found_torn_records_ignored_and_idle_journals_removed(tmp_path, cache):
+    clips = clips_of([4, 2, 5])
+    folder = packcache.PackCache(cache, WIDTH).dir
+    for i, rows in enumerate(clips):
+        packcache.journal_append(folder, key(i), rows)
+    packcache.journal_append(folder, "not-a-key", clips[0])  # no key: not journalled
+    packcache.close_journal(folder)
+    keys_file = next(folder.glob("journal-*.keys"))
+    with open(keys_file, "ab") as handle:
+        handle.write(b"\x01" * 20)  # a record torn by a kill
+    rows_file = keys_file.with_suffix(".rows")
+    with open(rows_file, "r+b") as handle:  # the last clip's rows only partly written
+        handle.truncate(rows_file.stat().st_size - 4)
+    packs = packcache.PackCache(cache, WIDTH)
+    assert [p.header for p in packs.load()] == [0]
+    copied, rows = copy_into(packs, tmp_path, [key(1), key(0), key(2)], [2, 4, 5])
+    assert copied.tolist() == [True, True, False]
+    np.testing.assert_array_equal(rows[0], clips[1])
+    np.testing.assert_array_equal(rows[1], clips[0])
+
+    live = packcache.Journal(folder, WIDTH)  # another run still writing: its journal stays
+    kept(cache, tmp_path, clips[:1], [key(0)], "done")
+    assert sorted(folder.glob("journal-*")) == [live.stem.with_suffix(".keys"), live.stem.with_suffix(".rows")]
+    live.close()
+
+
+# --- the spectrogram stage ------------------------------------------------------------------------------------
+
+
+def test_a_failed_run_resumes_from_its_journal(tmp_path, counted, monkeypatch):
+    make_manifest(tmp_path, clips=5)
+    plain = run_both(tmp_path, "plain", None)
+    computed = counted["spectrogram"]
+    features_of = spectrogram.features_of
+
+    def fail_fourth(*args, **kwargs):
+        if counted["spectrogram"] - computed == 3 and kwargs.get("image", True):
+            raise RuntimeError("disk on fire")
+        return features_of(*args, **kwargs)
+
+    monkeypatch.setattr(spectrogram, "features_of", fail_fourth)
+    with pytest.raises(DataError, match="disk on fire"):
+        run_both(tmp_path, "failed", tmp_path / "cache")
+    monkeypatch.setattr(spectrogram, "features_of", features_of)
+    folder = next((tmp_path / "cache" / "spectrogram").iterdir()) / "packs"
+    assert len(list(folder.glob("journal-*.keys"))) == 1 and not list(folder.glob("*.json"))
+    before = counted["spectrogram"]
+    out = run_both(tmp_path, "resumed", tmp_path / "cache")
+    assert counted["spectrogram"] - before == 2  # the 3 journalled clips are copied, the other 2 computed
+    assert files(out) == files(plain)
+    assert not list(folder.glob("journal-*")) and len(list(folder.glob("*.json"))) == 1  # now one pack
+
+
+def test_an_output_edited_in_place_does_not_poison_the_next_run(tmp_path, counted):
+    make_manifest(tmp_path)
+    plain = run_both(tmp_path, "plain", None)
+    first = run_both(tmp_path, "first", tmp_path / "cache")
+    time.sleep(0.02)
+    array = first / "features" / "features.npy"  # a hard link of the pack
+    with open(array, "r+b") as handle:
+        handle.seek(-16, os.SEEK_END)
+        handle.write(bytes(16))
+    before = counted["spectrogram"]
+    again = run_both(tmp_path, "again", tmp_path / "cache")
+    assert counted["spectrogram"] - before == 4  # the pack was discarded: every clip computed
+    assert files(again) == files(plain)
+
+
+def test_image_size_change_renders_images_from_cached_rows(tmp_path, counted):
+    make_manifest(tmp_path)
+    run_both(tmp_path, "a", tmp_path / "cache")
+    spec = section("spectrogram", SpectrogramParams, images=True, image_size=40, gallery_per_class=1)
+    before = counted["spectrogram"]
+    out = run_both(tmp_path, "b", tmp_path / "cache", spec=spec)
+    assert counted["spectrogram"] == before  # no clip analysed again
+    assert files(out) == files(run_both(tmp_path, "b-plain", None, spec=spec))
+
+
+def test_read_rows_beyond_the_file_is_refused(tmp_path):
+    array = tmp_path / "a.npy"
+    header, _ = packed_file(array, clips_of([3]))
+    np.testing.assert_array_equal(packed.read_rows(array, header, 1, 2, WIDTH), np.load(array)[1:3])
+    with pytest.raises(DataError, match="a.npy: rows 2 to 6"):
+        packed.read_rows(array, header, 2, 4, WIDTH)
+
+
+def test_stage_cache_off_keeps_no_pack(tmp_path, monkeypatch):
+    make_manifest(tmp_path)
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", "off")
+    spec = section("spectrogram", SpectrogramParams, images=False, gallery_per_class=1)
+    out = run_both(tmp_path, "a", None, spec=spec)
+    spectrogram.run(out / "normalize", out / "f2", out / "i2", out / "g2.png", AudioParams(RATE), spec)
+    assert fileio.read_csv(out / "f2" / "index.csv").shape[0] == 4 and not (tmp_path / "cache").exists()
+
+
+def test_pool_workers_journal_then_one_pack_covers_every_clip(tmp_path, caplog):
+    make_manifest(tmp_path)
+    spec = section("spectrogram", SpectrogramParams, images=True, image_size=32, gallery_per_class=1, workers=2)
+    first = run_both(tmp_path, "first", tmp_path / "cache", spec=spec)
+    folder = next((tmp_path / "cache" / "spectrogram").iterdir()) / "packs"
+    assert not list(folder.glob("journal-*"))  # the workers' journals: removed once the pack covered them
+    [meta] = folder.glob("*.json")
+    assert fileio.read_json(meta)["clips"] == 4
+    with caplog.at_level(logging.INFO, logger="audiocnn.spectrogram"):
+        second = run_both(tmp_path, "second", tmp_path / "cache", spec=spec)
+    assert "4 of 4 clips cached, computing 0" in caplog.text
+    assert files(second) == files(first)
