@@ -134,6 +134,14 @@ def make_source(tmp_path: Path) -> tuple[Path, Path]:
     return source, manifest
 
 
+def with_hashes(source: Path, manifest: Path) -> pd.DataFrame:
+    """The manifest with each file's real sha256 (what ingest writes), written back."""
+    index = fileio.read_csv(manifest)
+    index["sha256"] = [hashlib.sha256((source / p).read_bytes()).hexdigest() for p in index["path"]]
+    fileio.write_csv(manifest, index)
+    return index
+
+
 def test_run_writes_contract_outputs_same_for_1_and_2_workers(tmp_path):
     source, manifest = make_source(tmp_path)
     outs = []
@@ -161,14 +169,60 @@ def test_run_writes_contract_outputs_same_for_1_and_2_workers(tmp_path):
 def test_clips_come_from_the_cache_when_the_source_is_unchanged(tmp_path, monkeypatch):
     """A rerun reads no source file whose sha256 the cache holds, and writes the same bytes."""
     source, manifest = make_source(tmp_path)
-    index = fileio.read_csv(manifest)
-    index["sha256"] = [hashlib.sha256((source / p).read_bytes()).hexdigest() for p in index["path"]]
-    fileio.write_csv(manifest, index)
+    with_hashes(source, manifest)
     normalize.run(source, manifest, tmp_path / "cold", AudioParams(16000), norm_params(workers=2), max_seconds=2.0)
     monkeypatch.setattr(normalize, "read_audio", lambda *a: pytest.fail("a cached clip was read from the source"))
     normalize.run(source, manifest, tmp_path / "warm", AudioParams(16000), norm_params(workers=1), max_seconds=2.0)
     for name in ("clips.npy", "index.csv"):
         assert (tmp_path / "cold" / name).read_bytes() == (tmp_path / "warm" / name).read_bytes()
+
+
+def test_new_clips_are_computed_between_cached_ones_and_silence_is_remembered(tmp_path, monkeypatch, caplog):
+    """Cached and new clips interleave in manifest order; a cached silent clip is still reported as silent."""
+    source, manifest = make_source(tmp_path)
+    sf.write(source / "a" / "quiet.wav", np.zeros(4000, np.float32), 8000)
+    index = fileio.read_csv(manifest)
+    index = pd.concat([index, index.iloc[[0]].assign(id="quiet-4", path="a/quiet.wav")], ignore_index=True)
+    fileio.write_csv(manifest, index)
+    full = with_hashes(source, manifest)
+    fileio.write_csv(manifest, full.iloc[[0, 3]])  # cached: st, quiet
+    normalize.run(source, manifest, tmp_path / "two", AudioParams(16000), norm_params(), max_seconds=2.0)
+    fileio.write_csv(manifest, full.iloc[[1, 0, 2, 3]])  # lo and long are new, around the cached st
+    read = []
+    read_audio = normalize.read_audio
+    monkeypatch.setattr(normalize, "read_audio", lambda path, *a: read.append(Path(path).name) or read_audio(path, *a))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="audiocnn.normalize"):
+        normalize.run(source, manifest, tmp_path / "four", AudioParams(16000), norm_params(workers=1),
+                      max_seconds=2.0)
+    assert read == ["lo.wav", "long.wav"]
+    assert "1 silent clip(s)" in caplog.text and "a/quiet.wav" in caplog.text
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", "off")
+    normalize.run(source, manifest, tmp_path / "plain", AudioParams(16000), norm_params(), max_seconds=2.0)
+    for name in ("clips.npy", "index.csv"):
+        assert (tmp_path / "four" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
+def test_a_failed_run_resumes_from_its_journal(tmp_path, monkeypatch):
+    """Clips normalized before a failure are not normalized again by the next run."""
+    source, manifest = make_source(tmp_path)
+    with_hashes(source, manifest)
+    good = (source / "a" / "long.wav").read_bytes()
+    (source / "a" / "long.wav").write_bytes(b"not audio")  # (its manifest sha256 is the good file's)
+    with pytest.raises(ClipError, match=r"a/long\.wav"):
+        normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(), max_seconds=2.0)
+    assert len(list((tmp_path / "feature-cache").rglob("journal-*.rows"))) == 1
+    (source / "a" / "long.wav").write_bytes(good)
+    read = []
+    read_audio = normalize.read_audio
+    monkeypatch.setattr(normalize, "read_audio", lambda path, *a: read.append(Path(path).name) or read_audio(path, *a))
+    normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(), max_seconds=2.0)
+    assert read == ["long.wav"]
+    assert not list((tmp_path / "feature-cache").rglob("journal-*"))  # covered by the new pack: removed
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", "off")
+    normalize.run(source, manifest, tmp_path / "plain", AudioParams(16000), norm_params(), max_seconds=2.0)
+    for name in ("clips.npy", "index.csv"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
 
 
 def test_a_failed_run_leaves_no_output(tmp_path):

@@ -226,3 +226,66 @@ def test_pool_workers_journal_then_one_pack_covers_every_clip(tmp_path, caplog):
         second = run_both(tmp_path, "second", tmp_path / "cache", spec=spec)
     assert "4 of 4 clips cached, computing 0" in caplog.text
     assert files(second) == files(first)
+
+
+# --- appending in order (normalize) ---------------------------------------------------------------------------
+
+
+EXTRA = np.dtype([("tag", "S32"), ("flag", "?")])
+
+
+def test_append_rows_copies_runs_in_order_with_the_entry_fields(tmp_path, cache):
+    clips = clips_of([4, 2, 5, 3])
+    array = tmp_path / "a.npy"
+    header, first = packed_file(array, clips)
+    extra = np.zeros(4, EXTRA)
+    extra["tag"] = [bytes([i]) * 31 + b"\0" for i in range(4)]  # a digest ending in a zero byte
+    extra["flag"] = [True, False, False, True]
+    packcache.PackCache(cache, WIDTH, EXTRA).keep(array, header, [key(i) for i in range(4)], first,
+                                                  [4, 2, 5, 3], extra)
+    packs = packcache.PackCache(cache, WIDTH, EXTRA)
+    assert len(packs.load()) == 1
+    found = packs.find([key(9), key(1), key(2), key(0)])  # no lengths: learnt from the pack
+    assert found.pack.tolist() == [-1, 0, 0, 0] and found.length.tolist() == [0, 2, 5, 4]
+    assert found.entry["flag"].tolist() == [False, False, False, True]
+    assert packcache.hex_digests(found.entry["tag"][1:2]) == [(bytes([1]) * 31 + b"\0").hex()]
+    calls = []
+    copy_range = packed.copy_range
+    with packed.Appender(tmp_path / "out.npy", WIDTH) as out:
+        out.append(np.ones((3, WIDTH), np.float32))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(packed, "copy_range", lambda *a: calls.append(a) or copy_range(*a))
+            offsets = packs.append_rows(found, np.array([1, 2, 3]), out)
+    assert offsets == [3, 5, 10] and len(calls) == 2  # clips 1 and 2 follow each other in the pack: one copy
+    whole = np.load(tmp_path / "out.npy")
+    assert whole.shape == (14, WIDTH)
+    for offset, want in zip(offsets, [clips[1], clips[2], clips[0]]):
+        np.testing.assert_array_equal(whole[offset : offset + len(want)], want)
+    assert packcache.PackCache(cache, WIDTH).load() == []  # without the entry fields: not its pack (removed)
+
+
+def test_a_copy_failing_midway_leaves_the_appended_file_consistent(tmp_path, cache, caplog):
+    clips = clips_of([4, 2])
+    array = kept(cache, tmp_path, clips, [key(0), key(1)], "a")
+    packs = packcache.PackCache(cache, WIDTH)
+    packs.load()
+    found = packs.find([key(0), key(1)])  # one run of 6 rows
+    copy_range = packed.copy_range
+
+    def half_then_fail(in_fd, out_fd, count, in_pos, out_pos):
+        copy_range(in_fd, out_fd, count // 2, in_pos, out_pos)  # some bytes land, then the disk fails
+        raise OSError(errno.EIO, "I/O error")
+
+    with packed.Appender(tmp_path / "out.npy", WIDTH) as out:
+        with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING, logger="audiocnn.packcache"):
+            mp.setattr(packed, "copy_range", half_then_fail)
+            assert packs.append_rows(found, np.array([0, 1]), out) == []
+        out.append(clips[1])  # the caller computes the clips instead
+    assert "recomputing its clips" in caplog.text and str(array.name) not in os.listdir(packs.dir)
+    assert (tmp_path / "out.npy").stat().st_size == packed.HEADER_BYTES + clips[1].nbytes  # nor 3 rows half-copied
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), clips[1])
+
+
+def test_hex_digests_keep_trailing_zero_bytes():
+    raw = np.array([bytes(32), b"\xab" * 31 + b"\0"], "S32")
+    assert packcache.hex_digests(raw) == ["00" * 32, "ab" * 31 + "00"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -246,27 +247,24 @@ def test_params_change_invalidates(tmp_path, counted):
     assert files(out) == files(run_both(tmp_path, "d-plain", None, spec=spec))
 
 
-def test_corrupt_entries_are_recomputed(tmp_path, counted):
+def test_corrupt_entries_are_recomputed(tmp_path, counted, caplog):
     make_manifest(tmp_path)
     plain = run_both(tmp_path, "plain", None)
     cache = tmp_path / "cache"
     run_both(tmp_path, "first", cache)
-    entries = sorted((cache / "normalize").rglob("*.npy"))
-    assert len(entries) == 4  # 4 clips (the features are kept whole: tests/test_packcache.py)
-    for entry in entries[:3]:  # truncate some (a new inode: the outputs linked to them stay whole)
-        data = entry.read_bytes()
-        entry.unlink()
-        entry.write_bytes(data[: len(data) // 2])
-    (entries[3]).unlink()
-    entries[3].write_bytes(b"\x93NUMPY garbage")
-    for png in sorted(cache.rglob("*.png"))[:2]:
+    (keys,) = (cache / "normalize").rglob("*.keys.npy")  # the normalized clips, kept whole (one pack)
+    keys.write_bytes(keys.read_bytes()[:-10])
+    for png in sorted(cache.rglob("*.png"))[:2]:  # PNGs are per-clip entries
         png.unlink()
         png.write_bytes(b"\x89PNG\r\n\x1a\n")
     before = dict(counted)
-    out = run_both(tmp_path, "again", cache)
-    assert counted["normalize"] + counted["spectrogram"] > before["normalize"] + before["spectrogram"]
+    with caplog.at_level(logging.WARNING):
+        out = run_both(tmp_path, "again", cache)
+    assert f"{keys}: unreadable pack" in caplog.text
+    assert counted["normalize"] == before["normalize"] + 4  # every clip normalized again
+    assert counted["spectrogram"] == before["spectrogram"]  # same clips: features copied, images redrawn
     assert files(out) == files(plain)
-    assert all(store.npy_array(p.read_bytes(), p.name).size for p in cache.rglob("*.npy"))  # repaired
+    assert len(list((cache / "normalize").rglob("*.keys.npy"))) == 1  # repaired
 
 
 def test_manifest_without_a_real_sha256_is_not_cached(tmp_path, counted):
@@ -284,7 +282,8 @@ def test_stage_uses_the_cache_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("AUDIOCNN_CACHE_DIR", str(tmp_path / "envcache"))
     norm = section("normalize", NormalizeParams)
     normalize.run(tmp_path / "source", tmp_path / "manifest.csv", tmp_path / "n", AudioParams(RATE), norm, 600.0)
-    assert len(list((tmp_path / "envcache" / "normalize").rglob("*.npy"))) == 4
+    kept = sorted((tmp_path / "envcache" / "normalize").rglob("packs/*"))
+    assert len(kept) == 3  # one pack: the array, its keys and its completion marker
     monkeypatch.setenv("AUDIOCNN_CACHE_DIR", "off")
     normalize.run(tmp_path / "source", tmp_path / "manifest.csv", tmp_path / "n", AudioParams(RATE), norm, 600.0)
-    assert len(list((tmp_path / "envcache" / "normalize").rglob("*.npy"))) == 4
+    assert sorted((tmp_path / "envcache" / "normalize").rglob("packs/*")) == kept

@@ -6,8 +6,9 @@ resample with soxr (HQ), subtract the mean, optionally trim quiet lead-in/tail, 
 scale to ``target_dbfs`` by peak or RMS. Clips keep their full length. The clips are packed
 one after another into one file, ``clips.npy`` (``audiocnn.packed``; clip ``id`` is samples
 ``offset`` to ``offset + samples`` of index.csv), in manifest order whatever the number of
-workers. Results are cached by the source file's sha256 (``audiocnn.store``): a rerun after
-adding clips reads and normalizes only the new ones.
+workers. Results are cached by the source file's sha256 (``audiocnn.packcache``: the previous
+``clips.npy`` kept whole, plus journals of computed clips): a rerun after adding clips reads and
+normalizes only the new ones, and copies the others' samples in bulk inside the kernel.
 """
 
 from __future__ import annotations
@@ -19,21 +20,25 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import numpy as np
 import soxr
 
-from audiocnn import fileio, packed, parallel, store
+from audiocnn import fileio, packcache, packed, parallel, store
 from audiocnn.audio import AudioParams, read_audio
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 SILENT_DBFS = -120.0  # a clip whose peak is below this is silent: left unscaled
 RMS_PEAK_CEILING_DBFS = -0.1  # rms method: the peak may not exceed this after scaling
 TRIM_HOP_SECONDS = 0.01  # silence trim works on 10 ms blocks
+CACHED_FIELDS = np.dtype([("clip", "S32"), ("silent", "?")])  # cached per clip: clip_sha256 (raw), is_silent
 
 
 @dataclass(frozen=True)
@@ -175,30 +180,28 @@ def cache_settings(sample_rate: int, params: NormalizeParams, max_seconds: float
 
 
 def _clip_task(record: Mapping[str, str], source: Path, sample_rate: int, params: NormalizeParams,
-               max_seconds: float, cache: store.ClipCache | None) -> tuple[np.ndarray, bool, str]:
-    """One clip inside ``run``: from the cache (keyed by the manifest's sha256) or computed and cached.
+               max_seconds: float) -> tuple[np.ndarray, bool, str]:
+    """One clip inside ``run``, computed: ((samples,) float32, silent, ``clip_sha256``).
 
-    Returns ((samples,) float32, silent, ``clip_sha256``): the spectrogram stage keys its cache
-    by that hash, so finding a clip's cached features needs no read of the clip.
+    The spectrogram stage keys its cache by that hash, so finding a clip's cached features
+    needs no read of the clip.
     """
-    key = record.get("sha256", "") if cache else ""
-    cacheable = store.is_sha256(key)
-    data = cache.get(key, ".npy") if cacheable else None  # type: ignore[union-attr]
-    mono = None
-    if data is not None:
-        try:
-            mono = store.npy_array(data, key)
-        except ValueError as err:
-            cache.discard(key, ".npy", str(err))  # type: ignore[union-attr]
-        else:
-            if mono.ndim != 1 or mono.size == 0:
-                cache.discard(key, ".npy", f"of shape {mono.shape}")  # type: ignore[union-attr]
-                mono = None
-    if mono is None:
-        mono = normalized_audio(record, source, sample_rate, params, max_seconds)
-        if cacheable:
-            cache.put(key, ".npy", store.npy_bytes(mono))  # type: ignore[union-attr]
+    mono = normalized_audio(record, source, sample_rate, params, max_seconds)
     return mono, is_silent(mono), clip_sha256(mono)
+
+
+def _source_keys(index: pd.DataFrame) -> list[str]:
+    """Each clip's cache key: the manifest's sha256 of its source file ("" where the manifest has none)."""
+    if "sha256" not in index.columns:
+        return [""] * len(index)
+    return index["sha256"].fillna("").astype(str).str.lower().tolist()
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int, bool]]:
+    """(start, end, flag) of each run of equal values in the (n,) bool ``flags``."""
+    edges = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], edges, [flags.size]])
+    return [(int(a), int(b), bool(flags[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: NormalizeParams,
@@ -218,26 +221,60 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
         raise DataError(f"{manifest}: duplicate id(s) {', '.join(duplicated[:5])}")
     if cache == "env":
         cache = store.ClipCache.from_env("normalize", cache_settings(audio.sample_rate, params, max_seconds))
+    keys = _source_keys(index)
+    packs = found = None
+    hit = np.zeros(len(index), dtype=bool)  # (clips,) found in the cache
     if cache is not None:
         cache.prepare()
+        packs = packcache.PackCache(cache, width=1, extra=CACHED_FIELDS)
+        packs.load()
+        found = packs.find(keys)
+        hit = found.pack >= 0
+    records = fileio.records(index)
+    if hit.any():
+        log.info("feature cache: %d of %d clips normalized already, computing %d", hit.sum(), hit.size,
+                 (~hit).sum())
     work = functools.partial(_clip_task, source=Path(source), sample_rate=audio.sample_rate, params=params,
-                             max_seconds=max_seconds, cache=cache)
-    offsets, samples, digests, silent = [], [], [], []
+                             max_seconds=max_seconds)
+    offsets: list[int] = []
+    samples = np.zeros(len(index), dtype=np.int64)
+    digests, silent = [""] * len(index), np.zeros(len(index), dtype=bool)
+    journal = packs.open_journal() if packs is not None and (~hit).any() else None
     with store.staged_dir(out) as tmp:  # renamed to ``out`` once clips.npy and index.csv are written
-        with packed.Appender(tmp / packed.AUDIO.array, width=1) as clips:
-            results = parallel.iter_clips(work, fileio.records(index), params.workers, "normalize")
-            for path, (mono, clip_silent, digest) in zip(index["path"], results):
-                offsets.append(clips.append(mono[:, np.newaxis]))  # (samples, 1)
-                samples.append(mono.size)
-                digests.append(digest)
-                if clip_silent:
-                    silent.append(path)
+        try:
+            with packed.Appender(tmp / packed.AUDIO.array, width=1) as clips:
+                computed = parallel.iter_clips(work, [records[i] for i in np.flatnonzero(~hit)], params.workers,
+                                               "normalize")
+                for start, end, cached in _runs(hit):
+                    done = start
+                    if cached:  # copied in bulk from the packs; from a pack that fails on, computed here
+                        copied = packs.append_rows(found, np.arange(start, end), clips)  # type: ignore[union-attr]
+                        done = start + len(copied)
+                        offsets += copied
+                        samples[start:done] = found.length[start:done]  # type: ignore[union-attr]
+                        silent[start:done] = found.entry["silent"][start:done]  # type: ignore[union-attr]
+                        digests[start:done] = packcache.hex_digests(found.entry["clip"][start:done])  # type: ignore
+                    for i in range(done, end):
+                        mono, silent[i], digests[i] = work(records[i]) if cached else next(computed)
+                        offsets.append(clips.append(mono[:, np.newaxis]))  # (samples, 1)
+                        samples[i] = mono.size
+                        if journal is not None and store.is_sha256(keys[i]):
+                            journal.append(keys[i], mono[:, np.newaxis], (bytes.fromhex(digests[i]), silent[i]))
+        finally:
+            if journal is not None:
+                journal.close()
         index["offset"] = offsets
         index["samples"] = samples
         index[store.CLIP_HASH_COLUMN] = digests
         fileio.write_csv(tmp / packed.INDEX_NAME, index)
-    if silent:
+        if packs is not None:
+            extra = np.zeros(len(index), CACHED_FIELDS)
+            extra["clip"] = [bytes.fromhex(d) for d in digests]
+            extra["silent"] = silent
+            packs.keep(tmp / packed.AUDIO.array, packed.HEADER_BYTES, keys, offsets, samples, extra)
+    silent_paths = index["path"][silent].tolist()
+    if silent_paths:
         log.warning("%d silent clip(s) (peak below %.0f dBFS) left unscaled, e.g. %s",
-                    len(silent), SILENT_DBFS, silent[0])
+                    len(silent_paths), SILENT_DBFS, silent_paths[0])
     log.info("normalized %d clips to %d Hz, %s %.1f dBFS: %.1f s of audio in %s", len(index), audio.sample_rate,
              params.method, params.target_dbfs, index["samples"].sum() / audio.sample_rate, out / packed.AUDIO.array)

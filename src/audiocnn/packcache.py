@@ -18,13 +18,16 @@ the rows themselves. So a stage's packed array (``audiocnn.packed``) is cached i
   next successful run deletes every journal nobody holds, as its pack now covers their clips.
 
 A run looks every clip up at once (a sorted search over each pack's keys) and copies runs of
-consecutive rows with ``os.copy_file_range`` (inside the kernel, no Python per clip).
+consecutive rows with ``os.copy_file_range`` (inside the kernel, no Python per clip): into rows
+laid out in advance (``copy_rows``: the spectrogram stage, whose clip lengths are known) or
+appended in order (``append_rows``: normalize, which learns a clip's length from the cache or
+by computing it). An entry may carry a stage's own fields besides key, first row and row count
+(normalize: the clip's content hash and whether it is silent), so a hit needs no read of its rows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -32,7 +35,7 @@ import logging
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -45,8 +48,6 @@ log = logging.getLogger(__name__)
 KEEP = 2  # packs per settings hash: the latest output and the one before it
 ENTRY = np.dtype([("key", "S32"), ("offset", "<i8"), ("length", "<i8")])  # one clip: key, first row, rows
 NO_KEY = bytes(32)  # a clip without a sha256 key: never stored, never found
-COPY_CHUNK = 64 << 20  # bytes per pread/pwrite where copy_file_range is not available
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 _JOURNAL = "journal-"
 
 
@@ -61,10 +62,17 @@ class Pack:
 
 @dataclass(frozen=True)
 class Found:
-    """Where each looked-up clip lies: ``pack`` (index into ``PackCache.packs``; -1: nowhere) and its first row."""
+    """Where each looked-up clip lies: ``pack`` (index into ``PackCache.packs``; -1: nowhere) and its entry there."""
 
     pack: np.ndarray  # (clips,) int64
-    offset: np.ndarray  # (clips,) int64
+    offset: np.ndarray  # (clips,) int64: first row in the pack
+    length: np.ndarray  # (clips,) int64: rows
+    entry: np.ndarray = field(repr=False)  # (clips,) the pack's entry (zeros where not found)
+
+
+def entry_dtype(extra: np.dtype | None = None) -> np.dtype:
+    """ENTRY followed by a stage's own fields ``extra`` (a structured dtype)."""
+    return ENTRY if extra is None else np.dtype(ENTRY.descr + extra.descr)
 
 
 def key_bytes(keys: Sequence[str]) -> np.ndarray:
@@ -72,12 +80,22 @@ def key_bytes(keys: Sequence[str]) -> np.ndarray:
     return np.array([bytes.fromhex(k) if store.is_sha256(k) else NO_KEY for k in keys], dtype="S32")
 
 
-class PackCache:
-    """The packs and journals of one stage and settings hash (``ClipCache.dir``), arrays ``width`` floats wide."""
+def hex_digests(digests: np.ndarray) -> list[str]:
+    """(n,) S32 raw digests as hex strings (numpy drops an S32 value's trailing zero bytes; this does not)."""
+    text = np.ascontiguousarray(digests, dtype="S32").tobytes().hex()
+    return [text[i : i + 64] for i in range(0, len(text), 64)]
 
-    def __init__(self, cache: store.ClipCache, width: int) -> None:
+
+class PackCache:
+    """The packs and journals of one stage and settings hash (``ClipCache.dir``), arrays ``width`` floats wide.
+
+    ``extra``: the stage's own fields stored with each entry (a structured dtype; None: none).
+    """
+
+    def __init__(self, cache: store.ClipCache, width: int, extra: np.dtype | None = None) -> None:
         self.dir = cache.dir / "packs"
         self.width = width
+        self.entry = entry_dtype(extra)
         self.row_bytes = width * packed.DTYPE.itemsize
         self.packs: list[Pack] = []
 
@@ -96,24 +114,27 @@ class PackCache:
     def _read_pack(self, meta_path: Path) -> Pack | None:
         name = meta_path.name[: -len(".json")]
         array, keys = self.dir / f"{name}.npy", self.dir / f"{name}.keys.npy"
+        reading = meta_path  # the file a failure is reported on
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            reading = array
             stat = array.stat()
             if (stat.st_size, stat.st_mtime_ns) != (meta["size"], meta["mtime_ns"]):
                 return self._discard(name, f"{array} changed since it was kept (size or mtime)")
+            reading = keys
             entries = fileio.load_npy(keys)
-            if meta["width"] != self.width or entries.dtype != ENTRY or entries.ndim != 1:
+            if meta["width"] != self.width or entries.dtype != self.entry or entries.ndim != 1:
                 return self._discard(name, f"{keys} does not describe rows of width {self.width}")
             return self._checked(Pack(array, int(meta["header"]), entries), stat.st_size, name)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            return self._discard(name, f"{meta_path}: unreadable pack ({err})")
+            return self._discard(name, f"{reading}: unreadable pack ({err})")
 
     def _read_journal(self, keys: Path) -> Pack | None:
         name = keys.name[: -len(".keys")]
         array = self.dir / f"{name}.rows"
         try:
             data = keys.read_bytes()
-            entries = np.frombuffer(data, ENTRY, count=len(data) // ENTRY.itemsize)  # a torn last record is ignored
+            entries = np.frombuffer(data, self.entry, count=len(data) // self.entry.itemsize)  # torn last: ignored
             size = array.stat().st_size
         except OSError as err:
             log.warning("feature cache: cannot read journal %s (%s): skipped", keys, err)
@@ -138,19 +159,22 @@ class PackCache:
             with contextlib.suppress(OSError):
                 os.unlink(self.dir / f"{name}{suffix}")
 
-    def find(self, keys: Sequence[str], lengths: Sequence[int]) -> Found:
-        """Each clip (hex sha256 ``keys``, row counts ``lengths``) in the first pack that holds it with that length."""
-        wanted, lengths = key_bytes(keys), np.asarray(lengths, dtype=np.int64)
-        found = Found(np.full(wanted.size, -1, np.int64), np.zeros(wanted.size, np.int64))
+    def find(self, keys: Sequence[str], lengths: Sequence[int] | None = None) -> Found:
+        """Each clip (hex sha256 ``keys``) in the first pack that holds it (with that length, given ``lengths``)."""
+        wanted = key_bytes(keys)
+        entries = np.zeros(wanted.size, self.entry)
+        found = Found(np.full(wanted.size, -1, np.int64), entries["offset"], entries["length"], entries)
         for number, pack in enumerate(self.packs):
             missing = np.flatnonzero((found.pack < 0) & (wanted != NO_KEY))
             if not missing.size or not pack.entries.size:
                 continue
             at = np.minimum(np.searchsorted(pack.entries["key"], wanted[missing]), pack.entries.size - 1)
             entry = pack.entries[at]
-            same = (entry["key"] == wanted[missing]) & (entry["length"] == lengths[missing])
+            same = entry["key"] == wanted[missing]
+            if lengths is not None:
+                same &= entry["length"] == np.asarray(lengths, dtype=np.int64)[missing]
             found.pack[missing[same]] = number
-            found.offset[missing[same]] = entry["offset"][same]
+            entries[missing[same]] = entry[same]
         return found
 
     def copy_rows(self, found: Found, dest: str, dest_header: int, dest_offsets: Sequence[int],
@@ -179,7 +203,7 @@ class PackCache:
                     in_fd = os.open(source.array, os.O_RDONLY)
                     try:
                         for run in runs:
-                            _copy_range(in_fd, out_fd, int(rows[run]) * self.row_bytes,
+                            packed.copy_range(in_fd, out_fd, int(rows[run]) * self.row_bytes,
                                         source.header + int(src[starts[run]]) * self.row_bytes,
                                         dest_header + int(dst[starts[run]]) * self.row_bytes)
                     finally:
@@ -194,18 +218,58 @@ class PackCache:
             os.close(out_fd)
         return copied
 
+    def append_rows(self, found: Found, clips: np.ndarray, appender: packed.Appender) -> list[int]:
+        """Append found ``clips`` (indices, in order) to ``appender``; their offsets there, stopping at the first failure.
+
+        Clips that follow one another in their pack are copied in one call. A pack that cannot be
+        read is discarded; the clips from the failed one on are not appended (the caller computes them).
+        """
+        pack, src, n = found.pack[clips], found.offset[clips], found.length[clips]
+        starts = np.flatnonzero(np.concatenate([[True], (pack[1:] != pack[:-1]) | (src[1:] != src[:-1] + n[:-1])]))
+        ends = np.append(starts[1:], clips.size)
+        offsets: list[int] = []
+        for start, end in zip(starts, ends):
+            source = self.packs[int(pack[start])]
+            try:
+                with open(source.array, "rb", buffering=0) as handle:
+                    first = appender.append_copy(handle.fileno(), source.header + int(src[start]) * self.row_bytes,
+                                                 int(n[start:end].sum()))
+            except OSError as err:
+                log.warning("feature cache: cannot copy from %s (%s): recomputing its clips", source.array, err)
+                if source.header:
+                    self._remove(source.array.name[: -len(".npy")])
+                break
+            offsets += (first + np.concatenate([[0], np.cumsum(n[start:end - 1])])).tolist()
+        return offsets
+
+    def open_journal(self) -> Journal | None:
+        """A journal of this process in the packs folder, with this cache's entry fields (close it when done).
+
+        None (with a warning) when it cannot be created: the run goes on without caching its clips.
+        """
+        try:
+            return Journal(self.dir, self.width, self.entry)
+        except OSError as err:
+            log.warning("feature cache: cannot open a journal in %s (%s): computed clips not cached", self.dir, err)
+            return None
+
     # --- writing ----------------------------------------------------------------------------------------------
 
     def keep(self, array: Path, header: int, keys: Sequence[str], offsets: Sequence[int],
-             lengths: Sequence[int]) -> None:
+             lengths: Sequence[int], extra: np.ndarray | None = None) -> None:
         """Keep the complete packed ``array`` (clips: hex sha256 ``keys``, first rows, row counts) as the newest pack.
 
-        Then remove older packs beyond KEEP and every journal no running process holds. Clips
-        without a sha256 key are left out. A failure only logs: the cache is optional.
+        ``extra``: (clips,) the entry fields of this cache's ``extra`` dtype. Then remove older
+        packs beyond KEEP and every journal no running process holds. Clips without a sha256 key
+        are left out. A failure only logs: the cache is optional.
         """
-        entries = np.zeros(len(keys), ENTRY)
+        entries = np.zeros(len(keys), self.entry)
         entries["key"], entries["offset"], entries["length"] = key_bytes(keys), offsets, lengths
+        for name in extra.dtype.names if extra is not None else ():
+            entries[name] = extra[name]
         entries = np.sort(entries[entries["key"] != NO_KEY], order=["key", "offset"])
+        if not entries.size:  # nothing to find it by
+            return
         name = hashlib.sha256(entries.tobytes() + str(self.width).encode()).hexdigest()[:24]
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -247,27 +311,39 @@ class PackCache:
 
 
 class Journal:
-    """This process's journal in one packs folder: computed clips appended (rows, then their ENTRY record)."""
+    """This process's journal in one packs folder: computed clips appended (rows, then their entry record).
 
-    def __init__(self, folder: Path, width: int) -> None:
+    A failed append (a full disk) logs and stops the journal: the cache is optional, the run goes on.
+    """
+
+    def __init__(self, folder: Path, width: int, entry: np.dtype = ENTRY) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.stem = stem = folder / f"{_JOURNAL}{os.getpid()}-{secrets.token_hex(4)}"
         self.keys_fd = os.open(f"{stem}.keys", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         fcntl.flock(self.keys_fd, fcntl.LOCK_EX)
         self.rows_fd = os.open(f"{stem}.rows", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        self.width, self.rows = width, 0
+        self.width, self.entry, self.rows, self.open = width, entry, 0, True
 
-    def append(self, key: str, rows: np.ndarray) -> None:
-        """(length, width) float32 ``rows`` of the clip with hex sha256 ``key``."""
+    def append(self, key: str, rows: np.ndarray, extra: tuple = ()) -> None:
+        """(length, width) float32 ``rows`` of the clip with hex sha256 ``key``; ``extra``: its own entry fields."""
+        if not self.open:
+            return
         data = np.ascontiguousarray(rows, dtype=packed.DTYPE)
-        _write_all(self.rows_fd, memoryview(data).cast("B"))
-        record = np.array([(bytes.fromhex(key), self.rows, data.shape[0])], ENTRY)
-        _write_all(self.keys_fd, record.tobytes())
+        record = np.array([(bytes.fromhex(key), self.rows, data.shape[0], *extra)], self.entry)
+        try:
+            _write_all(self.rows_fd, memoryview(data).cast("B"))
+            _write_all(self.keys_fd, record.tobytes())
+        except OSError as err:
+            log.warning("feature cache: cannot append to %s.* (%s): stopped caching computed clips", self.stem, err)
+            self.close()
+            return
         self.rows += data.shape[0]
 
     def close(self) -> None:
-        os.close(self.rows_fd)
-        os.close(self.keys_fd)  # releases the lock
+        if self.open:
+            self.open = False
+            os.close(self.rows_fd)
+            os.close(self.keys_fd)  # releases the lock
 
 
 _journals: dict[tuple[int, str], Journal | None] = {}  # (pid, folder) -> this process's journal (None: failed)
@@ -285,14 +361,8 @@ def journal_append(folder: Path, key: str, rows: np.ndarray) -> None:
             log.warning("feature cache: cannot open a journal in %s (%s): computed clips not cached", folder, err)
             _journals[slot] = None
     journal = _journals[slot]
-    if journal is None:
-        return
-    try:
+    if journal is not None:
         journal.append(key, rows)
-    except OSError as err:
-        log.warning("feature cache: cannot append to the journal in %s (%s): stopped caching", folder, err)
-        journal.close()
-        _journals[slot] = None
 
 
 def close_journal(folder: Path) -> None:
@@ -313,23 +383,3 @@ def _write_all(fd: int, view: memoryview | bytes) -> None:
     view = memoryview(view)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _copy_range(in_fd: int, out_fd: int, count: int, in_pos: int, out_pos: int) -> None:
-    """Copy ``count`` bytes between files at the given positions (inside the kernel where it can)."""
-    kernel = hasattr(os, "copy_file_range")
-    while count:
-        done = 0
-        if kernel:
-            try:
-                done = os.copy_file_range(in_fd, out_fd, count, in_pos, out_pos)
-            except OSError as err:
-                if err.errno not in _NO_KERNEL_COPY:
-                    raise
-                kernel = False
-        if not kernel:
-            data = os.pread(in_fd, min(count, COPY_CHUNK), in_pos)
-            done = os.pwrite(out_fd, data, out_pos) if data else 0
-        if done <= 0:
-            raise OSError(errno.EIO, f"{count} bytes short at byte {in_pos}")
-        count, in_pos, out_pos = count - done, in_pos + done, out_pos + done

@@ -14,6 +14,7 @@ append clips in order when lengths are only known once computed (``Appender``).
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import logging
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.csv"
 DTYPE = np.dtype("<f4")
+COPY_CHUNK = 64 << 20  # bytes per pread/pwrite where copy_file_range is not available
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 HEADER_BYTES = 128  # an Appender's .npy header: room for any 2-D shape, 64-byte aligned as numpy writes it
 
 
@@ -111,8 +114,21 @@ class Appender:
         offset, self.rows = self.rows, self.rows + data.shape[0]
         return offset
 
+    def append_copy(self, fd: int, position: int, rows: int) -> int:
+        """``rows`` rows of this width from the open file ``fd`` at byte ``position`` (kernel copy); their offset.
+
+        A copy that fails midway (OSError) leaves the clip out: the next append overwrites its bytes.
+        """
+        self.handle.flush()
+        row_bytes = self.width * DTYPE.itemsize
+        copy_range(fd, self.handle.fileno(), rows * row_bytes, position, HEADER_BYTES + self.rows * row_bytes)
+        offset, self.rows = self.rows, self.rows + rows
+        self.handle.seek(HEADER_BYTES + self.rows * row_bytes)
+        return offset
+
     def close(self) -> None:
         """Write the header (the array is complete) and close the file."""
+        self.handle.truncate(HEADER_BYTES + self.rows * self.width * DTYPE.itemsize)  # past a failed copy
         self.handle.seek(0)
         self.handle.write(npy_header(self.rows, self.width))
         self.handle.close()
@@ -151,6 +167,30 @@ class RowWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def copy_range(in_fd: int, out_fd: int, count: int, in_pos: int, out_pos: int) -> None:
+    """Copy ``count`` bytes between open files at the given positions (inside the kernel where it can).
+
+    Neither file's position moves. Falls back to pread/pwrite where ``copy_file_range`` is
+    refused (another file system, an old kernel); OSError when the source ends early.
+    """
+    kernel = hasattr(os, "copy_file_range")
+    while count:
+        done = 0
+        if kernel:
+            try:
+                done = os.copy_file_range(in_fd, out_fd, count, in_pos, out_pos)
+            except OSError as err:
+                if err.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel = False
+        if not kernel:
+            data = os.pread(in_fd, min(count, COPY_CHUNK), in_pos)
+            done = os.pwrite(out_fd, data, out_pos) if data else 0
+        if done <= 0:
+            raise OSError(errno.EIO, f"{count} bytes short at byte {in_pos}")
+        count, in_pos, out_pos = count - done, in_pos + done, out_pos + done
 
 
 def read_rows(path: str | Path, header: int, offset: int, length: int, width: int) -> np.ndarray:

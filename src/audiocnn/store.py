@@ -15,9 +15,9 @@ recomputes an entry that does not load or has the wrong shape. Per-clip outputs 
 spectrogram stage's PNGs) and their entries are hard links of one another where possible (no
 second copy on disk, one syscall instead of a file creation); either name can be removed
 without affecting the other, and stages never write into an existing file, so DVC sees
-complete, ordinary outputs either way. Packed outputs (``audiocnn.packed``) copy the entries'
-data into their one file; the spectrogram stage's features are cached as whole packed arrays
-instead (``audiocnn.packcache``), which costs no file per clip.
+complete, ordinary outputs either way. Packed outputs (``audiocnn.packed``: normalize's clips,
+the spectrogram stage's features) are cached as whole packed arrays instead
+(``audiocnn.packcache``), which costs no file per clip.
 """
 
 from __future__ import annotations
