@@ -190,9 +190,7 @@ class PackCache:
         if not hits.size:
             return copied
         pack, src, dst, n = found.pack[hits], found.offset[hits], dest_offsets[hits], lengths[hits]
-        starts = np.flatnonzero(np.concatenate([[True], (pack[1:] != pack[:-1]) | (src[1:] != src[:-1] + n[:-1])
-                                                | (dst[1:] != dst[:-1] + n[:-1])]))
-        ends = np.append(starts[1:], hits.size)
+        starts, ends = _copy_runs(pack, src, n, dst)
         rows = np.add.reduceat(n, starts)  # per run of consecutive clips
         out_fd = os.open(dest, os.O_WRONLY)
         try:
@@ -204,14 +202,12 @@ class PackCache:
                     try:
                         for run in runs:
                             packed.copy_range(in_fd, out_fd, int(rows[run]) * self.row_bytes,
-                                        source.header + int(src[starts[run]]) * self.row_bytes,
-                                        dest_header + int(dst[starts[run]]) * self.row_bytes)
+                                              source.header + int(src[starts[run]]) * self.row_bytes,
+                                              dest_header + int(dst[starts[run]]) * self.row_bytes)
                     finally:
                         os.close(in_fd)
                 except OSError as err:
-                    log.warning("feature cache: cannot copy from %s (%s): recomputing its clips", source.array, err)
-                    if source.header:
-                        self._remove(source.array.name[: -len(".npy")])
+                    self._copy_failed(source, err)
                     for run in runs:
                         copied[hits[starts[run]:ends[run]]] = False
         finally:
@@ -225,33 +221,28 @@ class PackCache:
         read is discarded; the clips from the failed one on are not appended (the caller computes them).
         """
         pack, src, n = found.pack[clips], found.offset[clips], found.length[clips]
-        starts = np.flatnonzero(np.concatenate([[True], (pack[1:] != pack[:-1]) | (src[1:] != src[:-1] + n[:-1])]))
-        ends = np.append(starts[1:], clips.size)
         offsets: list[int] = []
-        for start, end in zip(starts, ends):
+        for start, end in zip(*_copy_runs(pack, src, n)):
             source = self.packs[int(pack[start])]
             try:
                 with open(source.array, "rb", buffering=0) as handle:
                     first = appender.append_copy(handle.fileno(), source.header + int(src[start]) * self.row_bytes,
                                                  int(n[start:end].sum()))
             except OSError as err:
-                log.warning("feature cache: cannot copy from %s (%s): recomputing its clips", source.array, err)
-                if source.header:
-                    self._remove(source.array.name[: -len(".npy")])
+                self._copy_failed(source, err)
                 break
             offsets += (first + np.concatenate([[0], np.cumsum(n[start:end - 1])])).tolist()
         return offsets
 
-    def open_journal(self) -> Journal | None:
-        """A journal of this process in the packs folder, with this cache's entry fields (close it when done).
+    def _copy_failed(self, source: Pack, err: OSError) -> None:
+        """A pack (not a journal: header 0) whose rows could not be copied is removed; its clips are recomputed."""
+        log.warning("feature cache: cannot copy from %s (%s): recomputing its clips", source.array, err)
+        if source.header:
+            self._remove(source.array.name[: -len(".npy")])
 
-        None (with a warning) when it cannot be created: the run goes on without caching its clips.
-        """
-        try:
-            return Journal(self.dir, self.width, self.entry)
-        except OSError as err:
-            log.warning("feature cache: cannot open a journal in %s (%s): computed clips not cached", self.dir, err)
-            return None
+    def open_journal(self) -> Journal | None:
+        """A journal of this process in the packs folder, with this cache's entry fields (close it when done)."""
+        return open_journal(self.dir, self.width, self.entry)
 
     # --- writing ----------------------------------------------------------------------------------------------
 
@@ -346,6 +337,18 @@ class Journal:
             os.close(self.keys_fd)  # releases the lock
 
 
+def open_journal(folder: Path, width: int, entry: np.dtype = ENTRY) -> Journal | None:
+    """A new journal of this process in ``folder``; None (with a warning) when it cannot be created.
+
+    The run then goes on without caching the clips it computes.
+    """
+    try:
+        return Journal(folder, width, entry)
+    except OSError as err:
+        log.warning("feature cache: cannot open a journal in %s (%s): computed clips not cached", folder, err)
+        return None
+
+
 _journals: dict[tuple[int, str], Journal | None] = {}  # (pid, folder) -> this process's journal (None: failed)
 
 
@@ -355,11 +358,7 @@ def journal_append(folder: Path, key: str, rows: np.ndarray) -> None:
         return
     slot = (os.getpid(), str(folder))  # a forked worker must not write its parent's journal
     if slot not in _journals:
-        try:
-            _journals[slot] = Journal(folder, rows.shape[1])
-        except OSError as err:
-            log.warning("feature cache: cannot open a journal in %s (%s): computed clips not cached", folder, err)
-            _journals[slot] = None
+        _journals[slot] = open_journal(folder, rows.shape[1])
     journal = _journals[slot]
     if journal is not None:
         journal.append(key, rows)
@@ -370,6 +369,19 @@ def close_journal(folder: Path) -> None:
     journal = _journals.pop((os.getpid(), str(folder)), None)
     if journal is not None:
         journal.close()
+
+
+def _copy_runs(pack: np.ndarray, src: np.ndarray, n: np.ndarray,
+          dst: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of runs of clips that follow one another in one pack (and in ``dst``), each one copy.
+
+    ``pack``, ``src`` (first row in the pack), ``n`` (rows), ``dst`` (first row in the output): (clips,).
+    """
+    apart = (pack[1:] != pack[:-1]) | (src[1:] != src[:-1] + n[:-1])
+    if dst is not None:
+        apart |= dst[1:] != dst[:-1] + n[:-1]
+    starts = np.flatnonzero(np.concatenate([[True], apart]))
+    return starts, np.append(starts[1:], pack.size)
 
 
 def _mtime(path: Path) -> int:

@@ -195,15 +195,22 @@ def copy_range(in_fd: int, out_fd: int, count: int, in_pos: int, out_pos: int) -
 
 def read_rows(path: str | Path, header: int, offset: int, length: int, width: int) -> np.ndarray:
     """(length, width) float32 rows from ``offset`` of the array file ``path`` (one ``pread``)."""
-    nbytes = length * width * DTYPE.itemsize
     fd = os.open(path, os.O_RDONLY)
     try:
-        data = os.pread(fd, nbytes, header + offset * width * DTYPE.itemsize)
+        return _pread_rows(fd, path, header, offset, length, width)
     finally:
         os.close(fd)
+
+
+def _pread_rows(fd: int, path: str | Path, header: int, offset: int, length: int, width: int) -> np.ndarray:
+    """(length, width) float32 (read-only) from the open array file ``fd`` (``path``, for the error): one ``pread``."""
+    offset, length = int(offset), int(length)
+    nbytes = length * width * DTYPE.itemsize
+    data = os.pread(fd, nbytes, header + offset * width * DTYPE.itemsize)
     if len(data) != nbytes:
-        raise DataError(f"{path}: rows {offset} to {offset + length} lie beyond the end of the file")
-    return np.frombuffer(data, DTYPE).reshape(length, width)
+        raise DataError(f"{path}: rows {offset} to {offset + length} lie beyond the end of the file "
+                        "(changed while read?)")
+    return np.frombuffer(data, dtype=DTYPE).reshape(length, width)
 
 
 def write(folder: str | Path, arrays: Mapping[str, np.ndarray], index: "pd.DataFrame | None" = None,
@@ -295,11 +302,7 @@ class Packed:
 
     def rows(self, offset: int, length: int) -> np.ndarray:
         """(length, width) float32 (read-only): one ``pread`` (thread-safe; pages stay in the OS cache, not in RSS)."""
-        nbytes = int(length) * self.shape[1] * DTYPE.itemsize
-        data = os.pread(self.fd, nbytes, self.header + int(offset) * self.shape[1] * DTYPE.itemsize)
-        if len(data) != nbytes:
-            raise DataError(f"{self.path}: rows {offset}+{length} cut short (file changed while read?)")
-        return np.frombuffer(data, dtype=DTYPE).reshape(int(length), self.shape[1])
+        return _pread_rows(self.fd, self.path, self.header, offset, length, self.shape[1])
 
     def clip(self, clip_id: str) -> np.ndarray:
         """One clip's (length, width) float32 rows."""

@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -103,31 +102,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-_NPY_HEADER = re.compile(rb"\{'descr': '<f4', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")
-
-
-def npy_array(data: bytes, where: str) -> np.ndarray:
-    """A float32 array from .npy bytes; ValueError naming ``where`` if they are not a complete .npy file.
-
-    The usual header (what ``npy_bytes`` writes) is parsed directly, without ``np.load``'s
-    ``literal_eval``; any other valid .npy goes through ``np.load``.
-    """
-    match = None
-    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
-        end = 10 + int.from_bytes(data[8:10], "little")
-        match = _NPY_HEADER.fullmatch(data, 10, end)
-    if match is None:
-        try:
-            return np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise ValueError(f"{where}: not a complete .npy file ({err})") from None
-    shape = tuple(int(n) for n in match.group(1).split(b",") if n.strip())
-    count = math.prod(shape)
-    if len(data) - end != 4 * count:
-        raise ValueError(f"{where}: truncated .npy file ({len(data) - end} data bytes for shape {shape})")
-    return np.frombuffer(data, dtype="<f4", offset=end).reshape(shape)
 
 
 def source_digest(*modules: Any) -> str:
@@ -220,13 +194,6 @@ class ClipCache:
             log.warning("feature cache: cannot write %s (%s)", final, err)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-
-    def place_read(self, key: str, suffix: str, dest: str, data: bytes) -> None:
-        """Put an entry that was read and validated (its bytes are ``data``) at ``dest``: a hard link, else written."""
-        try:
-            os.link(self.path(key, suffix), dest)
-        except OSError:
-            write_bytes(dest, data)
 
     def place_unread(self, key: str, suffix: str, dest: str, size: int | None = None, tail: bytes = b"") -> bool:
         """Put an entry at ``dest`` without reading it (a hard link, else a file copy); False when there is none.
