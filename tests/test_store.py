@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
+import pickle
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +105,87 @@ def test_cache_put_get_link_and_settings_hash(tmp_path):
     assert os.path.samefile(cache.path(key, ".npy"), out)  # a hard link, not a second copy
     assert store.ClipCache(tmp_path / "c", "stage", {"a": 2}).dir != cache.dir
     assert store.ClipCache(tmp_path / "c", "stage", {"a": 1}).dir == cache.dir
+
+
+def used_caches(root: Path, n: int, first: int = 0) -> list[store.ClipCache]:
+    """Settings folders ``first`` .. ``first + n - 1`` of one stage, each used (prepared, closed) in turn, 1 s apart."""
+    caches = []
+    for i in range(first, first + n):
+        with store.ClipCache(root, "stage", {"a": i}) as cache:
+            cache.put(hashlib.sha256(b"clip").hexdigest(), ".bin", b"x")
+        past = time.time_ns() - (1000 - i) * 10**9  # distinct last uses, whatever the file system's mtime resolution
+        os.utime(cache.dir / store.IN_USE, ns=(past, past))
+        caches.append(cache)
+    return caches
+
+
+def settings_left(root: Path) -> set[str]:
+    return {folder.name for folder in (root / "stage").iterdir()}
+
+
+def test_only_the_most_recently_used_settings_folders_are_kept(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="audiocnn.store")
+    caches = used_caches(tmp_path, store.KEEP_SETTINGS + 2)
+    assert settings_left(tmp_path) == {c.settings_hash for c in caches[-store.KEEP_SETTINGS:]}
+    assert "removed" in caplog.text and str(caches[0].dir) in caplog.text
+    with caches[-store.KEEP_SETTINGS]:  # the oldest kept one used again: now the newest, nothing removed
+        pass
+    assert settings_left(tmp_path) == {c.settings_hash for c in caches[-store.KEEP_SETTINGS:]}
+    newer = used_caches(tmp_path, 1, first=100)
+    assert settings_left(tmp_path) == {c.settings_hash for c in caches[-store.KEEP_SETTINGS:][:1] + caches[-2:] + newer}
+
+
+def test_a_settings_folder_in_use_is_never_removed(tmp_path):
+    held = store.ClipCache(tmp_path, "stage", {"held": True})
+    held.prepare()
+    past = time.time_ns() - 10**12
+    os.utime(held.dir / store.IN_USE, ns=(past, past))  # the oldest folder of all
+    caches = used_caches(tmp_path, store.KEEP_SETTINGS + 1)
+    assert held.settings_hash in settings_left(tmp_path)  # in use by a run: kept beyond the bound
+    assert caches[0].settings_hash not in settings_left(tmp_path)
+    assert pickle.loads(pickle.dumps(held))._lock is None  # a spawned worker gets no lock of its own
+    held.close()
+    used_caches(tmp_path, 1, first=100)
+    assert held.settings_hash not in settings_left(tmp_path)  # released: removed as the oldest
+
+
+def test_a_folder_removed_while_waiting_for_it_is_made_again(tmp_path):
+    """A run that gets its folder's lock only after a removal moved the folder away holds a new folder."""
+    cache = store.ClipCache(tmp_path, "stage", {})
+    cache.dir.mkdir(parents=True)
+    remover = open(cache.dir / store.IN_USE, "ab")
+    fcntl.flock(remover, fcntl.LOCK_EX)  # a removal in progress
+    outcome = []
+
+    def prepare() -> None:
+        try:
+            cache.prepare()
+            outcome.append("held")
+        except Exception as err:  # noqa: BLE001 (reported by the assert below)
+            outcome.append(err)
+
+    waiting = threading.Thread(target=prepare)
+    waiting.start()
+    time.sleep(0.2)
+    os.rename(cache.dir, tmp_path / "stage" / f".{cache.settings_hash}.removing")
+    cache.dir.mkdir()
+    (cache.dir / store.IN_USE).touch()  # made again meanwhile by another run
+    remover.close()
+    waiting.join(10)
+    assert not waiting.is_alive() and outcome == ["held"]
+    lock = cache.dir / store.IN_USE
+    assert os.fstat(cache._lock.fileno()).st_ino == lock.stat().st_ino  # the new folder's lock file
+    assert (cache.dir / "ff").is_dir()
+    cache.close()
+
+
+def test_stages_release_their_settings_folder(tmp_path):
+    make_manifest(tmp_path)
+    run_both(tmp_path, "out", tmp_path / "cache")
+    for stage in ("normalize", "spectrogram"):
+        (folder,) = (tmp_path / "cache" / stage).iterdir()
+        with open(folder / store.IN_USE, "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a run still held it
 
 
 # --- the cache in the stages ----------------------------------------------------------------------------------------

@@ -221,57 +221,57 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
         raise DataError(f"{manifest}: duplicate id(s) {', '.join(duplicated[:5])}")
     if cache == "env":
         cache = store.ClipCache.from_env("normalize", cache_settings(audio.sample_rate, params, max_seconds))
-    keys = _source_keys(index)
-    packs = found = None
-    hit = np.zeros(len(index), dtype=bool)  # (clips,) found in the cache
-    if cache is not None:
-        cache.prepare()
-        packs = packcache.PackCache(cache, width=1, extra=CACHED_FIELDS)
-        packs.load()
-        found = packs.find(keys)
-        hit = found.pack >= 0
-    records = fileio.records(index)
-    if hit.any():
-        log.info("feature cache: %d of %d clips normalized already, computing %d", hit.sum(), hit.size,
-                 (~hit).sum())
-    work = functools.partial(_clip_task, source=Path(source), sample_rate=audio.sample_rate, params=params,
-                             max_seconds=max_seconds)
-    offsets: list[int] = []
-    samples = np.zeros(len(index), dtype=np.int64)
-    digests, silent = [""] * len(index), np.zeros(len(index), dtype=bool)
-    journal = packs.open_journal() if packs is not None and (~hit).any() else None
-    with store.staged_dir(out) as tmp:  # renamed to ``out`` once clips.npy and index.csv are written
-        try:
-            with packed.Appender(tmp / packed.AUDIO.array, width=1) as clips:
-                computed = parallel.iter_clips(work, [records[i] for i in np.flatnonzero(~hit)], params.workers,
-                                               "normalize")
-                for start, end, cached in _runs(hit):
-                    done = start
-                    if cached:  # copied in bulk from the packs; from a pack that fails on, computed here
-                        copied = packs.append_rows(found, np.arange(start, end), clips)  # type: ignore[union-attr]
-                        done = start + len(copied)
-                        offsets += copied
-                        samples[start:done] = found.length[start:done]  # type: ignore[union-attr]
-                        silent[start:done] = found.entry["silent"][start:done]  # type: ignore[union-attr]
-                        digests[start:done] = packcache.hex_digests(found.entry["clip"][start:done])  # type: ignore
-                    for i in range(done, end):
-                        mono, silent[i], digests[i] = work(records[i]) if cached else next(computed)
-                        offsets.append(clips.append(mono[:, np.newaxis]))  # (samples, 1)
-                        samples[i] = mono.size
-                        if journal is not None and store.is_sha256(keys[i]):
-                            journal.append(keys[i], mono[:, np.newaxis], (bytes.fromhex(digests[i]), silent[i]))
-        finally:
-            if journal is not None:
-                journal.close()
-        index["offset"] = offsets
-        index["samples"] = samples
-        index[store.CLIP_HASH_COLUMN] = digests
-        fileio.write_csv(tmp / packed.INDEX_NAME, index)
-        if packs is not None:
-            extra = np.zeros(len(index), CACHED_FIELDS)
-            extra["clip"] = [bytes.fromhex(d) for d in digests]
-            extra["silent"] = silent
-            packs.keep(tmp / packed.AUDIO.array, packed.HEADER_BYTES, keys, offsets, samples, extra)
+    with store.held(cache):  # its settings folder is not removed as an old one meanwhile
+        keys = _source_keys(index)
+        packs = found = None
+        hit = np.zeros(len(index), dtype=bool)  # (clips,) found in the cache
+        if cache is not None:
+            packs = packcache.PackCache(cache, width=1, extra=CACHED_FIELDS)
+            packs.load()
+            found = packs.find(keys)
+            hit = found.pack >= 0
+        records = fileio.records(index)
+        if hit.any():
+            log.info("feature cache: %d of %d clips normalized already, computing %d", hit.sum(), hit.size,
+                     (~hit).sum())
+        work = functools.partial(_clip_task, source=Path(source), sample_rate=audio.sample_rate, params=params,
+                                 max_seconds=max_seconds)
+        offsets: list[int] = []
+        samples = np.zeros(len(index), dtype=np.int64)
+        digests, silent = [""] * len(index), np.zeros(len(index), dtype=bool)
+        journal = packs.open_journal() if packs is not None and (~hit).any() else None
+        with store.staged_dir(out) as tmp:  # renamed to ``out`` once clips.npy and index.csv are written
+            try:
+                with packed.Appender(tmp / packed.AUDIO.array, width=1) as clips:
+                    computed = parallel.iter_clips(work, [records[i] for i in np.flatnonzero(~hit)], params.workers,
+                                                   "normalize")
+                    for start, end, cached in _runs(hit):
+                        done = start
+                        if cached:  # copied in bulk from the packs; from a pack that fails on, computed here
+                            copied = packs.append_rows(found, np.arange(start, end), clips)  # type: ignore[union-attr]
+                            done = start + len(copied)
+                            offsets += copied
+                            samples[start:done] = found.length[start:done]  # type: ignore[union-attr]
+                            silent[start:done] = found.entry["silent"][start:done]  # type: ignore[union-attr]
+                            digests[start:done] = packcache.hex_digests(found.entry["clip"][start:done])  # type: ignore
+                        for i in range(done, end):
+                            mono, silent[i], digests[i] = work(records[i]) if cached else next(computed)
+                            offsets.append(clips.append(mono[:, np.newaxis]))  # (samples, 1)
+                            samples[i] = mono.size
+                            if journal is not None and store.is_sha256(keys[i]):
+                                journal.append(keys[i], mono[:, np.newaxis], (bytes.fromhex(digests[i]), silent[i]))
+            finally:
+                if journal is not None:
+                    journal.close()
+            index["offset"] = offsets
+            index["samples"] = samples
+            index[store.CLIP_HASH_COLUMN] = digests
+            fileio.write_csv(tmp / packed.INDEX_NAME, index)
+            if packs is not None:
+                extra = np.zeros(len(index), CACHED_FIELDS)
+                extra["clip"] = [bytes.fromhex(d) for d in digests]
+                extra["silent"] = silent
+                packs.keep(tmp / packed.AUDIO.array, packed.HEADER_BYTES, keys, offsets, samples, extra)
     silent_paths = index["path"][silent].tolist()
     if silent_paths:
         log.warning("%d silent clip(s) (peak below %.0f dBFS) left unscaled, e.g. %s",

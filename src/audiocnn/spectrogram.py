@@ -210,54 +210,53 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
     layout = clip_layout(index, index_path, params)
     if cache == "env":
         cache = store.ClipCache.from_env("spectrogram", cache_settings(audio.sample_rate, params))
-    if cache is not None:
-        cache.prepare()
-    slugs = {label: images.label_slug(label) for label in sorted(set(index["label"]))}
-    log_mel(np.zeros(params.n_fft, np.float32), audio.sample_rate, params)  # filterbank, before workers fork
-    gallery_bytes: list[bytes] = []
-    normalize.open_clips(normalized)  # checked once (and opened before the workers fork)
-    draw_gallery = functools.partial(_gallery, index, normalized, audio, params, cache, gallery_bytes)
-    # folders built under temporary names, renamed when complete (images first, then features with index.csv)
-    with store.staged_dir(features) as features_tmp, store.staged_dir(images_dir) as images_tmp:
-        if params.images:
-            for slug in slugs.values():
-                (images_tmp / slug).mkdir()
-        array = features_tmp / packed.FEATURES.array
-        out = _Outputs(str(array), packed.create(array, int(layout["frames"].sum()), params.n_mels),
-                       str(images_tmp), slugs)
-        records = fileio.records(layout)
-        results: list[str | None] = [None] * len(records)
-        packs = None
-        if cache is not None and store.CLIP_HASH_COLUMN in index.columns:
-            packs = packcache.PackCache(cache, params.n_mels)
-            packs.load()
-            _from_packs(packs, layout, records, results, cache, out, params)
-        missed = [i for i, result in enumerate(results) if result is None]
-        if len(missed) < len(records):
-            log.info("feature cache: %d of %d clips cached, computing %d", len(records) - len(missed),
-                     len(records), len(missed))
-        if params.images and missed:
-            images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
-        work = functools.partial(_clip_task, normalized=str(normalized), out=out, sample_rate=audio.sample_rate,
-                                 params=params, cache=cache, journal=str(packs.dir) if packs else None)
-        try:
-            computed = parallel.map_clips(work, [records[i] for i in missed], params.workers, "spectrogram",
-                                          name=lambda record: f"{record['path']} (id {record['id']})",
-                                          meanwhile=draw_gallery)
-        finally:
+    with store.held(cache):  # its settings folder is not removed as an old one meanwhile
+        slugs = {label: images.label_slug(label) for label in sorted(set(index["label"]))}
+        log_mel(np.zeros(params.n_fft, np.float32), audio.sample_rate, params)  # filterbank, before workers fork
+        gallery_bytes: list[bytes] = []
+        normalize.open_clips(normalized)  # checked once (and opened before the workers fork)
+        draw_gallery = functools.partial(_gallery, index, normalized, audio, params, cache, gallery_bytes)
+        # folders built under temporary names, renamed when complete (images first, then features with index.csv)
+        with store.staged_dir(features) as features_tmp, store.staged_dir(images_dir) as images_tmp:
+            if params.images:
+                for slug in slugs.values():
+                    (images_tmp / slug).mkdir()
+            array = features_tmp / packed.FEATURES.array
+            out = _Outputs(str(array), packed.create(array, int(layout["frames"].sum()), params.n_mels),
+                           str(images_tmp), slugs)
+            records = fileio.records(layout)
+            results: list[str | None] = [None] * len(records)
+            packs = None
+            if cache is not None and store.CLIP_HASH_COLUMN in index.columns:
+                packs = packcache.PackCache(cache, params.n_mels)
+                packs.load()
+                _from_packs(packs, layout, records, results, cache, out, params)
+            missed = [i for i, result in enumerate(results) if result is None]
+            if len(missed) < len(records):
+                log.info("feature cache: %d of %d clips cached, computing %d", len(records) - len(missed),
+                         len(records), len(missed))
+            if params.images and missed:
+                images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
+            work = functools.partial(_clip_task, normalized=str(normalized), out=out, sample_rate=audio.sample_rate,
+                                     params=params, cache=cache, journal=str(packs.dir) if packs else None)
+            try:
+                computed = parallel.map_clips(work, [records[i] for i in missed], params.workers, "spectrogram",
+                                              name=lambda record: f"{record['path']} (id {record['id']})",
+                                              meanwhile=draw_gallery)
+            finally:
+                if packs is not None:
+                    packcache.close_journal(packs.dir)  # (an in-process run's; the workers' close as they exit)
+            for i, result in zip(missed, computed):
+                results[i] = result
             if packs is not None:
-                packcache.close_journal(packs.dir)  # (an in-process run's; the workers' close as they exit)
-        for i, result in zip(missed, computed):
-            results[i] = result
-        if packs is not None:
-            packs.keep(array, out.header, layout[store.CLIP_HASH_COLUMN].str.lower().tolist(), layout["offset"],
-                       layout["frames"])
-        layout["image"] = results
-        fileio.write_csv(features_tmp / packed.INDEX_NAME, layout)
-        fileio.write_json(features_tmp / "meta.json", {
-            "sample_rate": audio.sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
-            "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
-        })
+                packs.keep(array, out.header, layout[store.CLIP_HASH_COLUMN].str.lower().tolist(), layout["offset"],
+                           layout["frames"])
+            layout["image"] = results
+            fileio.write_csv(features_tmp / packed.INDEX_NAME, layout)
+            fileio.write_json(features_tmp / "meta.json", {
+                "sample_rate": audio.sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
+                "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
+            })
     with fileio.atomic_path(gallery) as tmp:
         tmp.write_bytes(gallery_bytes[0])
     log.info("log-mel features of %d clips (%d frames, %d mels) in %s; images %s", len(layout),

@@ -15,7 +15,12 @@ recomputes an entry that does not load or has the wrong shape. Per-clip outputs 
 spectrogram stage's PNGs) and their entries are hard links of one another where possible (no
 second copy on disk, one syscall instead of a file creation); either name can be removed
 without affecting the other, and stages never write into an existing file, so DVC sees
-complete, ordinary outputs either way. Packed outputs (``audiocnn.packed``: normalize's clips,
+complete, ordinary outputs either way. Each stage keeps its ``KEEP_SETTINGS`` most recently used
+settings folders: every code or params change makes a new one, and without a bound they pile up
+(at 30,000 clips a spectrogram folder holds two 430 MB arrays). A run holds a shared ``flock``
+on its folder's ``.in-use`` file (and touches it: the folder's last use) until it closes the
+cache; an older folder is removed only under an exclusive lock, so never while a run uses it.
+Packed outputs (``audiocnn.packed``: normalize's clips,
 the spectrogram stage's features) are cached as whole packed arrays instead
 (``audiocnn.packcache``), which costs no file per clip.
 """
@@ -23,6 +28,7 @@ the spectrogram stage's features) are cached as whole packed arrays instead
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -32,7 +38,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import IO, Any, Iterator, Mapping
 
 import numpy as np
 
@@ -43,6 +49,8 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "AUDIOCNN_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path(".cache") / "audiocnn"
 DISABLED = {"off", "none", "0", "false"}
+KEEP_SETTINGS = 4  # settings folders kept per stage: the most recently used (older ones removed when idle)
+IN_USE = ".in-use"  # a settings folder's lock file: shared flock while a run uses the folder, mtime = last use
 CLIP_HASH_COLUMN = "clip_sha256"  # normalize's index.csv: sha256 of the clip's float32 samples (``sha256``: the source file's)
 
 
@@ -120,6 +128,24 @@ def is_sha256(key: str) -> bool:
     return _SHA256_HEX.fullmatch(key) is not None
 
 
+@contextlib.contextmanager
+def held(cache: ClipCache | None) -> Iterator[ClipCache | None]:
+    """``cache`` prepared (its settings folder held) for the block, released after; None passes through."""
+    if cache is None:
+        yield None
+        return
+    with cache:
+        yield cache
+
+
+def _last_use(folder: Path) -> int:
+    """When a settings folder was last used (its ``.in-use`` file's mtime; the folder's for one without it)."""
+    for path in (folder / IN_USE, folder):
+        with contextlib.suppress(OSError):
+            return path.stat().st_mtime_ns
+    return 0
+
+
 def cache_root(environ: Mapping[str, str] | None = None) -> Path | None:
     """The cache root from $AUDIOCNN_CACHE_DIR (default ``.cache/audiocnn``); None when it is ``off``."""
     value = (os.environ if environ is None else environ).get(CACHE_ENV, "")
@@ -136,6 +162,7 @@ class ClipCache:
         self.settings_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
         self.root = Path(root)
         self.dir = self.root / stage / self.settings_hash
+        self._lock: IO[bytes] | None = None  # the shared flock on dir/.in-use while prepared
 
     @classmethod
     def from_env(cls, stage: str, settings: Mapping[str, Any]) -> ClipCache | None:
@@ -143,9 +170,13 @@ class ClipCache:
         return None if root is None else cls(root, stage, settings)
 
     def prepare(self) -> None:
-        """Create the folders (once, before workers start); the root gets a ``.gitignore`` of ``*``."""
+        """Hold this settings folder (``close`` releases it), create its folders, remove idle old settings.
+
+        The root gets a ``.gitignore`` of ``*``. Call once, before workers start (forked workers
+        share the hold).
+        """
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self._hold()
             ignore = self.root / ".gitignore"
             if not ignore.exists():
                 write_bytes(str(ignore), b"# audiocnn feature cache: never committed\n*\n")
@@ -153,8 +184,84 @@ class ClipCache:
                 for b in "0123456789abcdef":
                     (self.dir / (a + b)).mkdir(exist_ok=True)
         except OSError as err:
+            self.close()
             raise OutputError(f"cannot create the feature cache {self.dir}: {err.strerror or err} "
                               f"(set {CACHE_ENV}=off to run without it)") from err
+        self._remove_old_settings()
+
+    def close(self) -> None:
+        """Release the hold on this settings folder (it may then be removed as an old one)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()
+
+    def __enter__(self) -> ClipCache:
+        self.prepare()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:  # a spawned worker gets the paths, not the lock
+        return {**self.__dict__, "_lock": None}
+
+    def _hold(self) -> None:
+        """Take a shared lock on ``dir/.in-use`` and mark the folder used now.
+
+        A lock taken on a file that a concurrent ``_remove_old_settings`` has meanwhile moved
+        away is dropped and taken again on a new folder.
+        """
+        self.close()
+        while True:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / IN_USE
+            try:
+                lock = open(path, "ab")  # noqa: SIM115 (held until close)
+            except FileNotFoundError:  # the folder was removed as an old one just now: made again
+                continue
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH)
+                if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                    os.utime(path)
+                    self._lock = lock
+                    return
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                lock.close()
+                raise
+            lock.close()
+
+    def _remove_old_settings(self) -> None:
+        """Remove this stage's settings folders beyond the KEEP_SETTINGS most recently used, unless in use.
+
+        A folder is claimed with an exclusive lock on its ``.in-use`` (refused while any run holds
+        it), renamed out of the way, released, then deleted; leftovers of a killed removal go too.
+        """
+        stage_dir = self.dir.parent
+        try:
+            folders = [f for f in stage_dir.iterdir() if f.is_dir() and not f.name.startswith(".")]
+        except OSError:
+            return
+        for trash in stage_dir.glob(".*.removing"):
+            shutil.rmtree(trash, ignore_errors=True)
+        folders.sort(key=_last_use, reverse=True)
+        for folder in [f for f in folders if f != self.dir][KEEP_SETTINGS - 1:]:
+            try:
+                lock = open(folder / IN_USE, "ab")  # noqa: SIM115
+            except OSError:
+                continue
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                trash = stage_dir / f".{folder.name}.removing"
+                os.rename(folder, trash)
+            except OSError:  # in use (or gone meanwhile): kept
+                continue
+            finally:
+                lock.close()
+            log.info("feature cache: removed %s (not among the %d most recently used settings of this stage)",
+                     folder, KEEP_SETTINGS)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def path(self, key: str, suffix: str) -> str:
         key = key.lower()
