@@ -372,7 +372,7 @@ def close_journal(folder: Path) -> None:
 
 
 def _copy_runs(pack: np.ndarray, src: np.ndarray, n: np.ndarray,
-          dst: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               dst: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(starts, ends) of runs of clips that follow one another in one pack (and in ``dst``), each one copy.
 
     ``pack``, ``src`` (first row in the pack), ``n`` (rows), ``dst`` (first row in the output): (clips,).

@@ -20,9 +20,8 @@ settings folders: every code or params change makes a new one, and without a bou
 (at 30,000 clips a spectrogram folder holds two 430 MB arrays). A run holds a shared ``flock``
 on its folder's ``.in-use`` file (and touches it: the folder's last use) until it closes the
 cache; an older folder is removed only under an exclusive lock, so never while a run uses it.
-Packed outputs (``audiocnn.packed``: normalize's clips,
-the spectrogram stage's features) are cached as whole packed arrays instead
-(``audiocnn.packcache``), which costs no file per clip.
+Packed outputs (``audiocnn.packed``: normalize's clips, the spectrogram stage's features) are
+cached as whole packed arrays instead (``audiocnn.packcache``), which costs no file per clip.
 """
 
 from __future__ import annotations
