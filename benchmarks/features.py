@@ -13,7 +13,11 @@ in the same run and on the same files:
   default 22050 Hz, ``librosa.feature.melspectrogram``, a matplotlib ``specshow`` figure
   (default size, time and mel axes) saved as PNG, ``plt.close``; one process;
 * plain librosa: one process, ``librosa.load`` at audio.sample_rate, melspectrogram with our
-  front-end params, ``power_to_db``, ``np.save`` per clip, on the first ``--plain-clips``.
+  front-end params, ``power_to_db``, ``np.save`` per clip, on the first ``--plain-clips``;
+* the machine's own ceiling, in every repeat beside ours: the same CPU-bound loop (numpy FFTs,
+  about ``--ceiling-seconds``) in one process alone, then in as many processes at once as the
+  largest worker count; N x (time alone) / (time of N at once). On a shared virtual machine the
+  cores are not always all ours, and no stage can scale better than this.
 
 Ratios compare rates measured in the same run. Outputs go to a temporary folder only.
 """
@@ -89,12 +93,46 @@ def plain_librosa(files: list[Path], out: Path, params: dict[str, Any]) -> float
     return len(files) / (time.perf_counter() - start)
 
 
-def ours(root: Path, params: dict[str, Any], workers: list[int], repeats: int) -> dict[int, dict[str, Any]]:
+def _busy(iterations: int) -> float:
+    """A CPU-bound loop (numpy FFTs of 8,000 samples, one thread); its wall seconds."""
+    from threadpoolctl import threadpool_limits
+
+    x = np.random.default_rng(0).standard_normal(8000).astype(np.float32)
+    start = time.perf_counter()
+    with threadpool_limits(1):
+        for _ in range(iterations):
+            np.fft.rfft(x)
+    return time.perf_counter() - start
+
+
+def machine_ceiling(processes: int, iterations: int) -> float:
+    """``processes`` x (seconds of ``_busy`` alone) / (seconds of ``processes`` copies at once), forked processes."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        alone = pool.apply(_busy, (iterations,))
+    with context.Pool(processes) as pool:
+        start = time.perf_counter()
+        pool.map(_busy, [iterations] * processes, chunksize=1)
+        together = time.perf_counter() - start
+    return processes * alone / together
+
+
+def ceiling_iterations(seconds: float) -> int:
+    """Iterations of ``_busy`` that take about ``seconds`` here."""
+    probe = 2000
+    return max(1, round(probe * seconds / max(_busy(probe), 1e-6)))
+
+
+def ours(root: Path, params: dict[str, Any], workers: list[int], repeats: int,
+         ceiling_seconds: float = 0.0) -> dict[int, dict[str, Any]]:
     """normalize + spectrogram stage subprocesses for each worker count; median seconds over ``repeats``.
 
     The worker counts take turns within each repeat (1, 2, 1, 2, ...), so a machine that slows
     down or speeds up during the run (shared hosts do) affects every count alike; each repeat
-    also gives its own scaling ratio.
+    also gives its own scaling ratio. With ``ceiling_seconds``, each repeat also measures the
+    machine's ceiling for the largest worker count (``machine_ceiling``), under key "ceiling".
     """
     env = common.tool_env(AUDIOCNN_CACHE_DIR="off")
     paths = {}
@@ -103,7 +141,11 @@ def ours(root: Path, params: dict[str, Any], workers: list[int], repeats: int) -
         config["normalize"]["workers"] = config["spectrogram"]["workers"] = count
         paths[count] = common.write_params(root / f"params-w{count}.yaml", config)
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {c: {"normalize": [], "spectrogram": []} for c in workers}
+    iterations = ceiling_iterations(ceiling_seconds) if ceiling_seconds > 0 else 0
+    ceilings: list[float] = []
     for _ in range(repeats):
+        if iterations:
+            ceilings.append(machine_ceiling(max(workers), iterations))
         for count in workers:
             for stage in ("normalize", "spectrogram"):
                 for out in {"normalize": ["dataset/normalize"],
@@ -112,8 +154,11 @@ def ours(root: Path, params: dict[str, Any], workers: list[int], repeats: int) -
                 result = common.timed(common.stage_cmd(stage, paths[count], root), root, env)
                 result.pop("output")
                 runs[count][stage].append(result)
-    return {count: {stage: {"seconds": common.median([r["seconds"] for r in rs]), "runs": rs}
-                    for stage, rs in stages.items()} for count, stages in runs.items()}
+    result: dict[Any, Any] = {count: {stage: {"seconds": common.median([r["seconds"] for r in rs]), "runs": rs}
+                                      for stage, rs in stages.items()} for count, stages in runs.items()}
+    if ceilings:
+        result["ceiling"] = {"processes": max(workers), "per_repeat": ceilings, "median": common.median(ceilings)}
+    return result
 
 
 def measure(name: str, root: Path, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +168,10 @@ def measure(name: str, root: Path, params: dict[str, Any], args: argparse.Namesp
     clips = len(source_files(params, 10**9))
     print(f"[{name}] {clips} clips", file=sys.stderr, flush=True)
     result: dict[str, Any] = {"clips": clips, "ours": {}}
-    for workers, timing in ours(root, params, args.workers, args.repeats).items():
+    timings = ours(root, params, args.workers, args.repeats, args.ceiling_seconds)
+    if "ceiling" in timings:
+        result["ceiling"] = timings.pop("ceiling")
+    for workers, timing in timings.items():
         total = timing["normalize"]["seconds"] + timing["spectrogram"]["seconds"]
         timing["clips_per_second"] = {"normalize": clips / timing["normalize"]["seconds"],
                                       "spectrogram": clips / timing["spectrogram"]["seconds"], "both": clips / total}
@@ -165,6 +213,12 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
                          f"{many['clips_per_second']['spectrogram'] / one['clips_per_second']['spectrogram']:.2f}x; "
                          f"per repeat (runs side by side) {', '.join(f'{r:.2f}x' for r in paired)}, "
                          f"median {common.median(paired):.2f}x.")
+        if "ceiling" in r:
+            ceiling = r["ceiling"]
+            lines.append(f"Machine ceiling on {name} ({ceiling['processes']} CPU-bound processes at once against "
+                         f"one alone, each repeat beside ours): {', '.join(f'{c:.2f}x' for c in ceiling['per_repeat'])}, "
+                         f"median {ceiling['median']:.2f}x; scaling / ceiling per repeat "
+                         f"{', '.join(f'{a / c:.2f}' for a, c in zip(paired, ceiling['per_repeat']))}.")
     return lines
 
 
@@ -177,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=lambda s: [int(w) or len(os.sched_getaffinity(0)) for w in s.split(",")],
                         default=[1, len(os.sched_getaffinity(0))], help="comma-separated worker counts (0 = all cores)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ceiling-seconds", type=float, default=2.0,
+                        help="seconds of the machine-ceiling loop per repeat (0 to skip)")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "features")
     args = parser.parse_args(argv)

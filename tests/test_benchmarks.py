@@ -27,12 +27,15 @@ def test_features_runner_writes_its_table(tmp_path):
     features = bench("features")
     out = tmp_path / "out"
     assert features.main(["--fsdd", "", "--synthetic", "20", "--seed-clips", "2", "--plain-clips", "4",
-                          "--repeats", "2", "--workers", "1,2", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+                          "--repeats", "2", "--workers", "1,2", "--ceiling-seconds", "0.05", "--workdir", str(tmp_path),
+                          "--out", str(out)]) == 0
     text = (out / "results.md").read_text()
     assert "| synthetic 20 | 20 | ours, 1 worker(s) |" in text and "seed notebook" in text and "Scaling on" in text
-    assert "per repeat (runs side by side)" in text
+    assert "per repeat (runs side by side)" in text and "Machine ceiling on synthetic 20" in text
     data = json.loads((out / "results.json").read_text())
     assert data["datasets"]["synthetic 20"]["ours"]["2"]["clips_per_second"]["both"] > 0
+    ceiling = data["datasets"]["synthetic 20"]["ceiling"]
+    assert ceiling["processes"] == 2 and len(ceiling["per_repeat"]) == 2 and 0 < ceiling["median"] <= 2.5
     assert data["machine"]["cores"] >= 1 and list(tmp_path.iterdir()) == [out]  # temp folder removed
 
 

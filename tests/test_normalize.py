@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import runpy
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from audiocnn import config, fileio, normalize, packed, parallel, store
+from audiocnn import config, fileio, normalize, packed, parallel, spill, store
 from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError
 from audiocnn.normalize import NormalizeParams
@@ -128,10 +129,15 @@ def make_source(tmp_path: Path) -> tuple[Path, Path]:
     sf.write(source / "a" / "long.wav", tone(3.0, 16000), 16000)
     rows = [("st-1", "a/st.wav"), ("lo-2", "a/lo.wav"), ("long-3", "a/long.wav")]
     manifest = tmp_path / "manifest.csv"
-    fileio.write_csv(manifest, pd.DataFrame(
-        [{"id": i, "path": p, "label": "a", "group": "", "fold": "", "duration": "1", "sample_rate": "1",
-          "channels": "1", "sha256": "x"} for i, p in rows]))
+    fileio.write_csv(manifest, pd.DataFrame([{"id": i, "path": p, "label": "a", "group": "", "fold": "",
+                                              **true_length(source / p), "sha256": "x"} for i, p in rows]))
     return source, manifest
+
+
+def true_length(path: Path) -> dict:
+    """The manifest's duration, sample_rate and channels of one file, as ingest writes them."""
+    info = sf.info(path)
+    return {"duration": info.frames / info.samplerate, "sample_rate": info.samplerate, "channels": info.channels}
 
 
 def with_hashes(source: Path, manifest: Path) -> pd.DataFrame:
@@ -164,6 +170,76 @@ def test_run_writes_contract_outputs_same_for_1_and_2_workers(tmp_path):
         assert hashlib.sha256(a.astype("<f4").tobytes()).hexdigest() == digest
     the_same = [(outs[0] / name).read_bytes() == (outs[1] / name).read_bytes() for name in ("clips.npy", "index.csv")]
     assert the_same == [True, True]  # the number of workers changes nothing
+    assert sorted(p.name for p in outs[1].iterdir()) == ["clips.npy", "index.csv"]  # no spill files left
+
+
+def test_planned_lengths_are_the_computed_ones(tmp_path):
+    source, manifest = make_source(tmp_path)
+    index = fileio.read_csv(manifest)
+    for rate, max_seconds, expected in [(16000, 2.0, [8000, 11200, 32000]), (16000, 99.0, [8000, 11200, 48000]),
+                                        (8000, math.inf, [4000, 5600, 24000]), (44100, 0.3, [13230, 13230, 13230])]:
+        lengths = normalize.planned_lengths(index, rate, norm_params(), max_seconds)
+        computed = [normalize.normalized_audio(r, source, rate, norm_params(), max_seconds).size
+                    for r in fileio.records(index)]
+        assert lengths.tolist() == computed == expected
+    assert normalize.planned_lengths(index, 16000, norm_params(trim_db=30.0), 2.0) is None  # trimming: unknown
+    assert normalize.planned_lengths(index.drop(columns=["duration"]), 16000, norm_params(), 2.0) is None
+    assert normalize.planned_lengths(index.assign(sample_rate="?"), 16000, norm_params(), 2.0) is None
+
+
+def test_pool_workers_write_clips_in_place_when_lengths_are_known(tmp_path, monkeypatch):
+    """With the manifest's lengths no sample passes through the parent: not piped, not spilled, not copied."""
+    source, manifest = make_source(tmp_path)
+    monkeypatch.setenv("AUDIOCNN_CACHE_DIR", "off")
+    for method in ("append", "append_spilled", "append_copy"):
+        monkeypatch.setattr(packed.Appender, method, lambda *a: pytest.fail("a clip passed through the parent"))
+    normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(workers=2), max_seconds=2.0)
+    assert fileio.read_csv(tmp_path / "out" / "index.csv")["samples"].astype(int).tolist() == [8000, 11200, 32000]
+
+
+def test_unknown_lengths_come_back_through_spill_files(tmp_path, monkeypatch):
+    """Trimming (lengths unknown in advance), 2 workers: the parent gets where each clip lies (bounded memory)."""
+    source, manifest = make_source(tmp_path)
+    received = []
+    append_spilled = packed.Appender.append_spilled
+    monkeypatch.setattr(packed.Appender, "append_spilled",
+                        lambda self, rows: received.append(rows) or append_spilled(self, rows))
+    monkeypatch.setattr(packed.Appender, "append", lambda *a: pytest.fail("samples came back through the pipe"))
+    params = norm_params(workers=2, trim_db=30.0)
+    normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), params, max_seconds=2.0)
+    assert [r.rows for r in received] == [8000, 11200, 32000]  # (tones: nothing to trim)
+    assert all(r.path.startswith(str(tmp_path)) and ".spill" in r.path for r in received)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clips.npy", "index.csv"]
+    monkeypatch.undo()
+    normalize.run(source, manifest, tmp_path / "one", AudioParams(16000), norm_params(workers=1, trim_db=30.0),
+                  max_seconds=2.0)
+    for name in ("clips.npy", "index.csv"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_mispredicted_length_falls_back_to_appending(tmp_path, monkeypatch, caplog, workers):
+    """A manifest whose duration is off gives the same clips (appended), a warning naming the file,
+    and no clip is read twice: those computed before the fallback are in the journals."""
+    source, manifest = make_source(tmp_path)
+    normalize.run(source, manifest, tmp_path / "right", AudioParams(16000), norm_params(), max_seconds=2.0,
+                  cache=None)
+    index = with_hashes(source, manifest)
+    index.loc[1, "duration"] = "0.5"  # lo.wav lasts 0.7 s
+    fileio.write_csv(manifest, index)
+    read = []
+    read_audio = normalize.read_audio
+    monkeypatch.setattr(normalize, "read_audio", lambda path, *a: read.append(Path(path).name) or read_audio(path, *a))
+    with caplog.at_level("WARNING", logger="audiocnn.normalize"):
+        normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(workers=workers),
+                      max_seconds=2.0)
+    assert "a/lo.wav: 11200 samples, not the 8000" in caplog.text
+    assert (tmp_path / "out" / "clips.npy").read_bytes() == (tmp_path / "right" / "clips.npy").read_bytes()
+    columns = ["offset", "samples", "clip_sha256"]
+    assert fileio.read_csv(tmp_path / "out" / "index.csv")[columns].equals(
+        fileio.read_csv(tmp_path / "right" / "index.csv")[columns])
+    if workers == 1:  # (a pool's workers read in their own processes)
+        assert read == ["st.wav", "lo.wav", "long.wav"]
 
 
 def test_clips_come_from_the_cache_when_the_source_is_unchanged(tmp_path, monkeypatch):
@@ -182,7 +258,8 @@ def test_new_clips_are_computed_between_cached_ones_and_silence_is_remembered(tm
     source, manifest = make_source(tmp_path)
     sf.write(source / "a" / "quiet.wav", np.zeros(4000, np.float32), 8000)
     index = fileio.read_csv(manifest)
-    index = pd.concat([index, index.iloc[[0]].assign(id="quiet-4", path="a/quiet.wav")], ignore_index=True)
+    index = pd.concat([index, index.iloc[[0]].assign(id="quiet-4", path="a/quiet.wav",
+                                                     **true_length(source / "a" / "quiet.wav"))], ignore_index=True)
     fileio.write_csv(manifest, index)
     full = with_hashes(source, manifest)
     fileio.write_csv(manifest, full.iloc[[0, 3]])  # cached: st, quiet
@@ -203,15 +280,17 @@ def test_new_clips_are_computed_between_cached_ones_and_silence_is_remembered(tm
         assert (tmp_path / "four" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
 
 
-def test_a_failed_run_resumes_from_its_journal(tmp_path, monkeypatch):
-    """Clips normalized before a failure are not normalized again by the next run."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_run_resumes_from_its_journal(tmp_path, monkeypatch, workers):
+    """Clips normalized before a failure (here or in pool workers) are not normalized again by the next run."""
     source, manifest = make_source(tmp_path)
     with_hashes(source, manifest)
     good = (source / "a" / "long.wav").read_bytes()
     (source / "a" / "long.wav").write_bytes(b"not audio")  # (its manifest sha256 is the good file's)
     with pytest.raises(ClipError, match=r"a/long\.wav"):
-        normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(), max_seconds=2.0)
-    assert len(list((tmp_path / "feature-cache").rglob("journal-*.rows"))) == 1
+        normalize.run(source, manifest, tmp_path / "out", AudioParams(16000), norm_params(workers=workers),
+                      max_seconds=2.0)
+    assert 1 <= len(list((tmp_path / "feature-cache").rglob("journal-*.rows"))) <= workers
     (source / "a" / "long.wav").write_bytes(good)
     read = []
     read_audio = normalize.read_audio
@@ -295,6 +374,33 @@ def test_iter_clips_streams_in_order_and_names_the_failing_clip(workers):
     early = parallel.iter_clips(_square_or_fail, items[8:], workers, "t")
     assert next(early) == 64
     early.close()  # a consumer that stops early cancels the rest (no hang, no error)
+
+
+def test_appender_copies_spilled_rows_in_order_one_copy_per_run(tmp_path, monkeypatch):
+    """Rows spilled by (here: two) workers land where the Appender announced; consecutive ones in one copy."""
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal((n, 2)).astype(np.float32) for n in (3, 4, 2, 5, 1)]
+    (tmp_path / "w1").mkdir()
+    (tmp_path / "w2").mkdir()
+    copies = []
+    copy_range = packed.copy_range
+    monkeypatch.setattr(packed, "copy_range", lambda *a: copies.append(a[2]) or copy_range(*a))
+    with packed.Appender(tmp_path / "a.npy", width=2) as appender:
+        spilled = [spill.spill(tmp_path / "w1", clips[0]), spill.spill(tmp_path / "w1", clips[1]),
+                   spill.spill(tmp_path / "w2", clips[2])]
+        offsets = [appender.append_spilled(spilled[0]), appender.append_spilled(spilled[1]),
+                   appender.append(clips[3]), appender.append_spilled(spilled[2]),
+                   appender.append_spilled(spill.spill(tmp_path / "w1", clips[4]))]
+    assert offsets == [0, 3, 7, 12, 14]
+    order = [clips[0], clips[1], clips[3], clips[2], clips[4]]
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy", allow_pickle=False), np.concatenate(order))
+    assert copies == [7 * 8, 2 * 8, 1 * 8]  # bytes per copy: clips 0 and 1 in one run
+    short = spill.Spilled(spilled[2].path, 0, 99)  # more rows than the file holds
+    with pytest.raises(OSError):
+        with packed.Appender(tmp_path / "b.npy", width=2) as appender:
+            appender.append_spilled(short)
+    with pytest.raises(ValueError):
+        np.load(tmp_path / "b.npy", allow_pickle=False)  # never taken for an array
 
 
 def test_appender_writes_an_ordinary_npy_and_a_failure_no_array(tmp_path):

@@ -6,9 +6,14 @@ resample with soxr (HQ), subtract the mean, optionally trim quiet lead-in/tail, 
 scale to ``target_dbfs`` by peak or RMS. Clips keep their full length. The clips are packed
 one after another into one file, ``clips.npy`` (``audiocnn.packed``; clip ``id`` is samples
 ``offset`` to ``offset + samples`` of index.csv), in manifest order whatever the number of
-workers. Results are cached by the source file's sha256 (``audiocnn.packcache``: the previous
-``clips.npy`` kept whole, plus journals of computed clips): a rerun after adding clips reads and
-normalizes only the new ones, and copies the others' samples in bulk inside the kernel.
+workers. Without trimming a clip's length follows from the manifest (duration x sample_rate,
+resampled), so the file is laid out first and each worker writes its clips into their rows: no
+sample passes through the main process. With trimming (or a manifest that mispredicts a length:
+a warning) the clips are appended as they come back, pool workers handing their samples over in
+spill files (``audiocnn.spill``). Results are cached by the source file's sha256
+(``audiocnn.packcache``: the previous ``clips.npy`` kept whole, plus journals of computed clips):
+a rerun after adding clips reads and normalizes only the new ones, and copies the others'
+samples in bulk inside the kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import functools
 import hashlib
 import logging
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 import numpy as np
 import soxr
 
-from audiocnn import fileio, packcache, packed, parallel, store
+from audiocnn import fileio, packcache, packed, parallel, spill, store
 from audiocnn.audio import AudioParams, read_audio
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
@@ -39,6 +45,9 @@ SILENT_DBFS = -120.0  # a clip whose peak is below this is silent: left unscaled
 RMS_PEAK_CEILING_DBFS = -0.1  # rms method: the peak may not exceed this after scaling
 TRIM_HOP_SECONDS = 0.01  # silence trim works on 10 ms blocks
 CACHED_FIELDS = np.dtype([("clip", "S32"), ("silent", "?")])  # cached per clip: clip_sha256 (raw), is_silent
+JOURNAL_ENTRY = packcache.entry_dtype(CACHED_FIELDS)
+SPILL_DIR = ".spill"  # under the staged output: the pool workers' computed samples until copied into clips.npy
+PLANNED_OFFSET, PLANNED_ROWS = "_planned_offset", "_planned_rows"  # a computed clip's place in the planned layout
 
 
 @dataclass(frozen=True)
@@ -179,15 +188,79 @@ def cache_settings(sample_rate: int, params: NormalizeParams, max_seconds: float
             "soxr": soxr.__version__, "soundfile": soundfile.__version__, "libsndfile": soundfile.__libsndfile_version__}
 
 
-def _clip_task(record: Mapping[str, str], source: Path, sample_rate: int, params: NormalizeParams,
-               max_seconds: float) -> tuple[np.ndarray, bool, str]:
-    """One clip inside ``run``, computed: ((samples,) float32, silent, ``clip_sha256``).
+@dataclass(frozen=True)
+class _Work:
+    """What computing one clip inside ``run`` needs besides its manifest record (picklable, for the pool)."""
 
-    The spectrogram stage keys its cache by that hash, so finding a clip's cached features
+    source: Path
+    sample_rate: int
+    params: NormalizeParams
+    max_seconds: float
+    journal: str | None  # the cache's packs folder (computed clips go to this process's journal there); None: off
+
+
+def _computed(record: Mapping[str, Any], work: _Work) -> tuple[np.ndarray, bool, str]:
+    """One clip normalized: ((samples, 1) float32, silent, ``clip_sha256``), journalled when the cache is on.
+
+    The spectrogram stage keys its cache by the hash, so finding a clip's cached features
     needs no read of the clip.
     """
-    mono = normalized_audio(record, source, sample_rate, params, max_seconds)
-    return mono, is_silent(mono), clip_sha256(mono)
+    mono = normalized_audio(record, work.source, work.sample_rate, work.params, work.max_seconds)[:, np.newaxis]
+    silent, digest = is_silent(mono), clip_sha256(mono)
+    if work.journal is not None:
+        packcache.journal_append(Path(work.journal), str(record.get("sha256", "")).lower(), mono, JOURNAL_ENTRY,
+                                 (bytes.fromhex(digest), silent))
+    return mono, silent, digest
+
+
+def _planned_task(record: Mapping[str, Any], work: _Work, array: str, header: int) -> tuple[int, bool, str]:
+    """One clip into its planned rows of ``array`` (``record[PLANNED_ROWS]`` from ``record[PLANNED_OFFSET]``).
+
+    Written only when its length is the planned one; returns (its length, silent, digest).
+    """
+    mono, silent, digest = _computed(record, work)
+    if mono.shape[0] == record[PLANNED_ROWS]:
+        with packed.RowWriter(array, header, 1) as writer:
+            writer.write(record[PLANNED_OFFSET], mono)
+    return mono.shape[0], silent, digest
+
+
+def _appended_task(record: Mapping[str, Any], work: _Work,
+                   spill_dir: str | None) -> tuple[np.ndarray | spill.Spilled, bool, str]:
+    """One clip for appending: (its samples, silent, digest).
+
+    The samples are the (samples, 1) array, or where a pool worker wrote them into its spill
+    file in ``spill_dir`` (``audiocnn.spill``: not piped back, so memory does not grow with the
+    clips' length).
+    """
+    mono, silent, digest = _computed(record, work)
+    return (mono if spill_dir is None else spill.spill(spill_dir, mono)), silent, digest
+
+
+def planned_lengths(index: pd.DataFrame, sample_rate: int, params: NormalizeParams,
+                    max_seconds: float) -> np.ndarray | None:
+    """Each clip's output samples predicted from the manifest's duration and sample_rate: (clips,) int64.
+
+    As ``normalized_audio`` makes them: the frames read (at most ``ceil(max_seconds * rate)``),
+    resampled by soxr to ``floor(frames * sample_rate / rate + 0.5)`` samples (measured: soxr HQ
+    returns exactly that). None when they cannot be predicted: silence trimming on, or a
+    manifest without usable columns.
+    """
+    import pandas as pd
+
+    if params.trim_db > 0 or not {"duration", "sample_rate"} <= set(index.columns):
+        return None
+    duration = pd.to_numeric(index["duration"], errors="coerce").to_numpy(np.float64)
+    rate = pd.to_numeric(index["sample_rate"], errors="coerce").to_numpy(np.float64)
+    with np.errstate(invalid="ignore"):
+        frames = np.round(duration * rate)
+        if math.isfinite(max_seconds):
+            frames = np.minimum(frames, np.ceil(max_seconds * rate))
+    if not (np.isfinite(frames).all() and (frames >= 1).all() and (rate >= 1).all() and (rate == np.round(rate)).all()):
+        return None
+    frames, rate = frames.astype(np.int64), rate.astype(np.int64)
+    resampled = (2 * frames * sample_rate + rate) // (2 * rate)  # floor(frames * sample_rate / rate + 0.5), exact
+    return np.where(rate == sample_rate, frames, resampled)
 
 
 def _source_keys(index: pd.DataFrame) -> list[str]:
@@ -202,6 +275,112 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int, bool]]:
     edges = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
     bounds = np.concatenate([[0], edges, [flags.size]])
     return [(int(a), int(b), bool(flags[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass
+class _Written:
+    """What ``run`` wrote into the clips array: each clip's first sample, samples, content hash, silence."""
+
+    header: int  # bytes before the first sample
+    offsets: np.ndarray  # (clips,) int64
+    samples: np.ndarray  # (clips,) int64
+    digests: list[str]  # (clips,) hex clip_sha256
+    silent: np.ndarray  # (clips,) bool
+
+
+def _from_cache(found: packcache.Found, rows: np.ndarray, written: _Written) -> None:
+    """Record the cached clips ``rows`` (indices) as ``written``: length, hash and silence from their entries."""
+    written.samples[rows] = found.length[rows]
+    written.silent[rows] = found.entry["silent"][rows]
+    for i, digest in zip(rows, packcache.hex_digests(found.entry["clip"][rows])):
+        written.digests[i] = digest
+
+
+def _write_planned(array: Path, records: list[dict], keys: list[str], lengths: np.ndarray,
+                   packs: packcache.PackCache | None, work: _Work) -> _Written | None:
+    """Every clip at rows laid out in advance (``lengths``; a cached clip's own): cached ones copied, others computed.
+
+    No sample passes through this process. None when a computed clip's length differs from
+    its planned one (the caller then appends); the clips computed so far are in the journals.
+    """
+    count = len(records)
+    lengths = np.asarray(lengths, np.int64).copy()
+    found = packs.find(keys) if packs is not None else None
+    if found is not None:
+        lengths[found.pack >= 0] = found.length[found.pack >= 0]  # a cached clip's length is known exactly
+    written = _Written(0, packed.offsets(lengths), lengths, [""] * count, np.zeros(count, dtype=bool))
+    written.header = packed.create(array, int(lengths.sum()), 1)
+    copied = np.zeros(count, dtype=bool)
+    if packs is not None:
+        copied = packs.copy_rows(found, str(array), written.header, written.offsets, lengths)
+        _from_cache(found, np.flatnonzero(copied), written)
+    todo = np.flatnonzero(~copied)
+    if copied.any():
+        log.info("feature cache: %d of %d clips normalized already, computing %d", copied.sum(), count, todo.size)
+    tasks = [records[i] for i in todo]
+    for i, task in zip(todo, tasks):  # (in place: a copy of every record would double their memory)
+        task[PLANNED_OFFSET], task[PLANNED_ROWS] = int(written.offsets[i]), int(written.samples[i])
+    computed = parallel.iter_clips(functools.partial(_planned_task, work=work, array=str(array),
+                                                     header=written.header), tasks, work.params.workers, "normalize")
+    try:
+        for i, task, (samples, written.silent[i], written.digests[i]) in zip(todo, tasks, computed):
+            if samples != task[PLANNED_ROWS]:
+                log.warning("%s: %d samples, not the %d its manifest's duration and sample_rate predict: "
+                            "appending the clips instead", task["path"], samples, task[PLANNED_ROWS])
+                return None
+    finally:
+        computed.close()  # (the pool's workers exit: their journals are released)
+        if work.journal is not None:
+            packcache.close_journal(Path(work.journal))
+    return written
+
+
+def _write_appended(array: Path, records: list[dict], keys: list[str], packs: packcache.PackCache | None,
+                    work: _Work, spill_dir: Path) -> _Written:
+    """Every clip appended in manifest order: cached ones copied in bulk, computed ones as they come back.
+
+    Pool workers hand their samples over in spill files under ``spill_dir`` (removed at the end).
+    """
+    count = len(records)
+    written = _Written(packed.HEADER_BYTES, np.zeros(count, np.int64), np.zeros(count, np.int64), [""] * count,
+                       np.zeros(count, dtype=bool))
+    hit = np.zeros(count, dtype=bool)
+    found = None
+    if packs is not None:
+        found = packs.find(keys)
+        hit = found.pack >= 0
+    if hit.any():
+        log.info("feature cache: %d of %d clips normalized already, computing %d", hit.sum(), count, (~hit).sum())
+    computing = [records[i] for i in np.flatnonzero(~hit)]
+    compute_here = functools.partial(_appended_task, work=work, spill_dir=None)
+    compute = compute_here
+    if parallel.in_pool(work.params.workers, len(computing)):
+        spill_dir.mkdir()
+        compute = functools.partial(_appended_task, work=work, spill_dir=str(spill_dir))
+    computed = parallel.iter_clips(compute, computing, work.params.workers, "normalize")
+    try:
+        with packed.Appender(array, width=1) as clips:
+            for start, end, cached in _runs(hit):
+                done = start
+                if cached:  # copied in bulk from the packs; from a pack that fails on, computed here
+                    copied = packs.append_rows(found, np.arange(start, end), clips)  # type: ignore[union-attr]
+                    done = start + len(copied)
+                    written.offsets[start:done] = copied
+                    _from_cache(found, np.arange(start, done), written)  # type: ignore[arg-type]
+                for i in range(done, end):
+                    result, written.silent[i], written.digests[i] = \
+                        compute_here(records[i]) if cached else next(computed)
+                    if isinstance(result, spill.Spilled):
+                        written.offsets[i], written.samples[i] = clips.append_spilled(result), result.rows
+                    else:
+                        written.offsets[i], written.samples[i] = clips.append(result), result.shape[0]
+    finally:
+        computed.close()  # (the pool's workers exit: their journals are released)
+        if work.journal is not None:
+            packcache.close_journal(Path(work.journal))
+    if spill_dir.exists():
+        shutil.rmtree(spill_dir)
+    return written
 
 
 def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: NormalizeParams,
@@ -223,58 +402,35 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
         cache = store.ClipCache.from_env("normalize", cache_settings(audio.sample_rate, params, max_seconds))
     with store.held(cache):  # its settings folder is not removed as an old one meanwhile
         keys = _source_keys(index)
-        packs = found = None
-        hit = np.zeros(len(index), dtype=bool)  # (clips,) found in the cache
+        packs = None
         if cache is not None:
             packs = packcache.PackCache(cache, width=1, extra=CACHED_FIELDS)
             packs.load()
-            found = packs.find(keys)
-            hit = found.pack >= 0
+        work = _Work(Path(source), audio.sample_rate, params, max_seconds, str(packs.dir) if packs else None)
         records = fileio.records(index)
-        if hit.any():
-            log.info("feature cache: %d of %d clips normalized already, computing %d", hit.sum(), hit.size,
-                     (~hit).sum())
-        work = functools.partial(_clip_task, source=Path(source), sample_rate=audio.sample_rate, params=params,
-                                 max_seconds=max_seconds)
-        offsets: list[int] = []
-        samples = np.zeros(len(index), dtype=np.int64)
-        digests, silent = [""] * len(index), np.zeros(len(index), dtype=bool)
-        journal = packs.open_journal() if packs is not None and (~hit).any() else None
+        lengths = planned_lengths(index, audio.sample_rate, params, max_seconds)
         with store.staged_dir(out) as tmp:  # renamed to ``out`` once clips.npy and index.csv are written
-            try:
-                with packed.Appender(tmp / packed.AUDIO.array, width=1) as clips:
-                    computed = parallel.iter_clips(work, [records[i] for i in np.flatnonzero(~hit)], params.workers,
-                                                   "normalize")
-                    for start, end, cached in _runs(hit):
-                        done = start
-                        if cached:  # copied in bulk from the packs; from a pack that fails on, computed here
-                            copied = packs.append_rows(found, np.arange(start, end), clips)  # type: ignore[union-attr]
-                            done = start + len(copied)
-                            offsets += copied
-                            samples[start:done] = found.length[start:done]  # type: ignore[union-attr]
-                            silent[start:done] = found.entry["silent"][start:done]  # type: ignore[union-attr]
-                            digests[start:done] = packcache.hex_digests(found.entry["clip"][start:done])  # type: ignore
-                        for i in range(done, end):
-                            mono, silent[i], digests[i] = work(records[i]) if cached else next(computed)
-                            offsets.append(clips.append(mono[:, np.newaxis]))  # (samples, 1)
-                            samples[i] = mono.size
-                            if journal is not None and store.is_sha256(keys[i]):
-                                journal.append(keys[i], mono[:, np.newaxis], (bytes.fromhex(digests[i]), silent[i]))
-            finally:
-                if journal is not None:
-                    journal.close()
-            index["offset"] = offsets
-            index["samples"] = samples
-            index[store.CLIP_HASH_COLUMN] = digests
+            array = tmp / packed.AUDIO.array
+            clips = None
+            if lengths is not None:
+                clips = _write_planned(array, records, keys, lengths, packs, work)
+            if clips is None:  # lengths unknown in advance (or mispredicted): appended as computed
+                if packs is not None:
+                    packs.load()  # (with the journals of clips the planned attempt computed)
+                clips = _write_appended(array, records, keys, packs, work, tmp / SPILL_DIR)
+            index["offset"] = clips.offsets
+            index["samples"] = clips.samples
+            index[store.CLIP_HASH_COLUMN] = clips.digests
             fileio.write_csv(tmp / packed.INDEX_NAME, index)
             if packs is not None:
                 extra = np.zeros(len(index), CACHED_FIELDS)
-                extra["clip"] = [bytes.fromhex(d) for d in digests]
-                extra["silent"] = silent
-                packs.keep(tmp / packed.AUDIO.array, packed.HEADER_BYTES, keys, offsets, samples, extra)
-    silent_paths = index["path"][silent].tolist()
+                extra["clip"] = [bytes.fromhex(d) for d in clips.digests]
+                extra["silent"] = clips.silent
+                packs.keep(array, clips.header, keys, clips.offsets, clips.samples, extra)
+    silent_paths = index["path"][clips.silent].tolist()
     if silent_paths:
         log.warning("%d silent clip(s) (peak below %.0f dBFS) left unscaled, e.g. %s",
                     len(silent_paths), SILENT_DBFS, silent_paths[0])
     log.info("normalized %d clips to %d Hz, %s %.1f dBFS: %.1f s of audio in %s", len(index), audio.sample_rate,
              params.method, params.target_dbfs, index["samples"].sum() / audio.sample_rate, out / packed.AUDIO.array)
+

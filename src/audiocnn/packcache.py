@@ -352,16 +352,19 @@ def open_journal(folder: Path, width: int, entry: np.dtype = ENTRY) -> Journal |
 _journals: dict[tuple[int, str], Journal | None] = {}  # (pid, folder) -> this process's journal (None: failed)
 
 
-def journal_append(folder: Path, key: str, rows: np.ndarray) -> None:
-    """Append a computed clip to this process's journal in ``folder`` (opened on first use); failures only log."""
+def journal_append(folder: Path, key: str, rows: np.ndarray, entry: np.dtype = ENTRY, extra: tuple = ()) -> None:
+    """Append a computed clip to this process's journal in ``folder`` (opened on first use); failures only log.
+
+    ``entry``: the cache's entry dtype (``PackCache.entry``), ``extra``: the clip's values of its own fields.
+    """
     if not store.is_sha256(key):
         return
     slot = (os.getpid(), str(folder))  # a forked worker must not write its parent's journal
     if slot not in _journals:
-        _journals[slot] = open_journal(folder, rows.shape[1])
+        _journals[slot] = open_journal(folder, rows.shape[1], entry)
     journal = _journals[slot]
     if journal is not None:
-        journal.append(key, rows)
+        journal.append(key, rows, extra)
 
 
 def close_journal(folder: Path) -> None:

@@ -31,6 +31,8 @@ from audiocnn.errors import DataError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from audiocnn import spill
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.csv"
@@ -106,9 +108,12 @@ class Appender:
         self.path, self.width, self.rows = str(path), width, 0
         self.handle = open(self.path, "wb")
         self.handle.write(bytes(HEADER_BYTES))
+        self._pending: tuple[str, int, int] | None = None  # spilled rows not copied yet: (path, first row, rows)
+        self._spill_fds: dict[str, int] = {}
 
     def append(self, rows: np.ndarray) -> int:
         """(length, width) float32 ``rows`` after the last clip; return their offset (first row)."""
+        self._copy_pending()
         data = _checked_rows(rows, self.width, self.path)
         self.handle.write(memoryview(data).cast("B"))
         offset, self.rows = self.rows, self.rows + data.shape[0]
@@ -119,6 +124,7 @@ class Appender:
 
         A copy that fails midway (OSError) leaves the clip out: the next append overwrites its bytes.
         """
+        self._copy_pending()
         self.handle.flush()
         row_bytes = self.width * DTYPE.itemsize
         copy_range(fd, self.handle.fileno(), rows * row_bytes, position, HEADER_BYTES + self.rows * row_bytes)
@@ -126,8 +132,50 @@ class Appender:
         self.handle.seek(HEADER_BYTES + self.rows * row_bytes)
         return offset
 
+    def append_spilled(self, rows: spill.Spilled) -> int:
+        """A clip's rows from a pool worker's spill file (``audiocnn.spill``) after the last clip; their offset.
+
+        Copied by the kernel when the next clip does not continue the same file (or on close), so
+        the consecutive clips of one worker's task cost one copy. OSError (from this or a later
+        call) when the spill file is shorter than announced.
+        """
+        pending = self._pending
+        if pending is not None and pending[0] == rows.path and pending[1] + pending[2] == rows.first:
+            self._pending = (pending[0], pending[1], pending[2] + rows.rows)
+        else:
+            self._copy_pending()
+            self._pending = (rows.path, rows.first, rows.rows)
+        offset, self.rows = self.rows, self.rows + rows.rows
+        return offset
+
+    def _copy_pending(self) -> None:
+        if self._pending is None:
+            return
+        path, first, count = self._pending
+        self._pending = None
+        fd = self._spill_fds.get(path)
+        if fd is None:
+            fd = self._spill_fds[path] = os.open(path, os.O_RDONLY)
+        self.handle.flush()
+        row_bytes = self.width * DTYPE.itemsize
+        end = HEADER_BYTES + self.rows * row_bytes  # the pending rows are already counted in self.rows
+        copy_range(fd, self.handle.fileno(), count * row_bytes, first * row_bytes, end - count * row_bytes)
+        self.handle.seek(end)
+
+    def _close_spills(self) -> None:
+        for fd in self._spill_fds.values():
+            os.close(fd)
+        self._spill_fds.clear()
+
     def close(self) -> None:
         """Write the header (the array is complete) and close the file."""
+        try:
+            self._copy_pending()
+        except BaseException:
+            self.handle.close()  # its header stays zero: never taken for an array
+            raise
+        finally:
+            self._close_spills()
         self.handle.truncate(HEADER_BYTES + self.rows * self.width * DTYPE.itemsize)  # past a failed copy
         self.handle.seek(0)
         self.handle.write(npy_header(self.rows, self.width))
@@ -140,6 +188,7 @@ class Appender:
         if exc_type is None:
             self.close()
         else:
+            self._close_spills()
             self.handle.close()
 
 

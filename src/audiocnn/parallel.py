@@ -53,6 +53,11 @@ def resolve_workers(workers: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def in_pool(workers: int, count: int) -> bool:
+    """Whether ``map_clips``/``iter_clips`` run ``count`` items in a process pool (else in this process)."""
+    return resolve_workers(workers) > 1 and count > 1
+
+
 def map_clips(
     fn: Callable[[T], R],
     items: Sequence[T],
@@ -71,7 +76,7 @@ def map_clips(
     workers = resolve_workers(workers)
     names = [name(item) for item in items]
     try:
-        if workers == 1 or len(items) <= 1:
+        if not in_pool(workers, len(items)):
             if meanwhile is not None:
                 meanwhile()
             return list(_iter_here(fn, items, names, desc))
@@ -97,7 +102,7 @@ def iter_clips(
     workers = resolve_workers(workers)
     names = [name(item) for item in items]
     try:
-        if workers == 1 or len(items) <= 1:
+        if not in_pool(workers, len(items)):
             yield from _iter_here(fn, items, names, desc)
         else:
             yield from _stream_pool(fn, items, names, desc, workers)
