@@ -1,8 +1,9 @@
 """Peak resident memory of every stage at two data sizes: memory must not grow with the number of clips.
 
-    python benchmarks/memory.py [--sizes 3000,30000] [--train]
+    python benchmarks/memory.py [--sizes 3000,30000] [--train] [--seconds 0.3,0.6]
 
-For each size, generated FSDD-sized clips (a temporary folder) go through the stage scripts
+For each size, generated clips (FSDD-sized by default; ``--seconds`` sets their length range; a
+temporary folder) go through the stage scripts
 (ingest, normalize, spectrogram, split; with ``--train`` also train and evaluate, 1 epoch),
 each a subprocess timed with ``os.wait4``: its ru_maxrss is the peak RSS of the stage process
 and of its pool workers (the largest one). Target: the largest size within 1.5x of the smallest.
@@ -24,8 +25,9 @@ DATA_STAGES = ["ingest", "normalize", "spectrogram", "split"]
 TARGET_RATIO = 1.5
 
 
-def run_size(root: Path, clips: int, train: bool, workers: int) -> dict[str, Any]:
-    source = common.synthetic_clips(root / "source", clips, seed=clips)
+def run_size(root: Path, clips: int, train: bool, workers: int,
+             seconds: tuple[float, float] = (0.3, 0.6)) -> dict[str, Any]:
+    source = common.synthetic_clips(root / "source", clips, seed=clips, seconds=seconds)
     params = common.folders_params(source, train={"epochs": 1, "warmup_epochs": 0, "patience": 1},
                                    normalize={"workers": workers}, spectrogram={"workers": workers})
     path = common.write_params(root / "params.yaml", params)
@@ -56,7 +58,8 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
     columns = ["stage"] + [c for size in sizes for c in (f"{size} clips: peak MiB", f"{size} clips: s")]
     lines += common.table(columns + [f"peak {large}/{small}", f"<= {TARGET_RATIO}x"], rows)
     lines += ["", "Peak RSS from os.wait4 of the stage subprocess (max over it and its pool workers); "
-              "feature cache off; FSDD-sized generated clips, FSDD front end (8 kHz, 40 mels, PNGs on)."]
+              f"feature cache off; generated clips of {results.get('seconds', [0.3, 0.6])[0]:g}-"
+              f"{results.get('seconds', [0.3, 0.6])[1]:g} s, FSDD front end (8 kHz, 40 mels, PNGs on)."]
     return lines
 
 
@@ -65,15 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=lambda s: [int(n) for n in s.split(",")], default=[3000, 30000])
     parser.add_argument("--train", action="store_true", help="also train (1 epoch) and evaluate")
     parser.add_argument("--workers", type=int, default=0, help="normalize/spectrogram workers (0 = all cores)")
+    parser.add_argument("--seconds", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.3, 0.6),
+                        help="generated clips' length range LO,HI in seconds (default FSDD-sized)")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "memory")
     args = parser.parse_args(argv)
     command = "python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results: dict[str, Any] = {"sizes": {}}
+    results: dict[str, Any] = {"sizes": {}, "seconds": list(args.seconds)}
     for clips in args.sizes:
         tmp = Path(tempfile.mkdtemp(prefix=f"audiocnn-memory-{clips}-", dir=args.workdir))
         try:
-            results["sizes"][str(clips)] = run_size(tmp, clips, args.train, args.workers)
+            results["sizes"][str(clips)] = run_size(tmp, clips, args.train, args.workers, args.seconds)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     results["machine"] = common.machine()

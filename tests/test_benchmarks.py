@@ -42,10 +42,11 @@ def test_features_runner_writes_its_table(tmp_path):
 def test_memory_runner_writes_its_table(tmp_path):
     memory = bench("memory")
     out = tmp_path / "out"
-    assert memory.main(["--sizes", "40,50", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    assert memory.main(["--sizes", "40,50", "--seconds", "0.5,1", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     text = (out / "results.md").read_text()
     for stage in ("ingest", "normalize", "spectrogram", "split"):
         assert f"| {stage} |" in text
+    assert "generated clips of 0.5-1 s" in text
     data = json.loads((out / "results.json").read_text())
     assert 10 < data["sizes"]["50"]["spectrogram"]["peak_rss_mib"] < 2000
 
