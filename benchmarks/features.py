@@ -1,6 +1,6 @@
 """Feature throughput: clips/s of the normalize and spectrogram stages against the seed notebook and plain librosa.
 
-    python benchmarks/features.py [--synthetic 30000] [--seed-clips 300] [--plain-clips 3000] [--repeats 3]
+    python benchmarks/features.py [--synthetic 30000] [--seed-clips 300] [--plain-clips 3000] [--repeats 3] [--ceiling-seconds 2]
 
 On FSDD (read in place) and on ``--synthetic`` generated clips (FSDD-sized, in a temp folder),
 in the same run and on the same files:
