@@ -18,6 +18,7 @@ samples in bulk inside the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -26,7 +27,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping
 
 import numpy as np
 import soxr
@@ -296,6 +297,22 @@ def _from_cache(found: packcache.Found, rows: np.ndarray, written: _Written) -> 
         written.digests[i] = digest
 
 
+@contextlib.contextmanager
+def _computing(compute: Callable[[dict], tuple], records: list[dict], work: _Work) -> Iterator[Iterator[tuple]]:
+    """``compute`` over ``records``, results in order (``parallel.iter_clips``).
+
+    On leaving, the pool's workers have exited (their journals released) and this process's
+    journal is closed, whether the caller read every result or stopped early.
+    """
+    computed = parallel.iter_clips(compute, records, work.params.workers, "normalize")
+    try:
+        yield computed
+    finally:
+        computed.close()
+        if work.journal is not None:
+            packcache.close_journal(Path(work.journal))
+
+
 def _write_planned(array: Path, records: list[dict], keys: list[str], lengths: np.ndarray,
                    packs: packcache.PackCache | None, work: _Work) -> _Written | None:
     """Every clip at rows laid out in advance (``lengths``; a cached clip's own): cached ones copied, others computed.
@@ -308,8 +325,8 @@ def _write_planned(array: Path, records: list[dict], keys: list[str], lengths: n
     found = packs.find(keys) if packs is not None else None
     if found is not None:
         lengths[found.pack >= 0] = found.length[found.pack >= 0]  # a cached clip's length is known exactly
-    written = _Written(0, packed.offsets(lengths), lengths, [""] * count, np.zeros(count, dtype=bool))
-    written.header = packed.create(array, int(lengths.sum()), 1)
+    written = _Written(packed.create(array, int(lengths.sum()), 1), packed.offsets(lengths), lengths, [""] * count,
+                       np.zeros(count, dtype=bool))
     copied = np.zeros(count, dtype=bool)
     if packs is not None:
         copied = packs.copy_rows(found, str(array), written.header, written.offsets, lengths)
@@ -320,18 +337,13 @@ def _write_planned(array: Path, records: list[dict], keys: list[str], lengths: n
     tasks = [records[i] for i in todo]
     for i, task in zip(todo, tasks):  # (in place: a copy of every record would double their memory)
         task[PLANNED_OFFSET], task[PLANNED_ROWS] = int(written.offsets[i]), int(written.samples[i])
-    computed = parallel.iter_clips(functools.partial(_planned_task, work=work, array=str(array),
-                                                     header=written.header), tasks, work.params.workers, "normalize")
-    try:
+    compute = functools.partial(_planned_task, work=work, array=str(array), header=written.header)
+    with _computing(compute, tasks, work) as computed:
         for i, task, (samples, written.silent[i], written.digests[i]) in zip(todo, tasks, computed):
             if samples != task[PLANNED_ROWS]:
                 log.warning("%s: %d samples, not the %d its manifest's duration and sample_rate predict: "
                             "appending the clips instead", task["path"], samples, task[PLANNED_ROWS])
                 return None
-    finally:
-        computed.close()  # (the pool's workers exit: their journals are released)
-        if work.journal is not None:
-            packcache.close_journal(Path(work.journal))
     return written
 
 
@@ -357,27 +369,21 @@ def _write_appended(array: Path, records: list[dict], keys: list[str], packs: pa
     if parallel.in_pool(work.params.workers, len(computing)):
         spill_dir.mkdir()
         compute = functools.partial(_appended_task, work=work, spill_dir=str(spill_dir))
-    computed = parallel.iter_clips(compute, computing, work.params.workers, "normalize")
-    try:
-        with packed.Appender(array, width=1) as clips:
-            for start, end, cached in _runs(hit):
-                done = start
-                if cached:  # copied in bulk from the packs; from a pack that fails on, computed here
-                    copied = packs.append_rows(found, np.arange(start, end), clips)  # type: ignore[union-attr]
-                    done = start + len(copied)
-                    written.offsets[start:done] = copied
-                    _from_cache(found, np.arange(start, done), written)  # type: ignore[arg-type]
-                for i in range(done, end):
-                    result, written.silent[i], written.digests[i] = \
-                        compute_here(records[i]) if cached else next(computed)
-                    if isinstance(result, spill.Spilled):
-                        written.offsets[i], written.samples[i] = clips.append_spilled(result), result.rows
-                    else:
-                        written.offsets[i], written.samples[i] = clips.append(result), result.shape[0]
-    finally:
-        computed.close()  # (the pool's workers exit: their journals are released)
-        if work.journal is not None:
-            packcache.close_journal(Path(work.journal))
+    with _computing(compute, computing, work) as computed, packed.Appender(array, width=1) as clips:
+        for start, end, cached in _runs(hit):
+            done = start
+            if cached:  # copied in bulk from the packs; from a pack that fails on, computed here
+                copied = packs.append_rows(found, np.arange(start, end), clips)  # type: ignore[union-attr]
+                done = start + len(copied)
+                written.offsets[start:done] = copied
+                _from_cache(found, np.arange(start, done), written)  # type: ignore[arg-type]
+            for i in range(done, end):
+                result, written.silent[i], written.digests[i] = \
+                    compute_here(records[i]) if cached else next(computed)
+                if isinstance(result, spill.Spilled):
+                    written.offsets[i], written.samples[i] = clips.append_spilled(result), result.rows
+                else:
+                    written.offsets[i], written.samples[i] = clips.append(result), result.shape[0]
     if spill_dir.exists():
         shutil.rmtree(spill_dir)
     return written
