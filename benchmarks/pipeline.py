@@ -9,7 +9,9 @@ workspace, so DVC recomputes only the stages a variant changes; ``summary: true`
 and standard deviation of the runs' test metrics (cross-validation folds) and the mean best
 validation accuracy. ``--seeds`` repeats every run once per ``train.seed`` (runs ``NAME/seedN``):
 on a few speakers one seed's validation accuracy moves by several points, so settings are
-compared on the mean over seeds. A relative
+compared on the mean over seeds. ``synthetic_speech: {voices: N, ...}`` adds spoken words from N
+espeak-ng voices (``audiocnn speak``) to a temporary copy of the source, in a fold of their own
+that no run tests or validates on (training only). A relative
 ``ingest.source`` is resolved against the repo root unless a pipeline stage makes it (the demo
 set); the demo stage runs only when ingest reads its output. Each stage runs as its own
 ``dvc repro --single-item``, timed, with its peak resident memory from wait4(). The workspace is
@@ -40,8 +42,9 @@ import common  # noqa: E402  (benchmarks/common.py: machine facts, timed subproc
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["demo", "ingest", "normalize", "spectrogram", "split", "train", "evaluate", "export"]
 PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore", ".gitignore"]
-CONFIG_KEYS = {"name", "description", "overrides", "runs", "summary"}
+CONFIG_KEYS = {"name", "description", "overrides", "runs", "summary", "synthetic_speech"}
 RUN_KEYS = {"name", "overrides"}
+SPEECH_KEYS = {"words", "voices", "takes", "seed", "group"}  # synthetic_speech: audiocnn.speechsynth.write_words
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -70,6 +73,11 @@ def read_config(path: Path) -> dict[str, Any]:
     names = [run["name"] for run in runs]
     if len(set(names)) != len(names):
         raise SystemExit(f"{path}: run names must be unique: {names}")
+    speech = config.get("synthetic_speech")
+    if speech is not None and (not isinstance(speech, dict) or set(speech) - SPEECH_KEYS
+                               or not isinstance(speech.get("voices"), int) or speech["voices"] < 1):
+        raise SystemExit(f"{path}: synthetic_speech needs 'voices' (an integer >= 1) and may have "
+                         f"{', '.join(sorted(SPEECH_KEYS - {'voices'}))}, got {speech!r}")
     return {**config, "runs": runs, "overrides": config.get("overrides") or {}}
 
 
@@ -86,6 +94,23 @@ def base_params(config: dict[str, Any]) -> dict[str, Any]:
     if not source.is_absolute() and source.as_posix() not in stage_outputs():
         params["ingest"]["source"] = str((REPO / source).resolve())
     return params
+
+
+def source_with_speech(source: Path, dest: Path, speech: dict[str, Any], sample_rate: int) -> int:
+    """A copy of ``source`` in ``dest`` with synthetic spoken words added (``synthetic_speech``); clips added.
+
+    ``words``: "digits" (default; FSDD's labels 0-9) or a mapping label -> text. The copy keeps
+    the dataset itself read-only; the synthetic clips land beside its files, named
+    ``{label}_{group}_{index}.wav``, so the config's pattern gives them a fold of their own
+    (``group``, default "espeak"), which no run names as test or validation: training only.
+    """
+    from audiocnn import speechsynth
+
+    words = speech.get("words", "digits")
+    words = speechsynth.DIGITS if words == "digits" else {str(k): str(v) for k, v in dict(words).items()}
+    shutil.copytree(source, dest)
+    return speechsynth.write_words(dest, words, speech["voices"], speech.get("takes", 1), sample_rate,
+                                   speech.get("seed", 0), speech.get("group", "espeak"))
 
 
 def make_workspace(root: Path, params: dict) -> Path:
@@ -187,6 +212,11 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
     lines = common.header(results["name"], command, results["machine"])
     if results.get("description"):
         lines[1:1] = ["", results["description"].strip()]
+    if results.get("synthetic_speech"):
+        speech = results["synthetic_speech"]
+        lines[-1:-1] = [f"Training data: {speech['clips']} synthetic clips (`audiocnn speak`: {speech['voices']} "
+                        f"espeak-ng voices x {speech.get('takes', 1)} take(s), seed {speech.get('seed', 0)}, fold "
+                        f"`{speech.get('group', 'espeak')}`) added to a copy of {speech['source']}  "]
     stage_names = [s for s in STAGES if any(s in r["stages"] for r in results["runs"].values())]
     columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "best val accuracy", "train samples/s", "train s",
                *(f"{s} s" for s in stage_names), "export: agreement / mean abs dp / int8 accuracy", "peak MiB",
@@ -230,7 +260,16 @@ def run_config(path: Path, wanted: set[str], out: Path, keep: bool, command: str
     results: dict[str, Any] = {"name": name, "description": config.get("description", ""), "config": str(path),
                                "command": command, "runs": {}, "params": {}}
     started = time.perf_counter()
+    source_copy = None
     try:
+        if config.get("synthetic_speech"):
+            source_copy = Path(f"{workspace}-source")
+            added = source_with_speech(Path(base["ingest"]["source"]), source_copy, config["synthetic_speech"],
+                                       base["audio"]["sample_rate"])
+            results["synthetic_speech"] = {**config["synthetic_speech"], "clips": added,
+                                           "source": base["ingest"]["source"]}
+            print(f"[{name}] {added} synthetic clips added to a copy of {base['ingest']['source']}", file=sys.stderr)
+            base["ingest"]["source"] = str(source_copy)
         make_workspace(workspace, base)
         for variant in variants:
             for seed in seeds or [None]:
@@ -246,6 +285,8 @@ def run_config(path: Path, wanted: set[str], out: Path, keep: bool, command: str
             print(f"[{name}] workspace kept: {workspace}", file=sys.stderr)
         else:
             shutil.rmtree(workspace, ignore_errors=True)
+            if source_copy is not None:
+                shutil.rmtree(source_copy, ignore_errors=True)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     results["machine"] = common.machine()  # load average at the end
     if config.get("summary") and len(results["runs"]) > 1:

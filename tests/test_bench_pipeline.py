@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import FSDD, REPO
+from test_speechsynth import fake_espeak  # noqa: F401  (fixture: a stand-in espeak-ng on PATH)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import pipeline  # noqa: E402
@@ -60,6 +62,25 @@ def test_read_config_rejects_unknown_keys_and_duplicate_runs(tmp_path):
     with pytest.raises(SystemExit, match="unique"):
         pipeline.read_config(write_config(tmp_path / "b.yaml", {"name": "x", "runs": [{"name": "r"}, {"name": "r"}]}))
     assert [r["name"] for r in pipeline.read_config(write_config(tmp_path / "c.yaml", {"name": "x"}))["runs"]] == ["x"]
+    for bad in ({"voices": 0}, {"takes": 1}, {"voices": 2, "voice": 1}, [1]):
+        with pytest.raises(SystemExit, match="synthetic_speech needs 'voices'"):
+            pipeline.read_config(write_config(tmp_path / "d.yaml", {"name": "x", "synthetic_speech": bad}))
+
+
+def test_synthetic_speech_goes_into_a_copy_of_the_source(tmp_path, fake_espeak):  # noqa: F811
+    """The dataset folder is copied, never written; the spoken words land beside its files, with their own fold."""
+    source = tmp_path / "data"
+    source.mkdir()
+    (source / "3_george_0.wav").write_bytes(b"RIFF not really")
+    before = sorted(source.iterdir())
+    added = pipeline.source_with_speech(source, tmp_path / "copy", {"voices": 2, "takes": 2, "group": "tts"}, 8000)
+    assert added == 40 and sorted(source.iterdir()) == before
+    names = {p.name for p in (tmp_path / "copy").iterdir()}
+    assert "3_george_0.wav" in names and "9_tts_3.wav" in names and len(names) == 41
+    pattern = yaml.safe_load((CONFIGS / "fsdd_loso.yaml").read_text())["overrides"]["ingest"]["pattern"]
+    assert re.fullmatch(pattern, "9_tts_3.wav").group("fold") == "tts"  # FSDD's pattern reads them
+    words = pipeline.source_with_speech(source, tmp_path / "yes", {"voices": 1, "words": {"y": "yes"}}, 16000)
+    assert words == 1 and (tmp_path / "yes" / "y_espeak_0.wav").is_file()
 
 
 def test_summary_and_markdown():

@@ -1,6 +1,7 @@
-"""The ``audiocnn`` command: ``audiocnn predict PATH...`` classifies recordings with a trained model.
+"""The ``audiocnn`` command: ``audiocnn predict PATH...`` classifies recordings with a trained model;
+``audiocnn speak OUT`` writes spoken words in many synthetic voices (``audiocnn.speechsynth``).
 
-Output (``--format``): ``json``, one object per file (or per window with ``--stream``) on
+Output of predict (``--format``): ``json``, one object per file (or per window with ``--stream``) on
 its own line; ``csv``, a header then one row per file (and per window and event with
 ``--timeline``); ``table``, aligned lines for people. The default is ``table`` when stdout
 is a terminal and ``json`` otherwise (pipes and files get machine-readable output).
@@ -66,7 +67,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=int, default=None, help="--stream sample rate, Hz (default: the model's)")
     p.add_argument("--channels", type=int, default=1, help="--stream channels, interleaved (default: 1)")
     p.set_defaults(handler=predict_command, subparser=p)
+    s = commands.add_parser("speak", help="synthesize spoken words in many voices (espeak-ng), for training data",
+                            description="Write every word spoken by --voices synthetic voices (espeak-ng accents, "
+                                        "voice variants, pitches and rates drawn from --seed) as "
+                                        "OUT/{label}_{group}_{index}.wav: more voices for a small speech dataset. "
+                                        "Use them for training only (a fold or group of their own).")
+    s.add_argument("out", type=Path, metavar="OUT", help="folder to write the WAVs into")
+    s.add_argument("--words", default="digits",
+                   help="'digits' (labels 0-9 spoken as zero..nine) or LABEL=TEXT pairs, comma-separated")
+    s.add_argument("--voices", type=int, default=64, help="synthetic voices (default: 64)")
+    s.add_argument("--takes", type=int, default=1, help="speaking rates per voice (default: 1)")
+    s.add_argument("--rate", type=int, default=8000, help="sample rate of the files, Hz (default: 8000)")
+    s.add_argument("--seed", type=int, default=0, help="draws the voices (default: 0)")
+    s.add_argument("--group", default="espeak", help="the middle part of every file name (default: espeak)")
+    s.set_defaults(handler=speak_command, subparser=s)
     return parser
+
+
+def parse_words(text: str) -> dict[str, str]:
+    """``digits`` or ``LABEL=TEXT,...`` -> {label: text}; ValueError names a malformed pair."""
+    from audiocnn.speechsynth import DIGITS
+
+    if text.strip() == "digits":
+        return dict(DIGITS)
+    words = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        label, sep, spoken = pair.partition("=")
+        if not sep or not label.strip() or not spoken.strip():
+            raise ValueError(f"--words: {pair!r} is not LABEL=TEXT")
+        words[label.strip()] = spoken.strip()
+    if not words:
+        raise ValueError("--words: no LABEL=TEXT pairs")
+    return words
+
+
+def speak_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from audiocnn import speechsynth
+
+    if min(args.voices, args.takes, args.rate) < 1:
+        parser.error("--voices, --takes and --rate must be positive")
+    try:
+        words = parse_words(args.words)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        written = speechsynth.write_words(args.out, words, args.voices, args.takes, args.rate, args.seed, args.group)
+    except (DataError, OSError) as err:
+        print(f"audiocnn speak: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{written} clips in {args.out}")
+    return 0
 
 
 def top_list(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict[str, Any]]:

@@ -1,0 +1,138 @@
+"""Spoken words from many synthetic voices (espeak-ng), to add voices to a small speech dataset.
+
+A speech model that hears few speakers learns their voices along with the words: on FSDD
+(six speakers) the accuracy on an unheard voice climbs with every training voice (see
+benchmarks/RESULTS.md). espeak-ng, a formant synthesizer packaged by every Linux
+distribution, speaks any word in dozens of accents and voice variants at any pitch and rate;
+each drawn combination is one synthetic "speaker". The clips are meant for training only:
+put them in a fold or group of their own, never in a test set.
+
+Files are named ``{label}_{group}_{index}.wav`` (FSDD's ``{digit}_{speaker}_{index}.wav``), so
+an ``ingest.layout: pattern`` with ``(?P<label>..)_(?P<fold>..)_..`` reads them with the data.
+The same ``seed`` gives the same voices, hence the same files.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from audiocnn import fileio
+from audiocnn.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ESPEAK = "espeak-ng"
+DIGITS = {str(d): word for d, word in enumerate("zero one two three four five six seven eight nine".split())}
+# espeak-ng's English accents (voices/gmw) and voice variants (voices/!v) that speak clearly
+ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+VARIANTS = (tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1, 6))
+            + ("klatt", "klatt2", "klatt3", "klatt4", "klatt6", "Alex", "Andy", "Annie", "adam", "anika", "aunty",
+               "belinda", "benjamin", "boris", "caleb", "david", "ed", "edward", "grandma", "grandpa", "iven", "john",
+               "linda", "max", "michel", "norbert", "paul", "pedro", "robert", "steph", "victor"))
+PITCH = (20, 80)  # espeak-ng -p range drawn per voice (0-99, default 50)
+SPEED = (120, 200)  # words per minute drawn per take (default 175)
+TRIM_FRACTION = 0.01  # samples below 1% of the peak at either end are silence
+MARGIN_SECONDS = 0.01  # kept before the first and after the last loud sample
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One synthetic speaker: an accent, a voice variant and a pitch; ``speeds``: one rate per take."""
+
+    accent: str
+    variant: str
+    pitch: int
+    speeds: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        """espeak-ng's ``-v`` argument."""
+        return f"{self.accent}+{self.variant}"
+
+
+def draw_voices(count: int, takes: int, seed: int) -> list[Voice]:
+    """``count`` voices, each with ``takes`` speaking rates, drawn from ``seed``."""
+    if count < 1 or takes < 1:
+        raise ValueError(f"voices={count} and takes={takes} must be >= 1")
+    rng = np.random.default_rng(seed)
+    voices = []
+    for _ in range(count):
+        accent, variant = ACCENTS[rng.integers(len(ACCENTS))], VARIANTS[rng.integers(len(VARIANTS))]
+        pitch = int(rng.integers(*PITCH))
+        voices.append(Voice(accent, variant, pitch, tuple(int(rng.integers(*SPEED)) for _ in range(takes))))
+    return voices
+
+
+def speak(text: str, voice: Voice, speed: int, sample_rate: int) -> np.ndarray:
+    """(samples,) float32 at ``sample_rate``: ``text`` spoken by ``voice``, silence trimmed at both ends."""
+    import soundfile as sf
+    import soxr
+
+    command = [ESPEAK, "-v", voice.name, "-p", str(voice.pitch), "-s", str(speed), "--stdout", text]
+    try:
+        done = subprocess.run(command, capture_output=True, check=True)
+    except FileNotFoundError:
+        raise DataError(f"{ESPEAK} not found on PATH: install it (Debian/Ubuntu: apt-get install espeak-ng)") from None
+    except subprocess.CalledProcessError as err:
+        raise DataError(f"{' '.join(command)} failed ({err.returncode}): {err.stderr.decode(errors='replace')[-300:]}"
+                        ) from None
+    try:
+        audio, rate = sf.read(io.BytesIO(done.stdout), dtype="float32")  # (samples,) or (samples, channels)
+    except Exception as err:  # noqa: BLE001  (soundfile raises its own types for unreadable data)
+        raise DataError(f"{' '.join(command)}: output is not audio ({err})") from None
+    if audio.ndim > 1:
+        audio = audio.mean(axis=1)
+    audio = soxr.resample(audio, rate, sample_rate) if rate != sample_rate else audio
+    return trim(np.asarray(audio, dtype=np.float32), round(MARGIN_SECONDS * sample_rate))
+
+
+def trim(audio: np.ndarray, margin: int) -> np.ndarray:
+    """(samples,) -> ``audio[first - margin : last + margin]`` (end exclusive), first and last being the
+    samples above ``TRIM_FRACTION`` of the peak; empty when the clip is silent."""
+    loud = np.flatnonzero(np.abs(audio) > np.abs(audio).max(initial=0.0) * TRIM_FRACTION)
+    if loud.size == 0:
+        return audio[:0]
+    return audio[max(0, loud[0] - margin): loud[-1] + margin]
+
+
+def write_words(out: Path, words: Mapping[str, str], voices: int, takes: int = 1, sample_rate: int = 8000,
+                seed: int = 0, group: str = "espeak") -> int:
+    """Every word of ``words`` (label -> text) by every drawn voice and take, as 16-bit WAVs in ``out``.
+
+    Files are ``{label}_{group}_{voice * takes + take}.wav``, each written atomically; returns
+    how many were written (a silent synthesis is skipped with a warning).
+    """
+    import soundfile as sf
+
+    if shutil.which(ESPEAK) is None:
+        raise DataError(f"{ESPEAK} not found on PATH: install it (Debian/Ubuntu: apt-get install espeak-ng)")
+    if not words:
+        raise DataError("no words to speak")
+    for label in words:
+        if "_" in label or "/" in label or not label:
+            raise DataError(f"label {label!r}: must be non-empty, without '_' or '/' (it starts the file name)")
+    if "_" in group or "/" in group or not group:
+        raise DataError(f"group {group!r}: must be non-empty, without '_' or '/'")
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for v, voice in enumerate(draw_voices(voices, takes, seed)):
+        for t, speed in enumerate(voice.speeds):
+            for label, text in words.items():
+                audio = speak(text, voice, speed, sample_rate)  # (samples,) float32
+                path = out / f"{label}_{group}_{v * takes + t}.wav"
+                if audio.size == 0:
+                    log.warning("%s: %s said %r in silence; skipped", path, voice.name, text)
+                    continue
+                with fileio.atomic_path(path) as tmp:
+                    sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
+                written += 1
+    log.info("%d clips of %d words by %d synthetic voices x %d takes in %s", written, len(words), voices, takes, out)
+    return written

@@ -1,0 +1,153 @@
+"""Synthetic spoken words (audiocnn.speechsynth, `audiocnn speak`): voices, names, trimming, errors.
+
+Most tests put a stand-in ``espeak-ng`` on PATH (a script that writes a tone whose pitch and
+length follow its -p and -s options), so they run without the synthesizer; one test uses the
+real espeak-ng where it is installed (CI installs it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audiocnn import cli, speechsynth
+from audiocnn.errors import DataError
+
+FAKE_ESPEAK = f"""#!{sys.executable}
+import io, sys
+import numpy as np, soundfile as sf
+args = sys.argv[1:]
+text = args[-1]
+pitch, speed = int(args[args.index("-p") + 1]), int(args[args.index("-s") + 1])
+if text == "fail":
+    sys.stderr.write("voice not found")
+    sys.exit(1)
+rate = 22050
+with open(sys.argv[0] + ".log", "a") as log:
+    log.write(" ".join(args) + "\\n")
+t = np.arange(int(rate * 60.0 / speed * len(text) / 4)) / rate
+tone = 0.0 if text == "silence" else 0.5 * np.sin(2 * np.pi * (100 + 5 * pitch) * t)
+audio = np.concatenate([np.zeros(2205), np.zeros_like(t) + tone, np.zeros(4410)]).astype(np.float32)
+buffer = io.BytesIO()
+sf.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
+sys.stdout.buffer.write(buffer.getvalue())
+"""
+
+
+@pytest.fixture
+def fake_espeak(tmp_path, monkeypatch) -> Path:
+    """A stand-in espeak-ng first on PATH; returns its call log (one line of arguments per call)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "espeak-ng"
+    script.write_text(FAKE_ESPEAK)
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    return Path(f"{script}.log")
+
+
+def test_voices_are_drawn_from_the_seed_within_the_ranges():
+    voices = speechsynth.draw_voices(50, 2, seed=3)
+    assert voices == speechsynth.draw_voices(50, 2, seed=3)
+    assert voices != speechsynth.draw_voices(50, 2, seed=4)
+    assert all(v.accent in speechsynth.ACCENTS and v.variant in speechsynth.VARIANTS for v in voices)
+    assert all(speechsynth.PITCH[0] <= v.pitch < speechsynth.PITCH[1] and len(v.speeds) == 2 for v in voices)
+    assert all(speechsynth.SPEED[0] <= s < speechsynth.SPEED[1] for v in voices for s in v.speeds)
+    assert len({(v.name, v.pitch) for v in voices}) > 40  # distinct speakers, not one voice repeated
+    with pytest.raises(ValueError, match="voices=0"):
+        speechsynth.draw_voices(0, 1, seed=0)
+
+
+def test_trim_keeps_a_margin_around_the_loud_part():
+    audio = np.zeros(1000, np.float32)
+    audio[400:500] = 0.5
+    audio[100] = 0.001  # below 1% of the peak: silence
+    kept = speechsynth.trim(audio, margin=20)
+    assert kept.size == 20 + 100 + 19 and kept[20] == 0.5 and kept[0] == kept[-1] == 0.0  # end exclusive
+    assert speechsynth.trim(np.zeros(100, np.float32), margin=5).size == 0
+    assert speechsynth.trim(audio[400:], margin=50)[0] == 0.5  # the margin stops at the clip's start
+
+
+def test_write_words_names_files_by_label_group_and_index(tmp_path, fake_espeak):
+    out = tmp_path / "synth"
+    written = speechsynth.write_words(out, {"0": "zero", "1": "one"}, voices=3, takes=2, sample_rate=8000, seed=0)
+    assert written == 12
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{label}_espeak_{i}.wav" for label in "01" for i in range(6))
+    audio, rate = sf.read(out / "0_espeak_5.wav", dtype="float32")
+    assert rate == 8000 and audio.ndim == 1
+    assert 0.4 < np.abs(audio).max() < 0.6 and audio.size < 8000 * 1.0  # resampled, silence trimmed
+    assert np.abs(audio[:80 + 10]).max() > 0.1  # speech starts within the 10 ms margin
+    calls = fake_espeak.read_text().splitlines()
+    voices = speechsynth.draw_voices(3, 2, seed=0)
+    assert calls[0].split() == ["-v", voices[0].name, "-p", str(voices[0].pitch), "-s", str(voices[0].speeds[0]),
+                                "--stdout", "zero"]
+    assert len(calls) == 12 and not list(out.glob(".*"))  # no temporary file left
+
+
+def test_the_same_seed_writes_the_same_files(tmp_path, fake_espeak):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for folder, seed in ((a, 1), (b, 1), (c, 2)):
+        speechsynth.write_words(folder, {"x": "word"}, voices=4, seed=seed, group="tts")
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir()) == [f"x_tts_{i}.wav" for i in range(4)]
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
+
+
+def test_silent_synthesis_is_skipped_and_failures_name_the_command(tmp_path, fake_espeak, caplog):
+    assert speechsynth.write_words(tmp_path / "s", {"a": "silence", "b": "bee"}, voices=1) == 1
+    assert "said 'silence' in silence" in caplog.text and not (tmp_path / "s" / "a_espeak_0.wav").exists()
+    with pytest.raises(DataError, match=r"espeak-ng -v .* fail failed \(1\): voice not found"):
+        speechsynth.write_words(tmp_path / "f", {"a": "fail"}, voices=1)
+
+
+@pytest.mark.parametrize("words, group, message", [
+    ({"a_b": "x"}, "espeak", "label 'a_b'"), ({"": "x"}, "espeak", "label ''"),
+    ({"a": "x"}, "es_peak", "group 'es_peak'"), ({}, "espeak", "no words"),
+])
+def test_labels_and_groups_that_would_break_the_file_names_are_refused(tmp_path, fake_espeak, words, group, message):
+    with pytest.raises(DataError, match=message):
+        speechsynth.write_words(tmp_path / "out", words, voices=1, group=group)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_synthesizer_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(DataError, match="espeak-ng not found on PATH: install it"):
+        speechsynth.write_words(tmp_path / "out", speechsynth.DIGITS, voices=1)
+
+
+def test_speak_command(tmp_path, fake_espeak, capsys):
+    assert cli.main(["speak", str(tmp_path / "d"), "--voices", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir())[:3] == ["0_espeak_0.wav", "0_espeak_1.wav",
+                                                                       "1_espeak_0.wav"]
+    assert "20 clips in" in capsys.readouterr().out
+    assert cli.main(["speak", str(tmp_path / "w"), "--words", "yes=yes, no = no", "--voices", "1",
+                     "--group", "tts", "--rate", "16000"]) == 0
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["no_tts_0.wav", "yes_tts_0.wav"]
+    assert sf.info(tmp_path / "w" / "yes_tts_0.wav").samplerate == 16000
+    assert cli.parse_words("digits")["7"] == "seven"
+    for bad in ("yes", "yes=", "=yes", ","):
+        with pytest.raises(SystemExit):
+            cli.main(["speak", str(tmp_path / "x"), "--words", bad])
+    with pytest.raises(SystemExit):
+        cli.main(["speak", str(tmp_path / "x"), "--voices", "0"])
+    capsys.readouterr()
+    code = cli.main(["speak", str(tmp_path / "y"), "--words", "a=fail", "--voices", "1"])
+    assert code == 1 and "audiocnn speak: error:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_real_espeak_speaks_digits_of_speech_length(tmp_path):
+    written = speechsynth.write_words(tmp_path, {"7": "seven", "1": "one"}, voices=2, sample_rate=8000, seed=0)
+    assert written == 4
+    for path in tmp_path.iterdir():
+        audio, rate = sf.read(path, dtype="float32")
+        assert rate == 8000 and 0.15 < audio.size / rate < 1.2  # one word, silence trimmed
+        assert np.abs(audio).max() > 0.05
