@@ -11,7 +11,7 @@ validation accuracy. ``--seeds`` repeats every run once per ``train.seed`` (runs
 on a few speakers one seed's validation accuracy moves by several points, so settings are
 compared on the mean over seeds. ``synthetic_speech: {voices: N, ...}`` adds spoken words from N
 espeak-ng voices (``audiocnn speak``) to a temporary copy of the source, in a fold of their own
-that no run tests or validates on (training only). A relative
+(``espeak``) for the training side of the split: no run names it as a test fold. A relative
 ``ingest.source`` is resolved against the repo root unless a pipeline stage makes it (the demo
 set); the demo stage runs only when ingest reads its output. Each stage runs as its own
 ``dvc repro --single-item``, timed, with its peak resident memory from wait4(). The workspace is
@@ -214,9 +214,9 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
         lines[1:1] = ["", results["description"].strip()]
     if results.get("synthetic_speech"):
         speech = results["synthetic_speech"]
-        lines[-1:-1] = [f"Training data: {speech['clips']} synthetic clips (`audiocnn speak`: {speech['voices']} "
+        lines[-1:-1] = ["", f"Training data: {speech['clips']} synthetic clips (`audiocnn speak`: {speech['voices']} "
                         f"espeak-ng voices x {speech.get('takes', 1)} take(s), seed {speech.get('seed', 0)}, fold "
-                        f"`{speech.get('group', 'espeak')}`) added to a copy of {speech['source']}  "]
+                        f"`{speech.get('group', 'espeak')}`) added to a copy of {speech['source']}."]
     stage_names = [s for s in STAGES if any(s in r["stages"] for r in results["runs"].values())]
     columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "best val accuracy", "train samples/s", "train s",
                *(f"{s} s" for s in stage_names), "export: agreement / mean abs dp / int8 accuracy", "peak MiB",

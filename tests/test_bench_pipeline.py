@@ -165,6 +165,34 @@ def test_seeds_repeat_every_run_once_per_train_seed(tmp_path, monkeypatch):
         pipeline.main([str(config), "--out", str(tmp_path / "out"), "--seeds", "1,x"])
 
 
+def test_runs_read_the_copy_with_synthetic_speech_and_it_is_removed_after(tmp_path, monkeypatch,
+                                                                         fake_espeak):  # noqa: F811
+    sources = []
+
+    def fake_run(root, params, env):
+        source = Path(params["ingest"]["source"])
+        sources.append((source, sorted(p.name for p in source.iterdir())))
+        return {"accuracy": 0.5, "macro_f1": 0.5, "test_clips": 1, "epochs_run": 1, "best_val_accuracy": 0.6,
+                "samples_per_second": 1.0, "train_seconds": 1.0, "peak_rss_mib": 1.0, "load_1min": [0.0, 0.0],
+                "stages": {}}
+
+    monkeypatch.setattr(pipeline, "make_workspace", lambda root, params: root)
+    monkeypatch.setattr(pipeline, "run_variant", fake_run)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "1_a_0.wav").write_bytes(b"x")
+    config = write_config(tmp_path / "v.yaml", {"name": "v", "synthetic_speech": {"voices": 2, "words": {"1": "one"}},
+                                                "overrides": {"ingest": {"source": str(data)}}})
+    assert pipeline.main([str(config), "--out", str(tmp_path / "out")]) == 0
+    (source, names), = sources
+    assert source != data and names == ["1_a_0.wav", "1_espeak_0.wav", "1_espeak_1.wav"] and not source.exists()
+    results = json.loads((tmp_path / "out" / "v" / "results.json").read_text())
+    assert results["synthetic_speech"]["clips"] == 2 and results["synthetic_speech"]["source"] == str(data)
+    assert f"Training data: 2 synthetic clips (`audiocnn speak`: 2 espeak-ng voices x 1 take(s), seed 0, fold " \
+           f"`espeak`) added to a copy of {data}." in (tmp_path / "out" / "v" / "results.md").read_text()
+    assert sorted(p.name for p in data.iterdir()) == ["1_a_0.wav"]
+
+
 def test_a_failed_export_gate_is_reported_and_the_run_kept(tmp_path, monkeypatch):
     """export's parity gate failing (int8 too far below float) is a result, not a crash; other failures raise."""
     (tmp_path / "metrics").mkdir()
