@@ -87,12 +87,14 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as out:
     json.dump({"code": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
-               "cpu_seconds": usage.ru_utime + usage.ru_stime}, out)
+               "cpu_seconds": usage.ru_utime + usage.ru_stime, "user_seconds": usage.ru_utime,
+               "system_seconds": usage.ru_stime}, out)
 """
 
 
 def timed(cmd: Sequence[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd``; wall seconds and peak resident memory (MiB, max over it and its children, from wait4)."""
+    """Run ``cmd``; wall seconds, peak resident memory (MiB, max over it and its children, from wait4) and
+    CPU seconds of it and its children (``cpu_seconds`` = ``user_seconds`` + ``system_seconds``, the kernel's share)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as report:
         start = time.perf_counter()
         proc = subprocess.run([PYTHON, "-S", "-c", LAUNCHER, report.name, *cmd], cwd=cwd, env=env,
@@ -102,7 +104,8 @@ def timed(cmd: Sequence[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
     if proc.returncode != 0 or usage.get("code") != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({usage.get('code')}) in {cwd}:\n{proc.stdout[-4000:]}")
     return {"seconds": round(seconds, 3), "peak_rss_mib": round(usage["maxrss_kib"] / 1024, 1),
-            "cpu_seconds": round(usage["cpu_seconds"], 2), "output": proc.stdout}
+            "cpu_seconds": round(usage["cpu_seconds"], 2), "user_seconds": round(usage["user_seconds"], 2),
+            "system_seconds": round(usage["system_seconds"], 2), "output": proc.stdout}
 
 
 def median(values: Sequence[float]) -> float:

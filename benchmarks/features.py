@@ -1,6 +1,7 @@
 """Feature throughput: clips/s of the normalize and spectrogram stages against the seed notebook and plain librosa.
 
     python benchmarks/features.py [--synthetic 30000] [--seed-clips 300] [--plain-clips 3000] [--repeats 3] [--ceiling-seconds 2]
+                                  [--set spectrogram.images=false]
 
 On FSDD (read in place) and on ``--synthetic`` generated clips (FSDD-sized, in a temp folder),
 in the same run and on the same files:
@@ -199,7 +200,9 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
     lines += common.table(["data", "clips", "method", "normalize clips/s", "spectrogram clips/s",
                            "both clips/s", "vs seed", "vs plain"], rows)
     lines += ["", "Stage times are whole subprocesses (start, imports, pool, index, gallery), median of "
-              f"{results['repeats']} runs, feature cache off, PNGs on; 'both' = clips / (normalize s + spectrogram s)."]
+              f"{results['repeats']} runs, feature cache off, "
+              f"{'params set: ' + ', '.join(results['set']) if results.get('set') else 'PNGs on'}; "
+              "'both' = clips / (normalize s + spectrogram s)."]
     for name, r in results["datasets"].items():
         workers = sorted(r["ours"], key=int)
         if len(workers) > 1:
@@ -213,6 +216,15 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
                          f"{many['clips_per_second']['spectrogram'] / one['clips_per_second']['spectrogram']:.2f}x; "
                          f"per repeat (runs side by side) {', '.join(f'{r:.2f}x' for r in paired)}, "
                          f"median {common.median(paired):.2f}x.")
+        cpu = []
+        for workers in sorted(r["ours"], key=int):
+            stages = r["ours"][workers]
+            cpu.append(f"{workers} worker(s) " + ", ".join(
+                f"{stage} {common.median([x['user_seconds'] for x in stages[stage]['runs']]):.1f} / "
+                f"{common.median([x['system_seconds'] for x in stages[stage]['runs']]):.1f} s"
+                for stage in ("normalize", "spectrogram")))
+        lines.append(f"CPU on {name}, user / system (kernel) seconds of the stage and its workers, medians: "
+                     f"{'; '.join(cpu)}.")
         if "ceiling" in r:
             ceiling = r["ceiling"]
             lines.append(f"Machine ceiling on {name} ({ceiling['processes']} CPU-bound processes at once against "
@@ -233,19 +245,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ceiling-seconds", type=float, default=2.0,
                         help="seconds of the machine-ceiling loop per repeat (0 to skip)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key of our stages, e.g. spectrogram.images=false (repeatable)")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "features")
     args = parser.parse_args(argv)
     command = "python benchmarks/features.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tmp = Path(tempfile.mkdtemp(prefix="audiocnn-features-", dir=args.workdir))
-    results: dict[str, Any] = {"repeats": args.repeats, "datasets": {}}
+    results: dict[str, Any] = {"repeats": args.repeats, "datasets": {}, "set": args.set}
     try:
         if str(args.fsdd) not in ("", ".") and args.fsdd.is_dir():
-            results["datasets"]["FSDD"] = measure("FSDD", tmp / "fsdd", common.fsdd_params(args.fsdd.resolve()), args)
+            results["datasets"]["FSDD"] = measure(
+                "FSDD", tmp / "fsdd", common.set_params(common.fsdd_params(args.fsdd.resolve()), args.set), args)
         if args.synthetic:
             source = common.synthetic_clips(tmp / "synthetic-source", args.synthetic)
             results["datasets"][f"synthetic {args.synthetic}"] = measure(
-                "synthetic", tmp / "synthetic", common.folders_params(source), args)
+                "synthetic", tmp / "synthetic", common.set_params(common.folders_params(source), args.set), args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["machine"] = common.machine()
