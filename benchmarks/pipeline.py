@@ -45,6 +45,7 @@ PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".d
 CONFIG_KEYS = {"name", "description", "overrides", "runs", "summary", "synthetic_speech"}
 RUN_KEYS = {"name", "overrides"}
 SPEECH_KEYS = {"words", "voices", "takes", "seed", "group"}  # synthetic_speech: audiocnn.speechsynth.write_words
+SPEECH_DEFAULTS = {"words": "digits", "takes": 1, "seed": 0, "group": "espeak"}
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -78,6 +79,8 @@ def read_config(path: Path) -> dict[str, Any]:
                                or not isinstance(speech.get("voices"), int) or speech["voices"] < 1):
         raise SystemExit(f"{path}: synthetic_speech needs 'voices' (an integer >= 1) and may have "
                          f"{', '.join(sorted(SPEECH_KEYS - {'voices'}))}, got {speech!r}")
+    if speech is not None:
+        config["synthetic_speech"] = {**SPEECH_DEFAULTS, **speech}
     return {**config, "runs": runs, "overrides": config.get("overrides") or {}}
 
 
@@ -99,18 +102,17 @@ def base_params(config: dict[str, Any]) -> dict[str, Any]:
 def source_with_speech(source: Path, dest: Path, speech: dict[str, Any], sample_rate: int) -> int:
     """A copy of ``source`` in ``dest`` with synthetic spoken words added (``synthetic_speech``); clips added.
 
-    ``words``: "digits" (default; FSDD's labels 0-9) or a mapping label -> text. The copy keeps
+    ``speech``: a checked ``synthetic_speech`` (``read_config`` fills the defaults); ``words`` is
+    "digits" (FSDD's labels 0-9), "LABEL=TEXT,..." or a mapping label -> text. The copy keeps
     the dataset itself read-only; the synthetic clips land beside its files, named
     ``{label}_{group}_{index}.wav``, so the config's pattern gives them a fold of their own
-    (``group``, default "espeak"), which no run names as test or validation: training only.
+    (``group``), which no run names as a test fold.
     """
     from audiocnn import speechsynth
 
-    words = speech.get("words", "digits")
-    words = speechsynth.DIGITS if words == "digits" else {str(k): str(v) for k, v in dict(words).items()}
     shutil.copytree(source, dest)
-    return speechsynth.write_words(dest, words, speech["voices"], speech.get("takes", 1), sample_rate,
-                                   speech.get("seed", 0), speech.get("group", "espeak"))
+    return speechsynth.write_words(dest, speechsynth.words_from(speech["words"]), speech["voices"], speech["takes"],
+                                   sample_rate, speech["seed"], speech["group"])
 
 
 def make_workspace(root: Path, params: dict) -> Path:
@@ -215,8 +217,8 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
     if results.get("synthetic_speech"):
         speech = results["synthetic_speech"]
         lines[-1:-1] = ["", f"Training data: {speech['clips']} synthetic clips (`audiocnn speak`: {speech['voices']} "
-                        f"espeak-ng voices x {speech.get('takes', 1)} take(s), seed {speech.get('seed', 0)}, fold "
-                        f"`{speech.get('group', 'espeak')}`) added to a copy of {speech['source']}."]
+                        f"espeak-ng voices x {speech['takes']} take(s), seed {speech['seed']}, fold "
+                        f"`{speech['group']}`) added to a copy of {speech['source']}."]
     stage_names = [s for s in STAGES if any(s in r["stages"] for r in results["runs"].values())]
     columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "best val accuracy", "train samples/s", "train s",
                *(f"{s} s" for s in stage_names), "export: agreement / mean abs dp / int8 accuracy", "peak MiB",

@@ -73,13 +73,15 @@ def test_synthetic_speech_goes_into_a_copy_of_the_source(tmp_path, fake_espeak):
     source.mkdir()
     (source / "3_george_0.wav").write_bytes(b"RIFF not really")
     before = sorted(source.iterdir())
-    added = pipeline.source_with_speech(source, tmp_path / "copy", {"voices": 2, "takes": 2, "group": "tts"}, 8000)
+    added = pipeline.source_with_speech(source, tmp_path / "copy", {**pipeline.SPEECH_DEFAULTS, "voices": 2, "takes": 2,
+                                                                         "group": "tts"}, 8000)
     assert added == 40 and sorted(source.iterdir()) == before
     names = {p.name for p in (tmp_path / "copy").iterdir()}
     assert "3_george_0.wav" in names and "9_tts_3.wav" in names and len(names) == 41
     pattern = yaml.safe_load((CONFIGS / "fsdd_loso.yaml").read_text())["overrides"]["ingest"]["pattern"]
     assert re.fullmatch(pattern, "9_tts_3.wav").group("fold") == "tts"  # FSDD's pattern reads them
-    words = pipeline.source_with_speech(source, tmp_path / "yes", {"voices": 1, "words": {"y": "yes"}}, 16000)
+    words = pipeline.source_with_speech(source, tmp_path / "yes", {**pipeline.SPEECH_DEFAULTS, "voices": 1,
+                                                                       "words": {"y": "yes"}}, 16000)
     assert words == 1 and (tmp_path / "yes" / "y_espeak_0.wav").is_file()
 
 

@@ -132,7 +132,7 @@ def test_speak_command(tmp_path, fake_espeak, capsys):
                      "--group", "tts", "--rate", "16000"]) == 0
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["no_tts_0.wav", "yes_tts_0.wav"]
     assert sf.info(tmp_path / "w" / "yes_tts_0.wav").samplerate == 16000
-    assert cli.parse_words("digits")["7"] == "seven"
+    assert speechsynth.words_from("digits")["7"] == "seven"
     for bad in ("yes", "yes=", "=yes", ","):
         with pytest.raises(SystemExit):
             cli.main(["speak", str(tmp_path / "x"), "--words", bad])

@@ -84,30 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_words(text: str) -> dict[str, str]:
-    """``digits`` or ``LABEL=TEXT,...`` -> {label: text}; ValueError names a malformed pair."""
-    from audiocnn.speechsynth import DIGITS
-
-    if text.strip() == "digits":
-        return dict(DIGITS)
-    words = {}
-    for pair in filter(None, (part.strip() for part in text.split(","))):
-        label, sep, spoken = pair.partition("=")
-        if not sep or not label.strip() or not spoken.strip():
-            raise ValueError(f"--words: {pair!r} is not LABEL=TEXT")
-        words[label.strip()] = spoken.strip()
-    if not words:
-        raise ValueError("--words: no LABEL=TEXT pairs")
-    return words
-
-
 def speak_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from audiocnn import speechsynth
 
     if min(args.voices, args.takes, args.rate) < 1:
         parser.error("--voices, --takes and --rate must be positive")
     try:
-        words = parse_words(args.words)
+        words = speechsynth.words_from(args.words)
     except ValueError as err:
         parser.error(str(err))
     try:

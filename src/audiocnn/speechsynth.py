@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Union
 
 import numpy as np
 
@@ -41,6 +41,7 @@ PITCH = (20, 80)  # espeak-ng -p range drawn per voice (0-99, default 50)
 SPEED = (120, 200)  # words per minute drawn per take (default 175)
 TRIM_FRACTION = 0.01  # samples below 1% of the peak at either end are silence
 MARGIN_SECONDS = 0.01  # kept before the first and after the last loud sample
+MISSING = f"{ESPEAK} not found on PATH: install it (Debian/Ubuntu: apt-get install espeak-ng)"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,26 @@ class Voice:
     def name(self) -> str:
         """espeak-ng's ``-v`` argument."""
         return f"{self.accent}+{self.variant}"
+
+
+def words_from(spec: Union[str, Mapping[str, str]]) -> dict[str, str]:
+    """{label: text} from ``"digits"`` (labels 0-9 spoken as zero..nine), ``"LABEL=TEXT,..."`` or a mapping.
+
+    ValueError names a malformed pair.
+    """
+    if not isinstance(spec, str):
+        return {str(label): str(text) for label, text in dict(spec).items()}
+    if spec.strip() == "digits":
+        return dict(DIGITS)
+    words = {}
+    for pair in filter(None, (part.strip() for part in spec.split(","))):
+        label, sep, spoken = pair.partition("=")
+        if not sep or not label.strip() or not spoken.strip():
+            raise ValueError(f"--words: {pair!r} is not LABEL=TEXT")
+        words[label.strip()] = spoken.strip()
+    if not words:
+        raise ValueError("--words: no LABEL=TEXT pairs")
+    return words
 
 
 def draw_voices(count: int, takes: int, seed: int) -> list[Voice]:
@@ -80,7 +101,7 @@ def speak(text: str, voice: Voice, speed: int, sample_rate: int) -> np.ndarray:
     try:
         done = subprocess.run(command, capture_output=True, check=True)
     except FileNotFoundError:
-        raise DataError(f"{ESPEAK} not found on PATH: install it (Debian/Ubuntu: apt-get install espeak-ng)") from None
+        raise DataError(MISSING) from None
     except subprocess.CalledProcessError as err:
         raise DataError(f"{' '.join(command)} failed ({err.returncode}): {err.stderr.decode(errors='replace')[-300:]}"
                         ) from None
@@ -113,14 +134,12 @@ def write_words(out: Path, words: Mapping[str, str], voices: int, takes: int = 1
     import soundfile as sf
 
     if shutil.which(ESPEAK) is None:
-        raise DataError(f"{ESPEAK} not found on PATH: install it (Debian/Ubuntu: apt-get install espeak-ng)")
+        raise DataError(MISSING)
     if not words:
         raise DataError("no words to speak")
-    for label in words:
-        if "_" in label or "/" in label or not label:
-            raise DataError(f"label {label!r}: must be non-empty, without '_' or '/' (it starts the file name)")
-    if "_" in group or "/" in group or not group:
-        raise DataError(f"group {group!r}: must be non-empty, without '_' or '/'")
+    for kind, name in [*(("label", label) for label in words), ("group", group)]:
+        if "_" in name or "/" in name or not name:  # either would split or misplace the file name's parts
+            raise DataError(f"{kind} {name!r}: must be non-empty, without '_' or '/' (it is part of the file name)")
     out.mkdir(parents=True, exist_ok=True)
     written = 0
     for v, voice in enumerate(draw_voices(voices, takes, seed)):
