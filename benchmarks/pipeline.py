@@ -9,9 +9,10 @@ workspace, so DVC recomputes only the stages a variant changes; ``summary: true`
 and standard deviation of the runs' test metrics (cross-validation folds) and the mean best
 validation accuracy. ``--seeds`` repeats every run once per ``train.seed`` (runs ``NAME/seedN``):
 on a few speakers one seed's validation accuracy moves by several points, so settings are
-compared on the mean over seeds. ``synthetic_speech: {voices: N, ...}`` adds spoken words from N
-espeak-ng voices (``audiocnn speak``) to a temporary copy of the source, in a fold of their own
-(``espeak``) for the training side of the split: no run names it as a test fold. A relative
+compared on the mean over seeds. ``synthetic_speech: {voices: N, synthesizer: espeak, ...}`` (or
+a list of such, one per synthesizer) adds spoken words from N synthetic voices (``audiocnn speak``)
+to a temporary copy of the source, in a fold of their own (the synthesizer's name) for the
+training side of the split: no run names it as a test fold. A relative
 ``ingest.source`` is resolved against the repo root unless a pipeline stage makes it (the demo
 set); the demo stage runs only when ingest reads its output. Each stage runs as its own
 ``dvc repro --single-item``, timed, with its peak resident memory from wait4(). The workspace is
@@ -44,8 +45,8 @@ STAGES = ["demo", "ingest", "normalize", "spectrogram", "split", "train", "evalu
 PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore", ".gitignore"]
 CONFIG_KEYS = {"name", "description", "overrides", "runs", "summary", "synthetic_speech"}
 RUN_KEYS = {"name", "overrides"}
-SPEECH_KEYS = {"words", "voices", "takes", "seed", "group"}  # synthetic_speech: audiocnn.speechsynth.write_words
-SPEECH_DEFAULTS = {"words": "digits", "takes": 1, "seed": 0, "group": "espeak"}
+SPEECH_KEYS = {"words", "voices", "takes", "seed", "group", "synthesizer"}  # synthetic_speech: speechsynth.write_words
+SPEECH_DEFAULTS = {"words": "digits", "takes": 1, "seed": 0, "synthesizer": "espeak"}  # group: the synthesizer's name
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -74,14 +75,28 @@ def read_config(path: Path) -> dict[str, Any]:
     names = [run["name"] for run in runs]
     if len(set(names)) != len(names):
         raise SystemExit(f"{path}: run names must be unique: {names}")
-    speech = config.get("synthetic_speech")
-    if speech is not None and (not isinstance(speech, dict) or set(speech) - SPEECH_KEYS
-                               or not isinstance(speech.get("voices"), int) or speech["voices"] < 1):
-        raise SystemExit(f"{path}: synthetic_speech needs 'voices' (an integer >= 1) and may have "
-                         f"{', '.join(sorted(SPEECH_KEYS - {'voices'}))}, got {speech!r}")
-    if speech is not None:
-        config["synthetic_speech"] = {**SPEECH_DEFAULTS, **speech}
+    if config.get("synthetic_speech") is not None:
+        config["synthetic_speech"] = speech_specs(path, config["synthetic_speech"])
     return {**config, "runs": runs, "overrides": config.get("overrides") or {}}
+
+
+def speech_specs(path: Path, speech: Any) -> list[dict[str, Any]]:
+    """``synthetic_speech`` (a mapping or a list of them) checked, as a list with the defaults filled in."""
+    from audiocnn.speechsynth import SYNTHESIZERS
+
+    specs = []
+    for spec in speech if isinstance(speech, list) else [speech]:
+        if (not isinstance(spec, dict) or set(spec) - SPEECH_KEYS or not isinstance(spec.get("voices"), int)
+                or spec["voices"] < 1 or spec.get("synthesizer", "espeak") not in SYNTHESIZERS):
+            raise SystemExit(f"{path}: synthetic_speech needs 'voices' (an integer >= 1) and may have "
+                             f"{', '.join(sorted(SPEECH_KEYS - {'voices'}))} (synthesizer: "
+                             f"{' or '.join(SYNTHESIZERS)}), got {spec!r}")
+        filled = {**SPEECH_DEFAULTS, **spec}
+        specs.append({**filled, "group": filled.get("group") or filled["synthesizer"]})
+    groups = [spec["group"] for spec in specs]
+    if len(set(groups)) != len(groups):
+        raise SystemExit(f"{path}: synthetic_speech groups must differ (they name the files): {groups}")
+    return specs
 
 
 def stage_outputs() -> set[str]:
@@ -99,20 +114,21 @@ def base_params(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def source_with_speech(source: Path, dest: Path, speech: dict[str, Any], sample_rate: int) -> int:
+def source_with_speech(source: Path, dest: Path, speech: list[dict[str, Any]], sample_rate: int) -> int:
     """A copy of ``source`` in ``dest`` with synthetic spoken words added (``synthetic_speech``); clips added.
 
-    ``speech``: a checked ``synthetic_speech`` (``read_config`` fills the defaults); ``words`` is
-    "digits" (FSDD's labels 0-9), "LABEL=TEXT,..." or a mapping label -> text. The copy keeps
+    ``speech``: checked ``synthetic_speech`` specs (``read_config`` fills the defaults); ``words``
+    is "digits" (FSDD's labels 0-9), "LABEL=TEXT,..." or a mapping label -> text. The copy keeps
     the dataset itself read-only; the synthetic clips land beside its files, named
-    ``{label}_{group}_{index}.wav``, so the config's pattern gives them a fold of their own
+    ``{label}_{group}_{index}.wav``, so the config's pattern gives each spec a fold of its own
     (``group``), which no run names as a test fold.
     """
     from audiocnn import speechsynth
 
     shutil.copytree(source, dest)
-    return speechsynth.write_words(dest, speechsynth.words_from(speech["words"]), speech["voices"], speech["takes"],
-                                   sample_rate, speech["seed"], speech["group"])
+    return sum(speechsynth.write_words(dest, speechsynth.words_from(spec["words"]), spec["voices"], spec["takes"],
+                                       sample_rate, spec["seed"], spec["group"], spec["synthesizer"])
+               for spec in speech)
 
 
 def make_workspace(root: Path, params: dict) -> Path:
@@ -216,9 +232,10 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
         lines[1:1] = ["", results["description"].strip()]
     if results.get("synthetic_speech"):
         speech = results["synthetic_speech"]
-        lines[-1:-1] = ["", f"Training data: {speech['clips']} synthetic clips (`audiocnn speak`: {speech['voices']} "
-                        f"espeak-ng voices x {speech['takes']} take(s), seed {speech['seed']}, fold "
-                        f"`{speech['group']}`) added to a copy of {speech['source']}."]
+        made = "; ".join(f"{spec['voices']} {spec['synthesizer']} voices x {spec['takes']} take(s), "
+                         f"seed {spec['seed']}, fold `{spec['group']}`" for spec in speech["specs"])
+        lines[-1:-1] = ["", f"Training data: {speech['clips']} synthetic clips (`audiocnn speak`: {made}) added to a "
+                        f"copy of {speech['source']}."]
     stage_names = [s for s in STAGES if any(s in r["stages"] for r in results["runs"].values())]
     columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "best val accuracy", "train samples/s", "train s",
                *(f"{s} s" for s in stage_names), "export: agreement / mean abs dp / int8 accuracy", "peak MiB",
@@ -268,7 +285,7 @@ def run_config(path: Path, wanted: set[str], out: Path, keep: bool, command: str
             source_copy = Path(f"{workspace}-source")
             added = source_with_speech(Path(base["ingest"]["source"]), source_copy, config["synthetic_speech"],
                                        base["audio"]["sample_rate"])
-            results["synthetic_speech"] = {**config["synthetic_speech"], "clips": added,
+            results["synthetic_speech"] = {"specs": config["synthetic_speech"], "clips": added,
                                            "source": base["ingest"]["source"]}
             print(f"[{name}] {added} synthetic clips added to a copy of {base['ingest']['source']}", file=sys.stderr)
             base["ingest"]["source"] = str(source_copy)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import FSDD, REPO
-from test_speechsynth import fake_espeak  # noqa: F401  (fixture: a stand-in espeak-ng on PATH)
+from test_speechsynth import fake_espeak, fake_flite  # noqa: F401  (fixtures: stand-in synthesizers on PATH)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import pipeline  # noqa: E402
@@ -62,26 +62,35 @@ def test_read_config_rejects_unknown_keys_and_duplicate_runs(tmp_path):
     with pytest.raises(SystemExit, match="unique"):
         pipeline.read_config(write_config(tmp_path / "b.yaml", {"name": "x", "runs": [{"name": "r"}, {"name": "r"}]}))
     assert [r["name"] for r in pipeline.read_config(write_config(tmp_path / "c.yaml", {"name": "x"}))["runs"]] == ["x"]
-    for bad in ({"voices": 0}, {"takes": 1}, {"voices": 2, "voice": 1}, [1]):
+    for bad in ({"voices": 0}, {"takes": 1}, {"voices": 2, "voice": 1}, [1], {"voices": 1, "synthesizer": "sam"},
+                [{"voices": 1}, {"takes": 2}]):
         with pytest.raises(SystemExit, match="synthetic_speech needs 'voices'"):
             pipeline.read_config(write_config(tmp_path / "d.yaml", {"name": "x", "synthetic_speech": bad}))
+    with pytest.raises(SystemExit, match="groups must differ"):
+        pipeline.read_config(write_config(tmp_path / "e.yaml", {"name": "x", "synthetic_speech": [{"voices": 1},
+                                                                                                  {"voices": 2}]}))
+    specs = pipeline.read_config(write_config(tmp_path / "f.yaml", {"name": "x", "synthetic_speech": [
+        {"voices": 3}, {"voices": 2, "synthesizer": "flite"}]}))["synthetic_speech"]
+    assert specs == [{**pipeline.SPEECH_DEFAULTS, "voices": 3, "group": "espeak"},
+                     {**pipeline.SPEECH_DEFAULTS, "voices": 2, "synthesizer": "flite", "group": "flite"}]
 
 
-def test_synthetic_speech_goes_into_a_copy_of_the_source(tmp_path, fake_espeak):  # noqa: F811
+def test_synthetic_speech_goes_into_a_copy_of_the_source(tmp_path, fake_espeak, fake_flite):  # noqa: F811
     """The dataset folder is copied, never written; the spoken words land beside its files, with their own fold."""
     source = tmp_path / "data"
     source.mkdir()
     (source / "3_george_0.wav").write_bytes(b"RIFF not really")
     before = sorted(source.iterdir())
-    added = pipeline.source_with_speech(source, tmp_path / "copy", {**pipeline.SPEECH_DEFAULTS, "voices": 2, "takes": 2,
-                                                                         "group": "tts"}, 8000)
-    assert added == 40 and sorted(source.iterdir()) == before
+    specs = [{**pipeline.SPEECH_DEFAULTS, "voices": 2, "takes": 2, "group": "tts"},
+             {**pipeline.SPEECH_DEFAULTS, "voices": 1, "synthesizer": "flite", "group": "flite"}]
+    added = pipeline.source_with_speech(source, tmp_path / "copy", specs, 8000)
+    assert added == 50 and sorted(source.iterdir()) == before
     names = {p.name for p in (tmp_path / "copy").iterdir()}
-    assert "3_george_0.wav" in names and "9_tts_3.wav" in names and len(names) == 41
+    assert {"3_george_0.wav", "9_tts_3.wav", "9_flite_0.wav"} <= names and len(names) == 51
     pattern = yaml.safe_load((CONFIGS / "fsdd_loso.yaml").read_text())["overrides"]["ingest"]["pattern"]
     assert re.fullmatch(pattern, "9_tts_3.wav").group("fold") == "tts"  # FSDD's pattern reads them
-    words = pipeline.source_with_speech(source, tmp_path / "yes", {**pipeline.SPEECH_DEFAULTS, "voices": 1,
-                                                                       "words": {"y": "yes"}}, 16000)
+    spec = {**pipeline.SPEECH_DEFAULTS, "voices": 1, "group": "espeak", "words": {"y": "yes"}}
+    words = pipeline.source_with_speech(source, tmp_path / "yes", [spec], 16000)
     assert words == 1 and (tmp_path / "yes" / "y_espeak_0.wav").is_file()
 
 
@@ -190,7 +199,7 @@ def test_runs_read_the_copy_with_synthetic_speech_and_it_is_removed_after(tmp_pa
     assert source != data and names == ["1_a_0.wav", "1_espeak_0.wav", "1_espeak_1.wav"] and not source.exists()
     results = json.loads((tmp_path / "out" / "v" / "results.json").read_text())
     assert results["synthetic_speech"]["clips"] == 2 and results["synthetic_speech"]["source"] == str(data)
-    assert f"Training data: 2 synthetic clips (`audiocnn speak`: 2 espeak-ng voices x 1 take(s), seed 0, fold " \
+    assert f"Training data: 2 synthetic clips (`audiocnn speak`: 2 espeak voices x 1 take(s), seed 0, fold " \
            f"`espeak`) added to a copy of {data}." in (tmp_path / "out" / "v" / "results.md").read_text()
     assert sorted(p.name for p in data.iterdir()) == ["1_a_0.wav"]
 

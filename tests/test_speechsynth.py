@@ -1,8 +1,8 @@
 """Synthetic spoken words (audiocnn.speechsynth, `audiocnn speak`): voices, names, trimming, errors.
 
-Most tests put a stand-in ``espeak-ng`` on PATH (a script that writes a tone whose pitch and
-length follow its -p and -s options), so they run without the synthesizer; one test uses the
-real espeak-ng where it is installed (CI installs it).
+Most tests put stand-ins for ``espeak-ng`` and ``flite`` on PATH (a script that writes a tone
+whose pitch and length follow the pitch and rate options), so they run without the
+synthesizers; two tests use the real ones where they are installed (CI installs them).
 """
 
 from __future__ import annotations
@@ -18,49 +18,104 @@ import soundfile as sf
 from audiocnn import cli, speechsynth
 from audiocnn.errors import DataError
 
-FAKE_ESPEAK = f"""#!{sys.executable}
-import io, sys
+FAKE_SYNTHESIZER = f"""#!{sys.executable}
+import io, os, sys
 import numpy as np, soundfile as sf
 args = sys.argv[1:]
-text = args[-1]
-pitch, speed = int(args[args.index("-p") + 1]), int(args[args.index("-s") + 1])
+if os.path.basename(sys.argv[0]) == "flite":  # flite -voice V -t TEXT -o /dev/stdout --setf f0_shift=F --setf ...=S
+    text, rate = args[args.index("-t") + 1], 16000
+    setf = dict(args[i + 1].split("=") for i, a in enumerate(args) if a == "--setf")
+    hz, seconds = 200 * float(setf["f0_shift"]), 0.1 * float(setf["duration_stretch"]) * len(text)
+else:  # espeak-ng -v V -p P -s S --stdout TEXT
+    text, rate = args[-1], 22050
+    pitch, speed = int(args[args.index("-p") + 1]), int(args[args.index("-s") + 1])
+    hz, seconds = 100 + 5 * pitch, 60.0 / speed * len(text) / 4
 if text == "fail":
     sys.stderr.write("voice not found")
     sys.exit(1)
-rate = 22050
 with open(sys.argv[0] + ".log", "a") as log:
     log.write(" ".join(args) + "\\n")
-t = np.arange(int(rate * 60.0 / speed * len(text) / 4)) / rate
-tone = 0.0 if text == "silence" else 0.5 * np.sin(2 * np.pi * (100 + 5 * pitch) * t)
-audio = np.concatenate([np.zeros(2205), np.zeros_like(t) + tone, np.zeros(4410)]).astype(np.float32)
+t = np.arange(int(rate * seconds)) / rate
+tone = 0.0 if text == "silence" else 0.5 * np.sin(2 * np.pi * hz * t)
+audio = np.concatenate([np.zeros(rate // 10), np.zeros_like(t) + tone, np.zeros(rate // 5)]).astype(np.float32)
 buffer = io.BytesIO()
 sf.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
 sys.stdout.buffer.write(buffer.getvalue())
 """
 
 
+def fake_program(tmp_path: Path, monkeypatch, name: str) -> Path:
+    """A stand-in synthesizer ``name`` first on PATH; returns its call log (one line of arguments per call)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / name
+    script.write_text(FAKE_SYNTHESIZER)
+    script.chmod(0o755)
+    if str(bin_dir) not in __import__("os").environ["PATH"]:
+        monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    return Path(f"{script}.log")
+
+
 @pytest.fixture
 def fake_espeak(tmp_path, monkeypatch) -> Path:
-    """A stand-in espeak-ng first on PATH; returns its call log (one line of arguments per call)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "espeak-ng"
-    script.write_text(FAKE_ESPEAK)
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
-    return Path(f"{script}.log")
+    """A stand-in espeak-ng first on PATH; returns its call log."""
+    return fake_program(tmp_path, monkeypatch, "espeak-ng")
+
+
+@pytest.fixture
+def fake_flite(tmp_path, monkeypatch) -> Path:
+    """A stand-in flite first on PATH; returns its call log."""
+    return fake_program(tmp_path, monkeypatch, "flite")
+
+
+def dominant_hz(audio: np.ndarray, rate: int) -> float:
+    """The frequency of the strongest FFT bin of (samples,) audio."""
+    spectrum = np.abs(np.fft.rfft(audio))
+    return float(np.fft.rfftfreq(audio.size, 1 / rate)[spectrum.argmax()])
 
 
 def test_voices_are_drawn_from_the_seed_within_the_ranges():
     voices = speechsynth.draw_voices(50, 2, seed=3)
     assert voices == speechsynth.draw_voices(50, 2, seed=3)
     assert voices != speechsynth.draw_voices(50, 2, seed=4)
-    assert all(v.accent in speechsynth.ACCENTS and v.variant in speechsynth.VARIANTS for v in voices)
+    assert all(v.synthesizer == "espeak" and v.size == 1.0 for v in voices)
+    assert all(v.name.split("+")[0] in speechsynth.ACCENTS and v.name.split("+")[1] in speechsynth.VARIANTS
+               for v in voices)
     assert all(speechsynth.PITCH[0] <= v.pitch < speechsynth.PITCH[1] and len(v.speeds) == 2 for v in voices)
     assert all(speechsynth.SPEED[0] <= s < speechsynth.SPEED[1] for v in voices for s in v.speeds)
     assert len({(v.name, v.pitch) for v in voices}) > 40  # distinct speakers, not one voice repeated
     with pytest.raises(ValueError, match="voices=0"):
         speechsynth.draw_voices(0, 1, seed=0)
+    with pytest.raises(ValueError, match="synthesizer 'festival'"):
+        speechsynth.draw_voices(1, 1, seed=0, synthesizer="festival")
+
+
+def test_flite_voices_draw_a_voice_pitch_rate_and_size_within_the_ranges():
+    voices = speechsynth.draw_voices(50, 3, seed=3, synthesizer="flite")
+    assert voices == speechsynth.draw_voices(50, 3, seed=3, synthesizer="flite")
+    assert {v.name for v in voices} == set(speechsynth.FLITE_VOICES) and all(v.synthesizer == "flite" for v in voices)
+    assert all(speechsynth.F0_SHIFT[0] <= v.pitch < speechsynth.F0_SHIFT[1] for v in voices)
+    assert all(speechsynth.SIZE[0] <= v.size < speechsynth.SIZE[1] for v in voices)
+    assert all(len(v.speeds) == 3 and all(speechsynth.STRETCH[0] <= s < speechsynth.STRETCH[1] for s in v.speeds)
+               for v in voices)
+    assert voices[0].command("one", 1.25) == ["flite", "-voice", voices[0].name, "-t", "one", "-o", "/dev/stdout",
+                                              "--setf", f"f0_shift={voices[0].pitch:.3f}",
+                                              "--setf", "duration_stretch=1.250"]
+
+
+def test_flite_clips_take_the_voice_size_as_a_pitch_and_formant_factor(tmp_path, fake_flite):
+    """The stand-in's tone is 200 Hz x f0_shift; resampled as if recorded at size x the rate, it moves by size."""
+    out = tmp_path / "synth"
+    assert speechsynth.write_words(out, {"7": "seven"}, voices=4, takes=1, sample_rate=8000, seed=5,
+                                   synthesizer="flite") == 4
+    voices = speechsynth.draw_voices(4, 1, seed=5, synthesizer="flite")
+    for i, voice in enumerate(voices):
+        audio, rate = sf.read(out / f"7_flite_{i}.wav", dtype="float32")
+        assert rate == 8000
+        assert dominant_hz(audio, rate) == pytest.approx(200 * voice.pitch * voice.size, abs=5)
+        stretched = 0.1 * round(voice.speeds[0], 3) * len("seven") / voice.size  # seconds of tone
+        assert audio.size / rate == pytest.approx(stretched + 0.02, abs=0.01)  # + the two 10 ms margins
+    assert fake_flite.read_text().splitlines()[0].split() == voices[0].command("seven", voices[0].speeds[0])[1:]
 
 
 def test_trim_keeps_a_margin_around_the_loud_part():
@@ -121,9 +176,13 @@ def test_a_missing_synthesizer_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(DataError, match="espeak-ng not found on PATH: install it"):
         speechsynth.write_words(tmp_path / "out", speechsynth.DIGITS, voices=1)
+    with pytest.raises(DataError, match=r"flite not found on PATH: install it \(Debian/Ubuntu: apt-get install flite"):
+        speechsynth.write_words(tmp_path / "out", speechsynth.DIGITS, voices=1, synthesizer="flite")
+    with pytest.raises(DataError, match="synthesizer 'sam'"):
+        speechsynth.write_words(tmp_path / "out", speechsynth.DIGITS, voices=1, synthesizer="sam")
 
 
-def test_speak_command(tmp_path, fake_espeak, capsys):
+def test_speak_command(tmp_path, fake_espeak, fake_flite, capsys):
     assert cli.main(["speak", str(tmp_path / "d"), "--voices", "2"]) == 0
     assert sorted(p.name for p in (tmp_path / "d").iterdir())[:3] == ["0_espeak_0.wav", "0_espeak_1.wav",
                                                                        "1_espeak_0.wav"]
@@ -132,10 +191,14 @@ def test_speak_command(tmp_path, fake_espeak, capsys):
                      "--group", "tts", "--rate", "16000"]) == 0
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["no_tts_0.wav", "yes_tts_0.wav"]
     assert sf.info(tmp_path / "w" / "yes_tts_0.wav").samplerate == 16000
+    assert cli.main(["speak", str(tmp_path / "f"), "--synth", "flite", "--words", "a=ay", "--voices", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["a_flite_0.wav", "a_flite_1.wav"]
     assert speechsynth.words_from("digits")["7"] == "seven"
     for bad in ("yes", "yes=", "=yes", ","):
         with pytest.raises(SystemExit):
             cli.main(["speak", str(tmp_path / "x"), "--words", bad])
+    with pytest.raises(SystemExit):
+        cli.main(["speak", str(tmp_path / "x"), "--synth", "festival"])
     with pytest.raises(SystemExit):
         cli.main(["speak", str(tmp_path / "x"), "--voices", "0"])
     capsys.readouterr()
@@ -150,4 +213,15 @@ def test_real_espeak_speaks_digits_of_speech_length(tmp_path):
     for path in tmp_path.iterdir():
         audio, rate = sf.read(path, dtype="float32")
         assert rate == 8000 and 0.15 < audio.size / rate < 1.2  # one word, silence trimmed
+        assert np.abs(audio).max() > 0.05
+
+
+@pytest.mark.skipif(shutil.which("flite") is None, reason="flite is not installed")
+def test_real_flite_speaks_digits_of_speech_length(tmp_path):
+    written = speechsynth.write_words(tmp_path, {"7": "seven", "1": "one"}, voices=3, sample_rate=8000, seed=0,
+                                      synthesizer="flite")
+    assert written == 6
+    for path in tmp_path.iterdir():
+        audio, rate = sf.read(path, dtype="float32")
+        assert rate == 8000 and 0.15 < audio.size / rate < 1.5  # one word, silence trimmed
         assert np.abs(audio).max() > 0.05

@@ -67,19 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=int, default=None, help="--stream sample rate, Hz (default: the model's)")
     p.add_argument("--channels", type=int, default=1, help="--stream channels, interleaved (default: 1)")
     p.set_defaults(handler=predict_command, subparser=p)
-    s = commands.add_parser("speak", help="synthesize spoken words in many voices (espeak-ng), for training data",
-                            description="Write every word spoken by --voices synthetic voices (espeak-ng accents, "
-                                        "voice variants, pitches and rates drawn from --seed) as "
-                                        "OUT/{label}_{group}_{index}.wav: more voices for a small speech dataset. "
-                                        "Use them for training only (a fold or group of their own).")
+    s = commands.add_parser("speak", help="synthesize spoken words in many voices (espeak-ng, flite) for training",
+                            description="Write every word spoken by --voices synthetic voices (espeak-ng accents and "
+                                        "voice variants, or flite voices, with pitches, rates and sizes drawn from "
+                                        "--seed) as OUT/{label}_{group}_{index}.wav: more voices for a small speech "
+                                        "dataset. Use them for training only (a fold or group of their own).")
     s.add_argument("out", type=Path, metavar="OUT", help="folder to write the WAVs into")
     s.add_argument("--words", default="digits",
                    help="'digits' (labels 0-9 spoken as zero..nine) or LABEL=TEXT pairs, comma-separated")
+    s.add_argument("--synth", default="espeak", choices=["espeak", "flite"],
+                   help="synthesizer: espeak (espeak-ng) or flite (default: espeak)")
     s.add_argument("--voices", type=int, default=64, help="synthetic voices (default: 64)")
     s.add_argument("--takes", type=int, default=1, help="speaking rates per voice (default: 1)")
     s.add_argument("--rate", type=int, default=8000, help="sample rate of the files, Hz (default: 8000)")
     s.add_argument("--seed", type=int, default=0, help="draws the voices (default: 0)")
-    s.add_argument("--group", default="espeak", help="the middle part of every file name (default: espeak)")
+    s.add_argument("--group", default="", help="the middle part of every file name (default: the synthesizer's name)")
     s.set_defaults(handler=speak_command, subparser=s)
     return parser
 
@@ -94,7 +96,8 @@ def speak_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except ValueError as err:
         parser.error(str(err))
     try:
-        written = speechsynth.write_words(args.out, words, args.voices, args.takes, args.rate, args.seed, args.group)
+        written = speechsynth.write_words(args.out, words, args.voices, args.takes, args.rate, args.seed, args.group,
+                                           args.synth)
     except (DataError, OSError) as err:
         print(f"audiocnn speak: error: {err}", file=sys.stderr)
         return 1

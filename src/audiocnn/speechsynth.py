@@ -1,11 +1,14 @@
-"""Spoken words from many synthetic voices (espeak-ng), to add voices to a small speech dataset.
+"""Spoken words from many synthetic voices (espeak-ng, flite), to add voices to a small speech dataset.
 
 A speech model that hears few speakers learns their voices along with the words: on FSDD
 (six speakers) the accuracy on an unheard voice climbs with every training voice (see
-benchmarks/RESULTS.md). espeak-ng, a formant synthesizer packaged by every Linux
-distribution, speaks any word in dozens of accents and voice variants at any pitch and rate;
-each drawn combination is one synthetic "speaker". The clips are meant for training only:
-put them in a fold or group of their own, never in a test set.
+benchmarks/RESULTS.md). Two synthesizers packaged by every Linux distribution make the voices:
+espeak-ng, a formant synthesizer, speaks any word in dozens of accents and voice variants at
+any pitch and rate; flite speaks with four voices built from recordings of real people (kal,
+awb, rms, slt), each drawn here with its own pitch, speaking rate and vocal-tract size (the
+clip played faster or slower, which moves pitch and formants together as a smaller or larger
+speaker would). Each drawn combination is one synthetic "speaker". The clips are meant for
+training only: put them in a fold or group of their own, never in a test set.
 
 Files are named ``{label}_{group}_{index}.wav`` (FSDD's ``{digit}_{speaker}_{index}.wav``), so
 an ``ingest.layout: pattern`` with ``(?P<label>..)_(?P<fold>..)_..`` reads them with the data.
@@ -29,7 +32,7 @@ from audiocnn.errors import DataError
 
 log = logging.getLogger(__name__)
 
-ESPEAK = "espeak-ng"
+SYNTHESIZERS = {"espeak": "espeak-ng", "flite": "flite"}  # name -> program (Debian/Ubuntu packages of the same names)
 DIGITS = {str(d): word for d, word in enumerate("zero one two three four five six seven eight nine".split())}
 # espeak-ng's English accents (voices/gmw) and voice variants (voices/!v) that speak clearly
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
@@ -38,25 +41,44 @@ VARIANTS = (tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1
                "belinda", "benjamin", "boris", "caleb", "david", "ed", "edward", "grandma", "grandpa", "iven", "john",
                "linda", "max", "michel", "norbert", "paul", "pedro", "robert", "steph", "victor"))
 PITCH = (20, 80)  # espeak-ng -p range drawn per voice (0-99, default 50)
-SPEED = (120, 200)  # words per minute drawn per take (default 175)
+SPEED = (120, 200)  # espeak-ng words per minute drawn per take (default 175)
+# flite's built-in English voices: kal16 (US male, diphones), awb (Scottish male), rms (US male), slt (US
+# female), the last three statistical voices of CMU ARCTIC speakers; awb_time only speaks times, kal is kal16 at 8 kHz
+FLITE_VOICES = ("kal16", "awb", "rms", "slt")
+F0_SHIFT = (0.75, 1.5)  # flite f0_shift (pitch factor) drawn per voice; rms keeps its pitch, its size still moves it
+STRETCH = (0.8, 1.3)  # flite duration_stretch (> 1 slower) drawn per take
+SIZE = (0.87, 1.15)  # playback-rate factor drawn per flite voice: pitch and formants x size, duration / size
 TRIM_FRACTION = 0.01  # samples below 1% of the peak at either end are silence
 MARGIN_SECONDS = 0.01  # kept before the first and after the last loud sample
-MISSING = f"{ESPEAK} not found on PATH: install it (Debian/Ubuntu: apt-get install espeak-ng)"
+
+
+def missing(synthesizer: str) -> str:
+    """The message for a synthesizer whose program is not on PATH."""
+    program = SYNTHESIZERS[synthesizer]
+    return f"{program} not found on PATH: install it (Debian/Ubuntu: apt-get install {program})"
 
 
 @dataclass(frozen=True)
 class Voice:
-    """One synthetic speaker: an accent, a voice variant and a pitch; ``speeds``: one rate per take."""
+    """One synthetic speaker of ``synthesizer``; ``speeds``: one speaking rate per take.
 
-    accent: str
-    variant: str
-    pitch: int
-    speeds: tuple[int, ...]
+    espeak: ``name`` accent+variant, ``pitch`` -p (0-99), speeds in words per minute;
+    flite: ``name`` a flite voice, ``pitch`` its f0_shift factor, speeds duration_stretch factors.
+    ``size``: the clip is resampled as if recorded at ``size`` times its rate (1.0: unchanged).
+    """
 
-    @property
-    def name(self) -> str:
-        """espeak-ng's ``-v`` argument."""
-        return f"{self.accent}+{self.variant}"
+    synthesizer: str
+    name: str
+    pitch: float
+    speeds: tuple[float, ...]
+    size: float = 1.0
+
+    def command(self, text: str, speed: float) -> list[str]:
+        """The synthesizer's command line writing a WAV of ``text`` to stdout."""
+        if self.synthesizer == "espeak":
+            return [SYNTHESIZERS["espeak"], "-v", self.name, "-p", str(self.pitch), "-s", str(speed), "--stdout", text]
+        return [SYNTHESIZERS["flite"], "-voice", self.name, "-t", text, "-o", "/dev/stdout",
+                "--setf", f"f0_shift={self.pitch:.3f}", "--setf", f"duration_stretch={speed:.3f}"]
 
 
 def words_from(spec: Union[str, Mapping[str, str]]) -> dict[str, str]:
@@ -79,29 +101,37 @@ def words_from(spec: Union[str, Mapping[str, str]]) -> dict[str, str]:
     return words
 
 
-def draw_voices(count: int, takes: int, seed: int) -> list[Voice]:
-    """``count`` voices, each with ``takes`` speaking rates, drawn from ``seed``."""
+def draw_voices(count: int, takes: int, seed: int, synthesizer: str = "espeak") -> list[Voice]:
+    """``count`` voices of ``synthesizer``, each with ``takes`` speaking rates, drawn from ``seed``."""
     if count < 1 or takes < 1:
         raise ValueError(f"voices={count} and takes={takes} must be >= 1")
+    if synthesizer not in SYNTHESIZERS:
+        raise ValueError(f"synthesizer {synthesizer!r}: expected one of {', '.join(SYNTHESIZERS)}")
     rng = np.random.default_rng(seed)
     voices = []
     for _ in range(count):
-        accent, variant = ACCENTS[rng.integers(len(ACCENTS))], VARIANTS[rng.integers(len(VARIANTS))]
-        pitch = int(rng.integers(*PITCH))
-        voices.append(Voice(accent, variant, pitch, tuple(int(rng.integers(*SPEED)) for _ in range(takes))))
+        if synthesizer == "espeak":
+            accent, variant = ACCENTS[rng.integers(len(ACCENTS))], VARIANTS[rng.integers(len(VARIANTS))]
+            pitch = int(rng.integers(*PITCH))
+            speeds = tuple(int(rng.integers(*SPEED)) for _ in range(takes))
+            voices.append(Voice(synthesizer, f"{accent}+{variant}", pitch, speeds))
+        else:
+            name, f0_shift = FLITE_VOICES[rng.integers(len(FLITE_VOICES))], float(rng.uniform(*F0_SHIFT))
+            speeds = tuple(float(rng.uniform(*STRETCH)) for _ in range(takes))
+            voices.append(Voice(synthesizer, name, f0_shift, speeds, size=float(rng.uniform(*SIZE))))
     return voices
 
 
-def speak(text: str, voice: Voice, speed: int, sample_rate: int) -> np.ndarray:
+def speak(text: str, voice: Voice, speed: float, sample_rate: int) -> np.ndarray:
     """(samples,) float32 at ``sample_rate``: ``text`` spoken by ``voice``, silence trimmed at both ends."""
     import soundfile as sf
     import soxr
 
-    command = [ESPEAK, "-v", voice.name, "-p", str(voice.pitch), "-s", str(speed), "--stdout", text]
+    command = voice.command(text, speed)
     try:
         done = subprocess.run(command, capture_output=True, check=True)
     except FileNotFoundError:
-        raise DataError(MISSING) from None
+        raise DataError(missing(voice.synthesizer)) from None
     except subprocess.CalledProcessError as err:
         raise DataError(f"{' '.join(command)} failed ({err.returncode}): {err.stderr.decode(errors='replace')[-300:]}"
                         ) from None
@@ -111,7 +141,8 @@ def speak(text: str, voice: Voice, speed: int, sample_rate: int) -> np.ndarray:
         raise DataError(f"{' '.join(command)}: output is not audio ({err})") from None
     if audio.ndim > 1:
         audio = audio.mean(axis=1)
-    audio = soxr.resample(audio, rate, sample_rate) if rate != sample_rate else audio
+    played_at = rate * voice.size if voice.size != 1.0 else rate  # Hz the samples are taken to be at
+    audio = soxr.resample(audio, played_at, sample_rate) if played_at != sample_rate else audio
     return trim(np.asarray(audio, dtype=np.float32), round(MARGIN_SECONDS * sample_rate))
 
 
@@ -125,16 +156,19 @@ def trim(audio: np.ndarray, margin: int) -> np.ndarray:
 
 
 def write_words(out: Path, words: Mapping[str, str], voices: int, takes: int = 1, sample_rate: int = 8000,
-                seed: int = 0, group: str = "espeak") -> int:
+                seed: int = 0, group: str = "", synthesizer: str = "espeak") -> int:
     """Every word of ``words`` (label -> text) by every drawn voice and take, as 16-bit WAVs in ``out``.
 
-    Files are ``{label}_{group}_{voice * takes + take}.wav``, each written atomically; returns
-    how many were written (a silent synthesis is skipped with a warning).
+    Files are ``{label}_{group}_{voice * takes + take}.wav`` (group "" = the synthesizer's name),
+    each written atomically; returns how many were written (a silent synthesis is skipped with a warning).
     """
     import soundfile as sf
 
-    if shutil.which(ESPEAK) is None:
-        raise DataError(MISSING)
+    group = group or synthesizer
+    if synthesizer not in SYNTHESIZERS:
+        raise DataError(f"synthesizer {synthesizer!r}: expected one of {', '.join(SYNTHESIZERS)}")
+    if shutil.which(SYNTHESIZERS[synthesizer]) is None:
+        raise DataError(missing(synthesizer))
     if not words:
         raise DataError("no words to speak")
     for kind, name in [*(("label", label) for label in words), ("group", group)]:
@@ -142,7 +176,7 @@ def write_words(out: Path, words: Mapping[str, str], voices: int, takes: int = 1
             raise DataError(f"{kind} {name!r}: must be non-empty, without '_' or '/' (it is part of the file name)")
     out.mkdir(parents=True, exist_ok=True)
     written = 0
-    for v, voice in enumerate(draw_voices(voices, takes, seed)):
+    for v, voice in enumerate(draw_voices(voices, takes, seed, synthesizer)):
         for t, speed in enumerate(voice.speeds):
             for label, text in words.items():
                 audio = speak(text, voice, speed, sample_rate)  # (samples,) float32
@@ -153,5 +187,6 @@ def write_words(out: Path, words: Mapping[str, str], voices: int, takes: int = 1
                 with fileio.atomic_path(path) as tmp:
                     sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
                 written += 1
-    log.info("%d clips of %d words by %d synthetic voices x %d takes in %s", written, len(words), voices, takes, out)
+    log.info("%d clips of %d words by %d %s voices x %d takes in %s", written, len(words), voices, synthesizer, takes,
+             out)
     return written
