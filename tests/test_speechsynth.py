@@ -191,14 +191,14 @@ def test_speak_command(tmp_path, fake_espeak, fake_flite, capsys):
                      "--group", "tts", "--rate", "16000"]) == 0
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["no_tts_0.wav", "yes_tts_0.wav"]
     assert sf.info(tmp_path / "w" / "yes_tts_0.wav").samplerate == 16000
-    assert cli.main(["speak", str(tmp_path / "f"), "--synth", "flite", "--words", "a=ay", "--voices", "2"]) == 0
+    assert cli.main(["speak", str(tmp_path / "f"), "--synthesizer", "flite", "--words", "a=ay", "--voices", "2"]) == 0
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["a_flite_0.wav", "a_flite_1.wav"]
     assert speechsynth.words_from("digits")["7"] == "seven"
     for bad in ("yes", "yes=", "=yes", ","):
         with pytest.raises(SystemExit):
             cli.main(["speak", str(tmp_path / "x"), "--words", bad])
     with pytest.raises(SystemExit):
-        cli.main(["speak", str(tmp_path / "x"), "--synth", "festival"])
+        cli.main(["speak", str(tmp_path / "x"), "--synthesizer", "festival"])
     with pytest.raises(SystemExit):
         cli.main(["speak", str(tmp_path / "x"), "--voices", "0"])
     capsys.readouterr()

@@ -35,6 +35,8 @@ CSV_COLUMNS = ["path", "kind", "start_s", "end_s", "label", "probability", "top"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from audiocnn.speechsynth import SYNTHESIZERS
+
     parser = argparse.ArgumentParser(prog="audiocnn", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("predict", help="classify audio files, folders or a live PCM stream",
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path, metavar="OUT", help="folder to write the WAVs into")
     s.add_argument("--words", default="digits",
                    help="'digits' (labels 0-9 spoken as zero..nine) or LABEL=TEXT pairs, comma-separated")
-    s.add_argument("--synth", default="espeak", choices=["espeak", "flite"],
+    s.add_argument("--synthesizer", default="espeak", choices=list(SYNTHESIZERS),
                    help="synthesizer: espeak (espeak-ng) or flite (default: espeak)")
     s.add_argument("--voices", type=int, default=64, help="synthetic voices (default: 64)")
     s.add_argument("--takes", type=int, default=1, help="speaking rates per voice (default: 1)")
@@ -97,7 +99,7 @@ def speak_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(str(err))
     try:
         written = speechsynth.write_words(args.out, words, args.voices, args.takes, args.rate, args.seed, args.group,
-                                           args.synth)
+                                           args.synthesizer)
     except (DataError, OSError) as err:
         print(f"audiocnn speak: error: {err}", file=sys.stderr)
         return 1
