@@ -108,6 +108,21 @@ def timed(cmd: Sequence[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
             "system_seconds": round(usage["system_seconds"], 2), "output": proc.stdout}
 
 
+def warm_memory(gigabytes: float) -> float:
+    """Touch ``gigabytes`` of fresh memory in a child process (freed as it exits); seconds it took.
+
+    Some virtual machines back their memory only when the guest first touches a page: on the
+    2-core Firecracker guests of RESULTS.md, 3.6 GB took 23 s to touch the first time and 0.2 s
+    once touched before. A stage that writes hundreds of MB into the page cache then pays that
+    cost in kernel time, or not, depending on which free pages the kernel hands it; touching
+    more than the runs will use before timing them takes that luck out of the comparison.
+    """
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({int(gigabytes * 1e9)}, numpy.uint8)"],
+                   check=True)
+    return time.perf_counter() - start
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -1,7 +1,7 @@
 """Feature throughput: clips/s of the normalize and spectrogram stages against the seed notebook and plain librosa.
 
     python benchmarks/features.py [--synthetic 30000] [--seed-clips 300] [--plain-clips 3000] [--repeats 3] [--ceiling-seconds 2]
-                                  [--set spectrogram.images=false]
+                                  [--set spectrogram.images=false] [--warm-memory GB]
 
 On FSDD (read in place) and on ``--synthetic`` generated clips (FSDD-sized, in a temp folder),
 in the same run and on the same files:
@@ -19,6 +19,10 @@ in the same run and on the same files:
   about ``--ceiling-seconds``) in one process alone, then in as many processes at once as the
   largest worker count; N x (time alone) / (time of N at once). On a shared virtual machine the
   cores are not always all ours, and no stage can scale better than this.
+
+``--warm-memory GB`` first touches that much fresh memory in a child process (``common.warm_memory``):
+on a virtual machine that backs guest memory only on first touch, the stages' page-cache
+writes otherwise pay for it in kernel time by luck of which free pages they get.
 
 Ratios compare rates measured in the same run. Outputs go to a temporary folder only.
 """
@@ -203,6 +207,9 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
               f"{results['repeats']} runs, feature cache off, "
               f"{'params set: ' + ', '.join(results['set']) if results.get('set') else 'PNGs on'}; "
               "'both' = clips / (normalize s + spectrogram s)."]
+    if results.get("warm_memory"):
+        warm = results["warm_memory"]
+        lines.append(f"Memory warmed first: {warm['gigabytes']:g} GB touched in {warm['seconds']:.1f} s.")
     for name, r in results["datasets"].items():
         workers = sorted(r["ours"], key=int)
         if len(workers) > 1:
@@ -247,12 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of the machine-ceiling loop per repeat (0 to skip)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params key of our stages, e.g. spectrogram.images=false (repeatable)")
+    parser.add_argument("--warm-memory", type=float, default=0.0, metavar="GB",
+                        help="touch this much fresh memory before the runs (0: don't)")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "features")
     args = parser.parse_args(argv)
     command = "python benchmarks/features.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tmp = Path(tempfile.mkdtemp(prefix="audiocnn-features-", dir=args.workdir))
     results: dict[str, Any] = {"repeats": args.repeats, "datasets": {}, "set": args.set}
+    if args.warm_memory > 0:
+        results["warm_memory"] = {"gigabytes": args.warm_memory, "seconds": common.warm_memory(args.warm_memory)}
     try:
         if str(args.fsdd) not in ("", ".") and args.fsdd.is_dir():
             results["datasets"]["FSDD"] = measure(

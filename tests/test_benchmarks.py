@@ -28,8 +28,9 @@ def test_features_runner_writes_its_table(tmp_path):
     out = tmp_path / "out"
     assert features.main(["--fsdd", "", "--synthetic", "20", "--seed-clips", "2", "--plain-clips", "4",
                           "--repeats", "2", "--workers", "1,2", "--ceiling-seconds", "0.05", "--workdir", str(tmp_path),
-                          "--set", "spectrogram.images=false", "--out", str(out)]) == 0
+                          "--set", "spectrogram.images=false", "--warm-memory", "0.01", "--out", str(out)]) == 0
     text = (out / "results.md").read_text()
+    assert "Memory warmed first: 0.01 GB touched in " in text
     assert "| synthetic 20 | 20 | ours, 1 worker(s) |" in text and "seed notebook" in text and "Scaling on" in text
     assert "per repeat (runs side by side)" in text and "Machine ceiling on synthetic 20" in text
     assert "CPU on synthetic 20, user / system (kernel) seconds" in text and "2 worker(s) normalize " in text
