@@ -87,7 +87,7 @@ def speech_specs(path: Path, speech: Any) -> list[dict[str, Any]]:
     specs = []
     for spec in speech if isinstance(speech, list) else [speech]:
         if (not isinstance(spec, dict) or set(spec) - SPEECH_KEYS or not isinstance(spec.get("voices"), int)
-                or spec["voices"] < 1 or spec.get("synthesizer", "espeak") not in SYNTHESIZERS):
+                or spec["voices"] < 1 or spec.get("synthesizer", SPEECH_DEFAULTS["synthesizer"]) not in SYNTHESIZERS):
             raise SystemExit(f"{path}: synthetic_speech needs 'voices' (an integer >= 1) and may have "
                              f"{', '.join(sorted(SPEECH_KEYS - {'voices'}))} (synthesizer: "
                              f"{' or '.join(SYNTHESIZERS)}), got {spec!r}")

@@ -7,6 +7,7 @@ synthesizers; two tests use the real ones where they are installed (CI installs 
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -51,8 +52,8 @@ def fake_program(tmp_path: Path, monkeypatch, name: str) -> Path:
     script = bin_dir / name
     script.write_text(FAKE_SYNTHESIZER)
     script.chmod(0o755)
-    if str(bin_dir) not in __import__("os").environ["PATH"]:
-        monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    if str(bin_dir) not in os.environ["PATH"]:
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return Path(f"{script}.log")
 
 
