@@ -277,3 +277,26 @@ def test_an_ensemble_exports_like_one_network(tmp_path):
     pipeline = classifier.predict(np.stack([log_mel(w, SAMPLE_RATE, pre.spectrogram) for w in windows])[..., None],
                                   verbose=0)
     np.testing.assert_allclose(runner(segments), pipeline, atol=1e-5)
+
+
+def test_a_warp_average_exports_like_one_network(tmp_path):
+    """model.test_warps saves a Keras model of stock layers (fixed Dense warps, a floor fill, Average): TFLite matches it."""
+    from audiocnn import models
+    from audiocnn.spectrogram import log_mel
+
+    pre = preprocess()
+    rng = np.random.default_rng(5)
+    norm = rng.normal(-40.0, 12.0, (4, pre.window_frames, pre.spectrogram.n_mels)).astype(np.float32)
+    shape = (pre.window_frames, pre.spectrogram.n_mels, 1)
+    network = models.build(models.ModelParams("cnn", 8, 0.1, True, 0, 1), 3, shape, norm)
+    classifier = models.warp_average(network, (0.9, 1.0, 1.1), "cnn_warped")
+    wave_model, _ = frontend.waveform_models(classifier, pre)
+    wave_model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
+    runner = TFLiteRunner(export.to_tflite(tmp_path / "saved"))
+    windows = (rng.normal(size=(2, pre.window_samples)) * 0.1).astype(np.float32)
+    segments = np.stack([predict.waveform_segment(w, 0, pre) for w in windows])
+    pipeline = classifier.predict(np.stack([log_mel(w, SAMPLE_RATE, pre.spectrogram) for w in windows])[..., None],
+                                  verbose=0)
+    np.testing.assert_allclose(runner(segments), pipeline, atol=1e-5)
+    assert not np.allclose(pipeline, network.predict(
+        np.stack([log_mel(w, SAMPLE_RATE, pre.spectrogram) for w in windows])[..., None], verbose=0), atol=1e-5)

@@ -18,9 +18,12 @@ WINDOW = (101, 64, 1)  # 1.0 s at 16 kHz, hop 160, 64 mels
 
 def test_real_section_validates_and_bad_values_name_the_key(params):
     assert load_section(params, "model", ModelParams).arch == "cnn"
-    for key, value in [("arch", "resnet"), ("dropout", 1.0), ("width", 0), ("lifter", -1), ("members", 0)]:
+    for key, value in [("arch", "resnet"), ("dropout", 1.0), ("width", 0), ("lifter", -1), ("members", 0),
+                       ("test_warps", [0.3]), ("test_warps", [0.9, 0.9]), ("test_warps", 1.1)]:
         with pytest.raises(ParamsError, match=f"model.{key}"):
             load_section({"model": {**params["model"], key: value}}, "model", ModelParams)
+    with pytest.raises(ParamsError, match="model.test_warps.*cnn"):
+        load_section({"model": {**params["model"], "arch": "seed", "test_warps": [1.1]}}, "model", ModelParams)
 
 
 def test_cnn_size_and_output_at_the_default_width():
@@ -48,7 +51,7 @@ def test_band_norm_makes_the_cnn_blind_to_a_fixed_spectral_colouring():
     np.testing.assert_allclose(banded.predict(x + colour, verbose=0), banded.predict(x, verbose=0), atol=1e-5)
     assert np.abs(plain.predict(x + colour, verbose=0) - plain.predict(x, verbose=0)).max() > 1e-4
     assert models.build(load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": True,
-                                                "lifter": 0, "members": 1}},
+                                                "lifter": 0, "members": 1, "test_warps": []}},
                                      "model", ModelParams), 3, (20, 8, 1), sample).get_layer("band_mean")
 
 
@@ -73,7 +76,7 @@ def test_lifter_in_the_cnn_is_fixed_and_makes_it_blind_to_the_ripple(tmp_path):
     x = rng.normal(-50, 10, (3, 20, 16, 1)).astype(np.float32)
     ripple = (6.0 * np.cos(np.pi * 14 * (np.arange(16) + 0.5) / 16)).reshape(1, 1, 16, 1).astype(np.float32)
     params = load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": False, "lifter": 6,
-                                    "members": 1}},
+                                    "members": 1, "test_warps": []}},
                           "model", ModelParams)
     model = models.build(params, 3, (20, 16, 1), sample)
     np.testing.assert_allclose(model.predict(x + ripple, verbose=0), model.predict(x, verbose=0), atol=1e-5)
@@ -148,3 +151,40 @@ def test_an_ensemble_averages_its_networks_and_reloads(tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), each.mean(axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 2.0])
+def test_warp_matrix_is_the_training_frequency_warp(factor):
+    """frame @ kernel + fill * floor equals augment.scale_axis (training's freq_warp) at that factor."""
+    import tensorflow as tf
+
+    from audiocnn import augment
+
+    x = np.random.default_rng(6).normal(-50, 10, (20, 40)).astype(np.float32)  # (frames, n_mels) dB
+    kernel, fill = models.warp_matrix(40, factor)
+    expected = augment.scale_axis(tf.constant(x), factor, 1).numpy()
+    np.testing.assert_allclose(x @ kernel + fill * x.min(), expected, atol=1e-4)
+    assert fill.any() == (factor < 1.0)  # a shrinking warp leaves the top bins to the floor
+
+
+def test_warp_average_means_the_network_over_warped_windows_and_reloads(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from audiocnn import augment
+
+    rng = np.random.default_rng(7)
+    sample = rng.normal(-50, 10, (4, 20, 16)).astype(np.float32)
+    x = rng.normal(-50, 10, (5, 20, 16, 1)).astype(np.float32)
+    net = models.build(ModelParams("cnn", 8, 0.0, True, 0, 1), 3, (20, 16, 1), sample)
+    warps = (0.9, 1.0, 1.1)
+    model = models.warp_average(net, warps, "cnn_warped")
+    each = [net.predict(np.stack([augment.scale_axis(tf.constant(w[..., 0]), f, 1).numpy() for w in x])[..., None],
+                        verbose=0) for f in warps]
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+    assert not np.allclose(each[0], each[1], atol=1e-4)  # the warps do change what the network sees
+    assert model.input_shape == net.input_shape and model.output_shape == net.output_shape
+    assert [w.shape for w in model.trainable_weights] == [w.shape for w in net.trainable_weights]  # warps: fixed
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)

@@ -95,7 +95,16 @@ def stretch(x: "tf.Tensor", seed: "tf.Tensor", max_fraction: float, axis: int) -
     """
     import tensorflow as tf
 
-    factor = tf.random.stateless_uniform([], seed, 1.0 - max_fraction, 1.0 + max_fraction)
+    return scale_axis(x, tf.random.stateless_uniform([], seed, 1.0 - max_fraction, 1.0 + max_fraction), axis)
+
+
+def scale_axis(x: "tf.Tensor", factor: "tf.Tensor | float", axis: int) -> "tf.Tensor":
+    """``stretch`` by a given factor: (frames, n_mels) dB resized along ``axis`` (axis 1 keeps n_mels bins).
+
+    ``models.warp_matrix`` is the same frequency warp (axis 1) as a fixed matrix, for test-time warps.
+    """
+    import tensorflow as tf
+
     frames, n_mels = tf.shape(x)[0], tf.shape(x)[1]
     size = tf.maximum(1, tf.cast(tf.round(tf.cast(tf.shape(x)[axis], tf.float32) * factor), tf.int32))
     shape = tf.stack([size, n_mels] if axis == 0 else [frames, size])

@@ -11,13 +11,15 @@ softmax; ~580k parameters and ~60M multiply-adds per 101 x 64 window at width 32
 each from its own initial weights, shuffle and augmentation, with its own early stopping) and
 saved as one model that outputs the mean of their probabilities (``ensemble``): it averages away
 part of what one training seed decides.
+``test_warps``: the saved model averages over frequency-warped copies of each window
+(``warp_average``: test-time augmentation with training's freq_warp at fixed factors).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Mapping
+from typing import TYPE_CHECKING, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 Arch = Literal["cnn", "seed"]
 MAX_MEMBERS = 8
 MEMBER_PREFIX = "member"  # the ensemble's networks are layers member0, member1, ...
+WARP_RANGE = (0.5, 2.0)  # test_warps: mel-axis scale factors allowed
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,18 @@ class ModelParams:
     band_norm: bool  # cnn: subtract each mel band's mean over the window (removes a microphone's colouring)
     lifter: int  # cnn: keep each frame's first `lifter` cepstral coefficients (spectral envelope); 0 = off
     members: int  # networks averaged (an ensemble), each trained alone from its own seed; 1 = one
+    test_warps: tuple[float, ...] = ()  # cnn: mel-axis scale factors whose predictions the saved model averages
 
     def __post_init__(self) -> None:
         check(4 <= self.width <= 512, "width", self.width, "must be within 4..512")
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         check(self.lifter >= 0, "lifter", self.lifter, "must be >= 0 (0 = off)")
         check(1 <= self.members <= MAX_MEMBERS, "members", self.members, f"must be within 1..{MAX_MEMBERS}")
+        warps = list(self.test_warps)
+        check(all(WARP_RANGE[0] <= f <= WARP_RANGE[1] for f in warps), "test_warps", warps,
+              f"factors must be within {WARP_RANGE[0]}..{WARP_RANGE[1]}")
+        check(len(set(warps)) == len(warps), "test_warps", warps, "must not repeat a factor")
+        check(not warps or self.arch == "cnn", "test_warps", warps, "needs model.arch cnn (log-mel input)")
 
 
 def model_input(arch: str, row: Mapping[str, str], *, features_dir: str | Path, images_dir: str | Path,
@@ -98,6 +107,63 @@ def ensemble(networks: list["keras.Model"], name: str) -> "keras.Model":
     inputs = keras.Input(shape=networks[0].input_shape[1:], name=networks[0].inputs[0].name)
     outputs = layers.Average(name="mean_probabilities")([net(inputs) for net in networks])
     return keras.Model(inputs, outputs, name=name)
+
+
+def warp_matrix(n_mels: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """A frequency warp as fixed weights: ``frame @ kernel + fill * floor`` = ``augment.scale_axis(frame, factor, 1)``.
+
+    kernel (n_mels, n_mels) float32: bilinear resampling of the mel axis to round(n_mels * factor)
+    bins (tf.image.resize with half-pixel centres), cut to n_mels; fill (n_mels,) float32: 1 for the
+    bins a shrinking warp leaves empty, which training's warp fills with the window's floor (minimum).
+    """
+    size = max(1, int(np.round(np.float32(n_mels) * np.float32(factor))))
+    scale = np.float32(n_mels) / np.float32(size)
+    kernel = np.zeros((n_mels, n_mels), np.float64)
+    for out in range(min(size, n_mels)):
+        source = (out + 0.5) * scale - 0.5  # position on the input's mel axis
+        lower, upper = max(int(np.floor(source)), 0), min(int(np.ceil(source)), n_mels - 1)
+        frac = source - np.floor(source)
+        kernel[lower, out] += 1.0 - frac
+        kernel[upper, out] += frac
+    fill = (np.arange(n_mels) >= size).astype(np.float32)
+    return kernel.astype(np.float32), fill
+
+
+def warp_average(model: "keras.Model", warps: Sequence[float], name: str) -> "keras.Model":
+    """One model whose output is the mean of ``model``'s probabilities over frequency-warped copies of its input.
+
+    Test-time augmentation for ``model.test_warps``: the warps training draws from
+    (``train.augment.freq_warp``, a vocal-tract-length perturbation), here a fixed few, so a voice
+    is judged as if its vocal tract were a little longer or shorter too. Each warp is a fixed
+    matrix product (``warp_matrix``) and a floor fill from the window's minimum; stock layers only
+    (Dense, Reshape, Rescaling, GlobalMaxPooling2D, Permute, Add, Average), so safe-mode loading
+    and TFLite conversion need nothing custom.
+    """
+    import keras
+    from keras import layers
+
+    frames, n_mels = model.input_shape[1], model.input_shape[2]
+    inputs = keras.Input(shape=model.input_shape[1:], name=model.inputs[0].name)  # (batch, frames, n_mels, 1) dB
+    flat = layers.Reshape((frames, n_mels), name="warp_frames")(inputs)
+    minus_floor = layers.GlobalMaxPooling2D(keepdims=True, name="warp_minus_floor")(
+        layers.Rescaling(-1.0, name="warp_negate")(inputs))  # (batch, 1, 1, 1): -min of the window
+    outputs = []
+    for k, factor in enumerate(warps):
+        if factor == 1.0:
+            outputs.append(model(inputs))
+            continue
+        kernel, fill = warp_matrix(n_mels, factor)
+        warp = layers.Dense(n_mels, use_bias=False, trainable=False, name=f"warp{k}")
+        x = layers.Reshape((frames, n_mels, 1), name=f"warp{k}_out")(warp(flat))  # (batch, frames, n_mels, 1)
+        warp.set_weights([kernel])
+        if fill.any():
+            floor = layers.Dense(n_mels, use_bias=False, trainable=False, name=f"warp{k}_fill")
+            filled = layers.Permute((1, 3, 2), name=f"warp{k}_fill_bins")(floor(minus_floor))  # (batch, 1, n_mels, 1)
+            floor.set_weights([-fill[np.newaxis, :]])
+            x = layers.Add(name=f"warp{k}_filled")([x, filled])
+        outputs.append(model(x))
+    mean = layers.Average(name="mean_over_warps")(outputs) if len(outputs) > 1 else outputs[0]
+    return keras.Model(inputs, mean, name=name)
 
 
 def lifter_matrix(n_mels: int, keep: int) -> np.ndarray:

@@ -10,6 +10,8 @@ weights as sample weights, early stopping on val_loss that restores the best wei
 ``model.members`` > 1: that many networks trained one after another, network k exactly as one
 network would be with train.seed + k (initial weights, shuffles, augmentation), each with its own
 early stopping and backup; the saved model averages their probabilities (models.ensemble).
+``model.test_warps``: the saved model averages over frequency-warped copies of its input
+(models.warp_average); training is unchanged, and the val scores in metrics/train.json are the saved model's.
 """
 
 from __future__ import annotations
@@ -255,6 +257,9 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
             history = member_history(fits)
             average = val_scores(model, val_ds, params) if members > 1 else None  # the saved ensemble's
             metrics = train_metrics(history, model, average)
+            if model_params.test_warps:
+                model = models.warp_average(model, model_params.test_warps, f"{model.name}_warped")
+                metrics = warped_metrics(metrics, val_scores(model, val_ds, params))
             # Timings vary run to run: MLflow and a side file, never metrics/train.json (kept byte-reproducible).
             timing = {"samples_per_second": round(sum(fit.samples_per_second for fit in fits) / members, 1),
                       "train_seconds": round(sum(fit.seconds for fit in fits), 1)}  # all networks' fits
@@ -356,6 +361,18 @@ def train_metrics(history: pd.DataFrame, model: "keras.Model",
     loss, accuracy = average
     return {"best_val_loss": loss, "best_val_accuracy": accuracy, "epochs_run": len(history),
             "parameters": int(model.count_params()), "members": each}
+
+
+def warped_metrics(metrics: Mapping[str, Any], warped: tuple[float, float]) -> dict[str, Any]:
+    """``metrics`` of the saved model when it averages over test-time warps (``model.test_warps``).
+
+    best_val_loss and best_val_accuracy become the saved model's, ``warped`` (loss, accuracy) on the
+    same val batches; the trained network's own stay under ``without_warps``.
+    """
+    loss, accuracy = warped
+    return {**metrics, "best_val_loss": loss, "best_val_accuracy": accuracy,
+            "without_warps": {"best_val_loss": metrics["best_val_loss"],
+                              "best_val_accuracy": metrics["best_val_accuracy"]}}
 
 
 def epoch_logger(n_train: int, epochs: int) -> Any:
