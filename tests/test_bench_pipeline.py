@@ -112,6 +112,11 @@ def test_summary_and_markdown():
     text = "\n".join(pipeline.markdown(results, "python benchmarks/pipeline.py t.yaml"))
     assert "| a | 0.9000 | 0.8000 | 10 | 3 | 0.8500 | 500 | 60 | 1.0 | 70.0* | - | 900 | 1.0 / 2.0 |" in text
     assert "Mean best validation accuracy over 2 runs: 0.9000." in text
+    warped = {k: {**r, "val_accuracy_without_warps": r["best_val_accuracy"] - 0.01} for k, r in runs.items()}
+    summary = pipeline.summarize(warped)
+    assert summary["val_accuracy_without_warps_mean"] == pytest.approx(0.89)
+    warped_text = "\n".join(pipeline.markdown({**results, "runs": warped, "summary": summary}, "python t"))
+    assert "validation accuracy over 2 runs: 0.9000 (0.8900 without the test-time warps" in warped_text
     assert "| 1.000 / 2.6e-06 / 0.9800 |" in text
     assert "**0.9500** (std 0.0500)" in text and "About t." in text and "`python benchmarks/pipeline.py t.yaml`" in text
 
