@@ -1,6 +1,7 @@
 """Prediction speed: warm latency of one 1-second clip, and the command's cold start; a Markdown table.
 
     python benchmarks/predict.py [--model models] [--tflite export/model.tflite] [--runs 50] [--cold 5]
+                                 [--test-warps 0.95,1.0,1.05]
 
 Warm: in one process, the model loaded once, the median over ``--runs`` calls of
 ``predict.predict_file`` on a 1 s clip (decode, normalize, windows, model) and of the model
@@ -8,7 +9,8 @@ call alone. Cold: ``audiocnn predict CLIP --format json`` as a fresh process, sp
 (imports, model load, first result), median of ``--cold`` runs; the .tflite rows use
 ai_edge_litert when it is importable (e.g. PYTHONPATH), else tf.lite. Without --model/--tflite an
 untrained cnn of the size params.yaml trains (model.width, train.window_seconds) is built and
-exported in a temporary folder: speed does not depend on the weights.
+exported in a temporary folder: speed does not depend on the weights; ``--test-warps`` (default
+params.yaml's model.test_warps) wraps it as model.test_warps does (one network pass per factor).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_models(root: Path) -> tuple[Path, Path]:
-    """An untrained params.yaml-sized cnn in root/models and its float + int8 TFLite exports in root/export."""
+def build_models(root: Path, test_warps: tuple[float, ...] | None = None) -> tuple[Path, Path]:
+    """An untrained params.yaml-sized cnn in root/models and its float + int8 TFLite exports in root/export.
+
+    ``test_warps``: the saved model averages over these warps (None: params.yaml's model.test_warps).
+    """
     from audiocnn import config, data, fileio, frontend, models, predict, train
     from audiocnn.audio import AudioParams
     from audiocnn.export import to_tflite
@@ -45,6 +50,9 @@ def build_models(root: Path) -> tuple[Path, Path]:
     labels = ["background", "chainsaw", "engine", "storm"]
     norm = np.random.default_rng(0).normal(-40, 12, (8, frames, spec.n_mels)).astype(np.float32)
     model = models.build_cnn(len(labels), (frames, spec.n_mels, 1), params["model"]["width"], 0.3, norm)
+    warps = tuple(params["model"].get("test_warps", ())) if test_warps is None else test_warps
+    if warps:
+        model = models.warp_average(model, warps, "cnn_warped")
     raw_pre = {"audio": config.to_dict(audio), "spectrogram": config.to_dict(spec), "window_seconds": window_s,
                "normalize": config.to_dict(config.load_section(params, "normalize", NormalizeParams)),
                "window_frames": frames, "arch": "cnn"}
@@ -123,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tflite", type=Path, help="float .tflite with export.json beside it (default: build)")
     parser.add_argument("--runs", type=int, default=50, help="warm runs (median)")
     parser.add_argument("--cold", type=int, default=5, help="cold-start runs (median)")
+    parser.add_argument("--test-warps", type=lambda text: tuple(float(f) for f in text.split(",") if f),
+                        help="built model: comma-separated model.test_warps factors ('' = none; default params.yaml's)")
     parser.add_argument("--warm-only", nargs=3, metavar=("MODEL", "CLIP", "RUNS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warm_only:
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="audiocnn-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if args.model is None or args.tflite is None:
-            built_model, built_tflite = build_models(tmp)
+            built_model, built_tflite = build_models(tmp, args.test_warps)
             args.model, args.tflite = args.model or built_model, args.tflite or built_tflite
         int8 = args.tflite.with_name("model_int8.tflite")
         clip = tmp / "clip.wav"

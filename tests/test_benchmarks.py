@@ -125,3 +125,13 @@ def test_training_runner_end_to_end(tmp_path):
     assert bench("training").main(["--archs", "cnn", "--clips", "30", "--epochs", "1", "--fsdd-target", "0",
                                    "--workdir", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     assert "| cnn |" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_predict_runner_writes_its_table(capsys):
+    """benchmarks/predict.py (smoke): builds the untrained cnn with test-time warps, exports it, times each runtime."""
+    predict_bench = bench("predict")
+    assert predict_bench.main(["--runs", "2", "--cold", "1", "--test-warps", "0.95,1.0,1.05"]) == 0
+    table = capsys.readouterr().out
+    assert "| keras (models) |" in table and "| tflite float32 (model.tflite) |" in table
+    assert "| tflite int8 (model_int8.tflite) |" in table and "--test-warps 0.95,1.0,1.05" in table
