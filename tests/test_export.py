@@ -257,10 +257,25 @@ def test_a_split_clip_missing_from_the_normalized_clips_is_named(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+def tflite_against_keras(classifier, pre, rng, tmp_path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two random 1-window clips through ``classifier``'s float TFLite waveform model and through the Keras pipeline.
+
+    Returns (TFLite probabilities, Keras probabilities, the log-mel windows (2, frames, n_mels, 1) Keras saw).
+    """
+    from audiocnn.spectrogram import log_mel
+
+    wave_model, _ = frontend.waveform_models(classifier, pre)
+    wave_model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
+    runner = TFLiteRunner(export.to_tflite(tmp_path / "saved"))
+    windows = (rng.normal(size=(2, pre.window_samples)) * 0.1).astype(np.float32)
+    segments = np.stack([predict.waveform_segment(w, 0, pre) for w in windows])
+    logmel = np.stack([log_mel(w, SAMPLE_RATE, pre.spectrogram) for w in windows])[..., None]
+    return runner(segments), classifier.predict(logmel, verbose=0), logmel
+
+
 def test_an_ensemble_exports_like_one_network(tmp_path):
     """model.members > 1 saves one Keras model (nested networks, Average): the float TFLite matches it."""
     from audiocnn import models
-    from audiocnn.spectrogram import log_mel
 
     pre = preprocess()
     rng = np.random.default_rng(4)
@@ -269,20 +284,13 @@ def test_an_ensemble_exports_like_one_network(tmp_path):
     shape = (pre.window_frames, pre.spectrogram.n_mels, 1)
     classifier = models.ensemble([models.build(params, 3, shape, norm, name=models.member_name(k)) for k in range(2)],
                                  "cnn_ensemble")
-    wave_model, _ = frontend.waveform_models(classifier, pre)
-    wave_model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
-    runner = TFLiteRunner(export.to_tflite(tmp_path / "saved"))
-    windows = (rng.normal(size=(2, pre.window_samples)) * 0.1).astype(np.float32)
-    segments = np.stack([predict.waveform_segment(w, 0, pre) for w in windows])
-    pipeline = classifier.predict(np.stack([log_mel(w, SAMPLE_RATE, pre.spectrogram) for w in windows])[..., None],
-                                  verbose=0)
-    np.testing.assert_allclose(runner(segments), pipeline, atol=1e-5)
+    tflite, pipeline, _ = tflite_against_keras(classifier, pre, rng, tmp_path)
+    np.testing.assert_allclose(tflite, pipeline, atol=1e-5)
 
 
 def test_a_warp_average_exports_like_one_network(tmp_path):
     """model.test_warps saves a Keras model of stock layers (fixed Dense warps, a floor fill, Average): TFLite matches it."""
     from audiocnn import models
-    from audiocnn.spectrogram import log_mel
 
     pre = preprocess()
     rng = np.random.default_rng(5)
@@ -290,13 +298,6 @@ def test_a_warp_average_exports_like_one_network(tmp_path):
     shape = (pre.window_frames, pre.spectrogram.n_mels, 1)
     network = models.build(models.ModelParams("cnn", 8, 0.1, True, 0, 1), 3, shape, norm)
     classifier = models.warp_average(network, (0.9, 1.0, 1.1), "cnn_warped")
-    wave_model, _ = frontend.waveform_models(classifier, pre)
-    wave_model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
-    runner = TFLiteRunner(export.to_tflite(tmp_path / "saved"))
-    windows = (rng.normal(size=(2, pre.window_samples)) * 0.1).astype(np.float32)
-    segments = np.stack([predict.waveform_segment(w, 0, pre) for w in windows])
-    pipeline = classifier.predict(np.stack([log_mel(w, SAMPLE_RATE, pre.spectrogram) for w in windows])[..., None],
-                                  verbose=0)
-    np.testing.assert_allclose(runner(segments), pipeline, atol=1e-5)
-    assert not np.allclose(pipeline, network.predict(
-        np.stack([log_mel(w, SAMPLE_RATE, pre.spectrogram) for w in windows])[..., None], verbose=0), atol=1e-5)
+    tflite, pipeline, logmel = tflite_against_keras(classifier, pre, rng, tmp_path)
+    np.testing.assert_allclose(tflite, pipeline, atol=1e-5)
+    assert not np.allclose(pipeline, network.predict(logmel, verbose=0), atol=1e-5)
