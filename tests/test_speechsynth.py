@@ -1,6 +1,6 @@
 """Synthetic spoken words (audiocnn.speechsynth, `audiocnn speak`): voices, names, trimming, errors.
 
-Most tests put stand-ins for ``espeak-ng`` and ``flite`` on PATH (a script that writes a tone
+Most tests put stand-ins for ``espeak-ng``, ``flite`` and festival's ``text2wave`` on PATH (a script that writes a tone
 whose pitch and length follow the pitch and rate options), so they run without the
 synthesizers; two tests use the real ones where they are installed (CI installs them).
 """
@@ -27,6 +27,13 @@ if os.path.basename(sys.argv[0]) == "flite":  # flite -voice V -t TEXT -o /dev/s
     text, rate = args[args.index("-t") + 1], 16000
     setf = dict(args[i + 1].split("=") for i, a in enumerate(args) if a == "--setf")
     hz, seconds = 200 * float(setf["f0_shift"]), 0.1 * float(setf["duration_stretch"]) * len(text)
+elif os.path.basename(sys.argv[0]) == "text2wave":  # text2wave -eval (voice_V) -eval (set! int_lr_params ..) ... -o F
+    text, rate, evals = sys.stdin.read().strip(), 16000, [args[i + 1] for i, a in enumerate(args) if a == "-eval"]
+    if evals[0] != "(voice_ked_diphone)":
+        sys.stderr.write("SIOD ERROR: unbound variable : " + evals[0][1:-1])
+        sys.exit(0)  # as festival does
+    hz = float(evals[1].split("target_f0_mean ")[1].split(")")[0])
+    seconds = 0.1 * float(evals[2].split("Duration_Stretch ")[1].rstrip(")")) * len(text)
 else:  # espeak-ng -v V -p P -s S --stdout TEXT
     text, rate = args[-1], 22050
     pitch, speed = int(args[args.index("-p") + 1]), int(args[args.index("-s") + 1])
@@ -41,7 +48,10 @@ tone = 0.0 if text == "silence" else 0.5 * np.sin(2 * np.pi * hz * t)
 audio = np.concatenate([np.zeros(rate // 10), np.zeros_like(t) + tone, np.zeros(rate // 5)]).astype(np.float32)
 buffer = io.BytesIO()
 sf.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
-sys.stdout.buffer.write(buffer.getvalue())
+if "-o" in args and args[args.index("-o") + 1] != "/dev/stdout":
+    open(args[args.index("-o") + 1], "wb").write(buffer.getvalue())
+else:
+    sys.stdout.buffer.write(buffer.getvalue())
 """
 
 
@@ -69,6 +79,12 @@ def fake_flite(tmp_path, monkeypatch) -> Path:
     return fake_program(tmp_path, monkeypatch, "flite")
 
 
+@pytest.fixture
+def fake_festival(tmp_path, monkeypatch) -> Path:
+    """A stand-in text2wave first on PATH (text on stdin, WAV to the -o file); returns its call log."""
+    return fake_program(tmp_path, monkeypatch, "text2wave")
+
+
 def dominant_hz(audio: np.ndarray, rate: int) -> float:
     """The frequency of the strongest FFT bin of (samples,) audio."""
     spectrum = np.abs(np.fft.rfft(audio))
@@ -87,8 +103,8 @@ def test_voices_are_drawn_from_the_seed_within_the_ranges():
     assert len({(v.name, v.pitch) for v in voices}) > 40  # distinct speakers, not one voice repeated
     with pytest.raises(ValueError, match="voices=0"):
         speechsynth.draw_voices(0, 1, seed=0)
-    with pytest.raises(ValueError, match="synthesizer 'festival'"):
-        speechsynth.draw_voices(1, 1, seed=0, synthesizer="festival")
+    with pytest.raises(ValueError, match="synthesizer 'sam'"):
+        speechsynth.draw_voices(1, 1, seed=0, synthesizer="sam")
 
 
 def test_flite_voices_draw_a_voice_pitch_rate_and_size_within_the_ranges():
@@ -179,6 +195,9 @@ def test_a_missing_synthesizer_says_how_to_install_it(tmp_path, monkeypatch):
         speechsynth.write_words(tmp_path / "out", speechsynth.DIGITS, voices=1)
     with pytest.raises(DataError, match=r"flite not found on PATH: install it \(Debian/Ubuntu: apt-get install flite"):
         speechsynth.write_words(tmp_path / "out", speechsynth.DIGITS, voices=1, synthesizer="flite")
+    with pytest.raises(DataError, match=r"text2wave not found on PATH: install it \(Debian/Ubuntu: apt-get install "
+                                        r"festival festvox-kdlpc16k\)"):
+        speechsynth.write_words(tmp_path / "out", speechsynth.DIGITS, voices=1, synthesizer="festival")
     with pytest.raises(DataError, match="synthesizer 'sam'"):
         speechsynth.write_words(tmp_path / "out", speechsynth.DIGITS, voices=1, synthesizer="sam")
 
@@ -199,7 +218,7 @@ def test_speak_command(tmp_path, fake_espeak, fake_flite, capsys):
         with pytest.raises(SystemExit):
             cli.main(["speak", str(tmp_path / "x"), "--words", bad])
     with pytest.raises(SystemExit):
-        cli.main(["speak", str(tmp_path / "x"), "--synthesizer", "festival"])
+        cli.main(["speak", str(tmp_path / "x"), "--synthesizer", "sam"])
     with pytest.raises(SystemExit):
         cli.main(["speak", str(tmp_path / "x"), "--voices", "0"])
     capsys.readouterr()
@@ -214,6 +233,49 @@ def test_real_espeak_speaks_digits_of_speech_length(tmp_path):
     for path in tmp_path.iterdir():
         audio, rate = sf.read(path, dtype="float32")
         assert rate == 8000 and 0.15 < audio.size / rate < 1.2  # one word, silence trimmed
+        assert np.abs(audio).max() > 0.05
+
+
+def test_festival_voices_scale_the_voice_f0_targets_and_write_to_a_file(tmp_path, fake_festival):
+    """The stand-in's tone is at the target F0 mean (105 Hz x pitch for ked); then x size, as for flite."""
+    voices = speechsynth.draw_voices(20, 2, seed=3, synthesizer="festival")
+    assert {v.name for v in voices} == set(speechsynth.FESTIVAL_VOICES)
+    assert all(speechsynth.F0_SHIFT[0] <= v.pitch < speechsynth.F0_SHIFT[1] for v in voices)
+    assert all(speechsynth.SIZE[0] <= v.size < speechsynth.SIZE[1] for v in voices)
+    assert voices[0].command("one", 1.25, "/x.wav") == [
+        "text2wave", "-eval", "(voice_ked_diphone)",
+        "-eval", f"(set! int_lr_params '((target_f0_mean {105 * voices[0].pitch:.1f}) (target_f0_std "
+                 f"{15 * voices[0].pitch:.1f}) (model_f0_mean 170) (model_f0_std 34)))",
+        "-eval", "(Parameter.set 'Duration_Stretch 1.250)", "-o", "/x.wav"]
+    out = tmp_path / "synth"
+    assert speechsynth.write_words(out, {"7": "seven"}, voices=3, sample_rate=8000, seed=5,
+                                   synthesizer="festival") == 3
+    for i, voice in enumerate(speechsynth.draw_voices(3, 1, seed=5, synthesizer="festival")):
+        audio, rate = sf.read(out / f"7_festival_{i}.wav", dtype="float32")
+        assert rate == 8000
+        assert dominant_hz(audio, rate) == pytest.approx(round(105 * voice.pitch, 1) * voice.size, abs=5)
+        assert audio.size / rate == pytest.approx(0.1 * round(voice.speeds[0], 3) * 5 / voice.size + 0.02, abs=0.01)
+    assert len(fake_festival.read_text().splitlines()) == 3
+
+
+def test_a_missing_festival_voice_names_the_command_and_festivals_message(tmp_path, fake_festival, monkeypatch):
+    monkeypatch.setattr(speechsynth, "FESTIVAL_VOICES", {"nope_diphone": (100.0, 10.0)})
+    with pytest.raises(DataError, match=r"text2wave -eval \(voice_nope_diphone\).*output is not audio.*"
+                                        r"SIOD ERROR: unbound variable : voice_nope_diphone"):
+        speechsynth.write_words(tmp_path / "out", {"7": "seven"}, voices=1, synthesizer="festival")
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.skipif(shutil.which("text2wave") is None
+                    or not Path("/usr/share/festival/voices/english/ked_diphone").is_dir(),
+                    reason="festival or its ked voice (festvox-kdlpc16k) is not installed")
+def test_real_festival_speaks_digits_of_speech_length(tmp_path):
+    written = speechsynth.write_words(tmp_path, {"7": "seven", "1": "one"}, voices=2, sample_rate=8000, seed=0,
+                                      synthesizer="festival")
+    assert written == 4
+    for path in tmp_path.iterdir():
+        audio, rate = sf.read(path, dtype="float32")
+        assert rate == 8000 and 0.15 < audio.size / rate < 1.5  # one word, silence trimmed
         assert np.abs(audio).max() > 0.05
 
 

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--words", default="digits",
                    help="'digits' (labels 0-9 spoken as zero..nine) or LABEL=TEXT pairs, comma-separated")
     s.add_argument("--synthesizer", default="espeak",
-                   help="synthesizer: espeak (espeak-ng) or flite (default: espeak)")
+                   help="synthesizer: espeak (espeak-ng), flite or festival (its ked voice) (default: espeak)")
     s.add_argument("--voices", type=int, default=64, help="synthetic voices (default: 64)")
     s.add_argument("--takes", type=int, default=1, help="speaking rates per voice (default: 1)")
     s.add_argument("--rate", type=int, default=8000, help="sample rate of the files, Hz (default: 8000)")

@@ -1,4 +1,4 @@
-"""Spoken words from many synthetic voices (espeak-ng, flite), to add voices to a small speech dataset.
+"""Spoken words from many synthetic voices (espeak-ng, flite, festival), to add voices to a small speech dataset.
 
 A speech model that hears few speakers learns their voices along with the words: on FSDD
 (six speakers) the accuracy on an unheard voice climbs with every training voice (see
@@ -7,7 +7,8 @@ espeak-ng, a formant synthesizer, speaks any word in dozens of accents and voice
 any pitch and rate; flite speaks with four voices built from recordings of real people (kal,
 awb, rms, slt), each drawn here with its own pitch, speaking rate and vocal-tract size (the
 clip played faster or slower, which moves pitch and formants together as a smaller or larger
-speaker would). Each drawn combination is one synthetic "speaker". The clips are meant for
+speaker would); festival speaks with ked, a US male diphone voice recorded from a real speaker
+(Debian package festvox-kdlpc16k), drawn the same way. Each drawn combination is one synthetic "speaker". The clips are meant for
 training only: put them in a fold or group of their own, never in a test set.
 
 Files are named ``{label}_{group}_{index}.wav`` (FSDD's ``{digit}_{speaker}_{index}.wav``), so
@@ -21,6 +22,7 @@ import io
 import logging
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Union
@@ -32,7 +34,8 @@ from audiocnn.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SYNTHESIZERS = {"espeak": "espeak-ng", "flite": "flite"}  # name -> program (Debian/Ubuntu packages of the same names)
+SYNTHESIZERS = {"espeak": "espeak-ng", "flite": "flite", "festival": "text2wave"}  # name -> program
+PACKAGES = {"espeak": "espeak-ng", "flite": "flite", "festival": "festival festvox-kdlpc16k"}  # Debian/Ubuntu packages
 DIGITS = {str(d): word for d, word in enumerate("zero one two three four five six seven eight nine".split())}
 # espeak-ng's English accents (voices/gmw) and voice variants (voices/!v) that speak clearly
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
@@ -47,15 +50,17 @@ SPEED = (120, 200)  # espeak-ng words per minute drawn per take (default 175)
 FLITE_VOICES = ("kal16", "awb", "rms", "slt")
 F0_SHIFT = (0.75, 1.5)  # flite f0_shift (pitch factor) drawn per voice; rms keeps its pitch, its size still moves it
 STRETCH = (0.8, 1.3)  # flite duration_stretch (> 1 slower) drawn per take
-SIZE = (0.87, 1.15)  # playback-rate factor drawn per flite voice: pitch and formants x size, duration / size
+SIZE = (0.87, 1.15)  # playback-rate factor drawn per flite or festival voice: pitch and formants x size, duration / size
+# festival's English voices recorded from a speaker not among flite's: name -> its intonation model's
+# target F0 mean and standard deviation in Hz (festvox/<voice>.scm), both scaled by the drawn pitch factor
+FESTIVAL_VOICES = {"ked_diphone": (105.0, 15.0)}
 TRIM_FRACTION = 0.01  # samples below 1% of the peak at either end are silence
 MARGIN_SECONDS = 0.01  # kept before the first and after the last loud sample
 
 
 def missing(synthesizer: str) -> str:
     """The message for a synthesizer whose program is not on PATH."""
-    program = SYNTHESIZERS[synthesizer]
-    return f"{program} not found on PATH: install it (Debian/Ubuntu: apt-get install {program})"
+    return f"{SYNTHESIZERS[synthesizer]} not found on PATH: install it (Debian/Ubuntu: apt-get install {PACKAGES[synthesizer]})"
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,8 @@ class Voice:
     """One synthetic speaker of ``synthesizer``; ``speeds``: one speaking rate per take.
 
     espeak: ``name`` accent+variant, ``pitch`` -p (0-99), speeds in words per minute;
-    flite: ``name`` a flite voice, ``pitch`` its f0_shift factor, speeds duration_stretch factors.
+    flite: ``name`` a flite voice, ``pitch`` its f0_shift factor, speeds duration_stretch factors;
+    festival: ``name`` a festival voice, ``pitch`` the factor on its F0 targets, speeds Duration_Stretch factors.
     ``size``: the clip is resampled as if recorded at ``size`` times its rate (1.0: unchanged).
     """
 
@@ -73,11 +79,21 @@ class Voice:
     speeds: tuple[float, ...]
     size: float = 1.0
 
-    def command(self, text: str, speed: float) -> list[str]:
-        """The synthesizer's command line writing a WAV of ``text`` to stdout."""
+    def command(self, text: str, speed: float, out: str = "/dev/stdout") -> list[str]:
+        """The synthesizer's command line writing a WAV of ``text`` to ``out`` (festival: reads ``text`` on stdin).
+
+        espeak-ng and flite write to stdout; festival's text2wave needs a file it can seek in
+        (through a pipe its WAV header says 0 samples).
+        """
         if self.synthesizer == "espeak":
             return [SYNTHESIZERS["espeak"], "-v", self.name, "-p", str(self.pitch), "-s", str(speed), "--stdout", text]
-        return [SYNTHESIZERS["flite"], "-voice", self.name, "-t", text, "-o", "/dev/stdout",
+        if self.synthesizer == "festival":
+            f0_mean, f0_std = FESTIVAL_VOICES[self.name]
+            return [SYNTHESIZERS["festival"], "-eval", f"(voice_{self.name})",
+                    "-eval", f"(set! int_lr_params '((target_f0_mean {f0_mean * self.pitch:.1f}) (target_f0_std "
+                             f"{f0_std * self.pitch:.1f}) (model_f0_mean 170) (model_f0_std 34)))",
+                    "-eval", f"(Parameter.set 'Duration_Stretch {speed:.3f})", "-o", out]
+        return [SYNTHESIZERS["flite"], "-voice", self.name, "-t", text, "-o", out,
                 "--setf", f"f0_shift={self.pitch:.3f}", "--setf", f"duration_stretch={speed:.3f}"]
 
 
@@ -116,7 +132,8 @@ def draw_voices(count: int, takes: int, seed: int, synthesizer: str = "espeak") 
             speeds = tuple(int(rng.integers(*SPEED)) for _ in range(takes))
             voices.append(Voice(synthesizer, f"{accent}+{variant}", pitch, speeds))
         else:
-            name, f0_shift = FLITE_VOICES[rng.integers(len(FLITE_VOICES))], float(rng.uniform(*F0_SHIFT))
+            names = FLITE_VOICES if synthesizer == "flite" else tuple(FESTIVAL_VOICES)
+            name, f0_shift = names[rng.integers(len(names))], float(rng.uniform(*F0_SHIFT))
             speeds = tuple(float(rng.uniform(*STRETCH)) for _ in range(takes))
             voices.append(Voice(synthesizer, name, f0_shift, speeds, size=float(rng.uniform(*SIZE))))
     return voices
@@ -127,18 +144,24 @@ def speak(text: str, voice: Voice, speed: float, sample_rate: int) -> np.ndarray
     import soundfile as sf
     import soxr
 
-    command = voice.command(text, speed)
+    with tempfile.TemporaryDirectory(prefix="audiocnn-speak-") as tmp:
+        to_file = voice.synthesizer == "festival"
+        out = Path(tmp) / "speech.wav"
+        command = voice.command(text, speed, str(out)) if to_file else voice.command(text, speed)
+        try:
+            done = subprocess.run(command, input=text.encode() if to_file else None, capture_output=True, check=True)
+        except FileNotFoundError:
+            raise DataError(missing(voice.synthesizer)) from None
+        except subprocess.CalledProcessError as err:
+            raise DataError(f"{' '.join(command)} failed ({err.returncode}): "
+                            f"{err.stderr.decode(errors='replace')[-300:]}") from None
+        data = (out.read_bytes() if out.exists() else b"") if to_file else done.stdout
     try:
-        done = subprocess.run(command, capture_output=True, check=True)
-    except FileNotFoundError:
-        raise DataError(missing(voice.synthesizer)) from None
-    except subprocess.CalledProcessError as err:
-        raise DataError(f"{' '.join(command)} failed ({err.returncode}): {err.stderr.decode(errors='replace')[-300:]}"
-                        ) from None
-    try:
-        audio, rate = sf.read(io.BytesIO(done.stdout), dtype="float32")  # (samples,) or (samples, channels)
+        audio, rate = sf.read(io.BytesIO(data), dtype="float32")  # (samples,) or (samples, channels)
     except Exception as err:  # noqa: BLE001  (soundfile raises its own types for unreadable data)
-        raise DataError(f"{' '.join(command)}: output is not audio ({err})") from None
+        # (festival exits 0 when a voice is missing: its message is on stderr)
+        raise DataError(f"{' '.join(command)}: output is not audio ({err}); stderr: "
+                        f"{done.stderr.decode(errors='replace')[-300:].strip() or '(empty)'}") from None
     if audio.ndim > 1:
         audio = audio.mean(axis=1)
     played_at = rate * voice.size if voice.size != 1.0 else rate  # Hz the samples are taken to be at
