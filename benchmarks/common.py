@@ -127,6 +127,27 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+FRONT_ENDS = ("fsdd", "params")  # the audio and spectrogram sections of fsdd_official.yaml, or of params.yaml
+FSDD_SIZED = (0.3, 0.6, 8000)  # synthetic_clips' default shape: seconds from, to, Hz
+
+
+def clip_shape(text: str) -> tuple[float, float, int]:
+    """``"LO,HI,HZ"`` (seconds from, to, sample rate) -> a synthetic_clips shape; SystemExit names a bad one."""
+    try:
+        lo, hi, rate = (float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--synthetic-shape {text!r}: expected LO,HI,HZ (e.g. 1.5,4.0,22050)") from None
+    if not 0 < lo < hi or rate < 1000:
+        raise SystemExit(f"--synthetic-shape {text!r}: needs 0 < LO < HI seconds and HZ >= 1000")
+    return lo, hi, int(rate)
+
+
+def synthetic_name(clips: int, shape: tuple[float, float, int] = FSDD_SIZED) -> str:
+    """A generated set's name in result tables: "synthetic N", with its shape when not FSDD-sized."""
+    return f"synthetic {clips}" if tuple(shape) == FSDD_SIZED else \
+        f"synthetic {clips} ({shape[0]:g}-{shape[1]:g} s at {shape[2]} Hz)"
+
+
 def fsdd_params(source: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """params.yaml with benchmarks/configs/fsdd_official.yaml's overrides (8 kHz front end) and ``source``."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -140,9 +161,14 @@ def fsdd_params(source: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     return deep_merge(params, sections)
 
 
-def folders_params(source: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    """FSDD's front end on a folders-layout source (the synthetic sets)."""
+def folders_params(source: Path, front_end: str = "fsdd", **sections: dict[str, Any]) -> dict[str, Any]:
+    """A folders-layout source (the synthetic sets) with FSDD's front end, or with params.yaml's ("params")."""
+    if front_end not in FRONT_ENDS:
+        raise SystemExit(f"front end {front_end!r}: expected one of {', '.join(FRONT_ENDS)}")
     params = fsdd_params(source, **sections)
+    if front_end == "params":
+        base = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+        params["audio"], params["spectrogram"] = base["audio"], base["spectrogram"]
     params["ingest"].update(layout="folders", pattern="")
     params["split"].update(strategy="stratified", test_folds=[], val_folds=[])
     return params

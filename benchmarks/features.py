@@ -2,9 +2,11 @@
 
     python benchmarks/features.py [--synthetic 30000] [--seed-clips 300] [--plain-clips 3000] [--repeats 3] [--ceiling-seconds 2]
                                   [--set spectrogram.images=false] [--warm-memory GB]
+                                  [--synthetic-shape LO,HI,HZ] [--front-end fsdd|params]
 
-On FSDD (read in place) and on ``--synthetic`` generated clips (FSDD-sized, in a temp folder),
-in the same run and on the same files:
+On FSDD (read in place) and on ``--synthetic`` generated clips (FSDD-sized by default, in a temp
+folder; ``--synthetic-shape`` and ``--front-end params`` make them demo-sized clips through
+params.yaml's 16 kHz front end), in the same run and on the same files:
 
 * ours: ``stages/normalize.py`` then ``stages/spectrogram.py`` as subprocesses, exactly as DVC
   runs them (process start, imports, pool, index, gallery included), with 1 worker and with
@@ -245,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fsdd", type=Path, default=common.FSDD, help="FSDD recordings ('' to skip)")
     parser.add_argument("--synthetic", type=int, default=30000, help="generated clips (0 to skip)")
+    parser.add_argument("--synthetic-shape", type=common.clip_shape, default=common.FSDD_SIZED, metavar="LO,HI,HZ",
+                        help="generated clips' length in seconds (drawn in LO..HI) and rate (default: 0.3,0.6,8000, "
+                             "FSDD-sized; the demo's is 1.5,4.0,22050)")
+    parser.add_argument("--front-end", choices=common.FRONT_ENDS, default="fsdd",
+                        help="audio and spectrogram params of the generated set's runs: FSDD's 8 kHz ones "
+                             "(default) or params.yaml's")
     parser.add_argument("--seed-clips", type=int, default=300)
     parser.add_argument("--plain-clips", type=int, default=3000)
     parser.add_argument("--workers", type=lambda s: [int(w) or len(os.sched_getaffinity(0)) for w in s.split(",")],
@@ -269,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             results["datasets"]["FSDD"] = measure(
                 "FSDD", tmp / "fsdd", common.set_params(common.fsdd_params(args.fsdd.resolve()), args.set), args)
         if args.synthetic:
-            source = common.synthetic_clips(tmp / "synthetic-source", args.synthetic)
-            results["datasets"][f"synthetic {args.synthetic}"] = measure(
-                "synthetic", tmp / "synthetic", common.set_params(common.folders_params(source), args.set), args)
+            lo, hi, rate = args.synthetic_shape
+            source = common.synthetic_clips(tmp / "synthetic-source", args.synthetic, rate=rate, seconds=(lo, hi))
+            results["datasets"][common.synthetic_name(args.synthetic, args.synthetic_shape)] = measure(
+                "synthetic", tmp / "synthetic",
+                common.set_params(common.folders_params(source, args.front_end), args.set), args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["machine"] = common.machine()

@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=3000, help="FSDD files used (evenly spaced in name order)")
     parser.add_argument("--synthetic", type=int, default=0,
                         help="use this many generated clips (benchmarks/common.py) instead of FSDD")
+    parser.add_argument("--synthetic-shape", type=common.clip_shape, default=common.FSDD_SIZED, metavar="LO,HI,HZ",
+                        help="generated clips' seconds (drawn in LO..HI) and rate (default: 0.3,0.6,8000)")
+    parser.add_argument("--front-end", choices=common.FRONT_ENDS, default="fsdd",
+                        help="generated set's audio and spectrogram params: FSDD's (default) or params.yaml's")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--noop-runs", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     try:
         if args.synthetic:
-            origin = common.synthetic_clips(tmp / "generated", args.synthetic)
+            lo, hi, rate = args.synthetic_shape
+            origin = common.synthetic_clips(tmp / "generated", args.synthetic, rate=rate, seconds=(lo, hi))
             files = sorted(origin.rglob("*.wav"))
         else:
             origin = args.fsdd.resolve()
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         link_all(files, origin, source, skip=held_out)
         sections = {"train": {"epochs": args.epochs, "warmup_epochs": 0}, "export": UNGATED_EXPORT}
         if args.synthetic:
-            params = common.folders_params(source, **sections)
+            params = common.folders_params(source, args.front_end, **sections)
         else:
             params = common.fsdd_params(source, split={"strategy": "stratified", "test_folds": [], "val_folds": []},
                                         **sections)
@@ -161,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         results["alone"] = stages_alone(tmp, origin, files, held_out, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    results.update(clips=len(files), data=f"{args.synthetic} generated clips" if args.synthetic else "FSDD",
+    data = "FSDD"
+    if args.synthetic:
+        data = f"{args.synthetic} generated clips" + (
+            "" if tuple(args.synthetic_shape) == common.FSDD_SIZED else
+            f" ({args.synthetic_shape[0]:g}-{args.synthetic_shape[1]:g} s at {args.synthetic_shape[2]} Hz)") + (
+            f", {args.front_end} front end" if args.front_end != "fsdd" else "")
+    results.update(clips=len(files), data=data,
                    machine=common.machine())
     common.write_results(args.out, "overhead", results, markdown(results, command))
     return 0

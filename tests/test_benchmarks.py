@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import FSDD
 
@@ -40,6 +41,28 @@ def test_features_runner_writes_its_table(tmp_path):
     ceiling = data["datasets"]["synthetic 20"]["ceiling"]
     assert ceiling["processes"] == 2 and len(ceiling["per_repeat"]) == 2 and 0 < ceiling["median"] <= 2.5
     assert data["machine"]["cores"] >= 1 and list(tmp_path.iterdir()) == [out]  # temp folder removed
+
+
+def test_generated_sets_of_another_shape_and_front_end(tmp_path):
+    """--synthetic-shape / --front-end params: demo-sized clips through params.yaml's front end, named as such."""
+    features, common = bench("features"), bench("common")
+    assert common.clip_shape("1.5,4,22050") == (1.5, 4.0, 22050)
+    for bad in ("1,2", "2,1,8000", "0,1,8000", "1,2,100", "a,b,c"):
+        with pytest.raises(SystemExit, match="--synthetic-shape"):
+            common.clip_shape(bad)
+    assert common.synthetic_name(5) == "synthetic 5"
+    assert common.synthetic_name(5, (1.5, 4.0, 22050)) == "synthetic 5 (1.5-4 s at 22050 Hz)"
+    params = common.folders_params(tmp_path, "params")
+    repo = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["spectrogram"] == repo["spectrogram"] and params["audio"] == repo["audio"]
+    assert common.folders_params(tmp_path)["audio"]["sample_rate"] == 8000  # FSDD's front end by default
+    out = tmp_path / "out"
+    assert features.main(["--fsdd", "", "--synthetic", "6", "--synthetic-shape", "1.0,1.5,16000", "--front-end",
+                          "params", "--seed-clips", "1", "--plain-clips", "2", "--repeats", "1", "--workers", "1",
+                          "--ceiling-seconds", "0", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert list(data["datasets"]) == ["synthetic 6 (1-1.5 s at 16000 Hz)"]
+    assert "| synthetic 6 (1-1.5 s at 16000 Hz) | 6 | ours, 1 worker(s) |" in (out / "results.md").read_text()
 
 
 def test_memory_runner_writes_its_table(tmp_path):
