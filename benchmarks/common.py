@@ -142,10 +142,14 @@ def clip_shape(text: str) -> tuple[float, float, int]:
     return lo, hi, int(rate)
 
 
+def shape_note(shape: tuple[float, float, int]) -> str:
+    """" (LO-HI s at HZ Hz)" for a generated set's name, "" for the FSDD-sized default."""
+    return "" if tuple(shape) == FSDD_SIZED else f" ({shape[0]:g}-{shape[1]:g} s at {shape[2]} Hz)"
+
+
 def synthetic_name(clips: int, shape: tuple[float, float, int] = FSDD_SIZED) -> str:
     """A generated set's name in result tables: "synthetic N", with its shape when not FSDD-sized."""
-    return f"synthetic {clips}" if tuple(shape) == FSDD_SIZED else \
-        f"synthetic {clips} ({shape[0]:g}-{shape[1]:g} s at {shape[2]} Hz)"
+    return f"synthetic {clips}{shape_note(shape)}"
 
 
 def fsdd_params(source: Path, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     data = "FSDD"
     if args.synthetic:
-        data = f"{args.synthetic} generated clips" + (
-            "" if tuple(args.synthetic_shape) == common.FSDD_SIZED else
-            f" ({args.synthetic_shape[0]:g}-{args.synthetic_shape[1]:g} s at {args.synthetic_shape[2]} Hz)") + (
+        data = f"{args.synthetic} generated clips{common.shape_note(args.synthetic_shape)}" + (
             f", {args.front_end} front end" if args.front_end != "fsdd" else "")
     results.update(clips=len(files), data=data,
                    machine=common.machine())

@@ -8,8 +8,9 @@ any pitch and rate; flite speaks with four voices built from recordings of real 
 awb, rms, slt), each drawn here with its own pitch, speaking rate and vocal-tract size (the
 clip played faster or slower, which moves pitch and formants together as a smaller or larger
 speaker would); festival speaks with ked, a US male diphone voice recorded from a real speaker
-(Debian package festvox-kdlpc16k), drawn the same way. Each drawn combination is one synthetic "speaker". The clips are meant for
-training only: put them in a fold or group of their own, never in a test set.
+(Debian package festvox-kdlpc16k), drawn the same way. Each drawn combination is one synthetic
+"speaker". The clips are meant for training only: put them in a fold or group of their own,
+never in a test set.
 
 Files are named ``{label}_{group}_{index}.wav`` (FSDD's ``{digit}_{speaker}_{index}.wav``), so
 an ``ingest.layout: pattern`` with ``(?P<label>..)_(?P<fold>..)_..`` reads them with the data.
@@ -60,7 +61,8 @@ MARGIN_SECONDS = 0.01  # kept before the first and after the last loud sample
 
 def missing(synthesizer: str) -> str:
     """The message for a synthesizer whose program is not on PATH."""
-    return f"{SYNTHESIZERS[synthesizer]} not found on PATH: install it (Debian/Ubuntu: apt-get install {PACKAGES[synthesizer]})"
+    return (f"{SYNTHESIZERS[synthesizer]} not found on PATH: install it "
+            f"(Debian/Ubuntu: apt-get install {PACKAGES[synthesizer]})")
 
 
 @dataclass(frozen=True)
@@ -144,18 +146,16 @@ def speak(text: str, voice: Voice, speed: float, sample_rate: int) -> np.ndarray
     import soundfile as sf
     import soxr
 
-    with tempfile.TemporaryDirectory(prefix="audiocnn-speak-") as tmp:
-        to_file = voice.synthesizer == "festival"
-        out = Path(tmp) / "speech.wav"
-        command = voice.command(text, speed, str(out)) if to_file else voice.command(text, speed)
-        try:
-            done = subprocess.run(command, input=text.encode() if to_file else None, capture_output=True, check=True)
-        except FileNotFoundError:
-            raise DataError(missing(voice.synthesizer)) from None
-        except subprocess.CalledProcessError as err:
-            raise DataError(f"{' '.join(command)} failed ({err.returncode}): "
-                            f"{err.stderr.decode(errors='replace')[-300:]}") from None
-        data = (out.read_bytes() if out.exists() else b"") if to_file else done.stdout
+    if voice.synthesizer == "festival":  # text on stdin, the WAV into a file of its own
+        with tempfile.TemporaryDirectory(prefix="audiocnn-speak-") as tmp:
+            out = Path(tmp) / "speech.wav"
+            command = voice.command(text, speed, str(out))
+            done = _run(command, voice.synthesizer, stdin=text.encode())
+            data = out.read_bytes() if out.exists() else b""
+    else:
+        command = voice.command(text, speed)
+        done = _run(command, voice.synthesizer)
+        data = done.stdout
     try:
         audio, rate = sf.read(io.BytesIO(data), dtype="float32")  # (samples,) or (samples, channels)
     except Exception as err:  # noqa: BLE001  (soundfile raises its own types for unreadable data)
@@ -167,6 +167,17 @@ def speak(text: str, voice: Voice, speed: float, sample_rate: int) -> np.ndarray
     played_at = rate * voice.size if voice.size != 1.0 else rate  # Hz the samples are taken to be at
     audio = soxr.resample(audio, played_at, sample_rate) if played_at != sample_rate else audio
     return trim(np.asarray(audio, dtype=np.float32), round(MARGIN_SECONDS * sample_rate))
+
+
+def _run(command: list[str], synthesizer: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run a synthesizer's ``command``; DataError when it is missing or fails (its stderr in the message)."""
+    try:
+        return subprocess.run(command, input=stdin, capture_output=True, check=True)
+    except FileNotFoundError:
+        raise DataError(missing(synthesizer)) from None
+    except subprocess.CalledProcessError as err:
+        raise DataError(f"{' '.join(command)} failed ({err.returncode}): {err.stderr.decode(errors='replace')[-300:]}"
+                        ) from None
 
 
 def trim(audio: np.ndarray, margin: int) -> np.ndarray:
