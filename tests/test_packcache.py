@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from audiocnn import fileio, packcache, packed, spectrogram, store
@@ -17,7 +18,7 @@ from audiocnn.audio import AudioParams
 from audiocnn.errors import DataError
 from audiocnn.spectrogram import SpectrogramParams
 
-from test_store import RATE, counted, files, make_manifest, run_both, section  # noqa: F401  (fixture)
+from test_store import RATE, contents, counted, files, make_manifest, run_both, section  # noqa: F401  (fixture)
 
 WIDTH = 3
 
@@ -116,7 +117,8 @@ def test_only_the_newest_packs_are_kept(tmp_path, cache):
     assert len(packs.load()) == packcache.KEEP
     found = packs.find([key(n) for n in range(packcache.KEEP + 2)], [3] * (packcache.KEEP + 2))
     assert (found.pack >= 0).tolist() == [False, False, True, True]
-    assert len(list(packs.dir.iterdir())) == 3 * packcache.KEEP  # .npy, .keys.npy, .json each
+    assert len(list(packs.dir.glob("*.npy"))) == 2 * packcache.KEEP  # .npy and .keys.npy each, with its .json
+    assert packs.outputs() == [[pack.name] for pack in packs.packs]  # newest first
 
 
 def test_journal_clips_are_found_torn_records_ignored_and_idle_journals_removed(tmp_path, cache):
@@ -224,8 +226,80 @@ def test_pool_workers_journal_then_one_pack_covers_every_clip(tmp_path, caplog):
     assert fileio.read_json(meta)["clips"] == 4
     with caplog.at_level(logging.INFO, logger="audiocnn.spectrogram"):
         second = run_both(tmp_path, "second", tmp_path / "cache", spec=spec)
-    assert "4 of 4 clips cached, computing 0" in caplog.text
+    assert "4 of 4 clips cached (4 in 1 linked file(s)), computing 0" in caplog.text
     assert files(second) == files(first)
+
+
+# --- shards: the latest output's packs linked into the next -----------------------------------------------------
+
+
+def shard_names(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "features").glob("features*.npy"))
+
+
+def test_a_sharded_folder_reads_as_one_array_and_a_clip_across_shards_is_refused(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    first, second = clips_of([3, 2]), clips_of([4], seed=1)
+    packed_file(folder / "features.npy", first)
+    packed_file(folder / "features.1.npy", second)
+    fileio.write_csv(folder / "index.csv", pd.DataFrame({"id": ["a", "b", "c"], "offset": [0, 3, 5],
+                                                          "frames": [3, 2, 4]}))
+    features = packed.Packed(folder)
+    assert features.shape == (9, WIDTH) and features.paths == packed.shard_paths(folder, packed.FEATURES)
+    for clip_id, rows in zip("abc", first + second):
+        np.testing.assert_array_equal(features.clip(clip_id), rows)
+    fileio.write_csv(folder / "index.csv", pd.DataFrame({"id": ["a", "b"], "offset": [0, 4], "frames": [3, 2]}))
+    with pytest.raises(DataError, match=r"index.csv: clip b has rows 4\+2 outside .*features.npy and 1 more shard"):
+        packed.Packed(folder)
+
+
+def test_clips_added_go_to_a_new_shard_and_each_run_links_the_latest_files(tmp_path, counted, monkeypatch):
+    """Adding one clip per run: only it is computed and written; past MAX_SHARDS the newest shards merge."""
+    monkeypatch.setattr(packcache, "MAX_SHARDS", 3)
+    source, manifest = make_manifest(tmp_path, clips=7)
+    full = fileio.read_csv(manifest)
+    fileio.write_csv(manifest, full.iloc[:3])
+    run_both(tmp_path, "run3", tmp_path / "cache")
+    expected = [["features.npy"], ["features.1.npy", "features.npy"]] + [["features.1.npy", "features.2.npy",
+                                                                          "features.npy"]] * 3
+    for clips, names in zip(range(4, 8), expected[1:]):
+        fileio.write_csv(manifest, full.iloc[:clips])
+        before = counted["spectrogram"]
+        out = run_both(tmp_path, f"run{clips}", tmp_path / "cache")
+        assert counted["spectrogram"] - before == 1, clips  # only the new clip
+        assert shard_names(out) == names, clips
+        previous = tmp_path / f"run{clips - 1}" / "features"
+        assert os.stat(out / "features" / "features.npy").st_ino == os.stat(previous / "features.npy").st_ino
+        assert contents(out) == contents(run_both(tmp_path, f"plain{clips}", None)), clips
+    spec = section("spectrogram", SpectrogramParams, images=True, image_size=32, gallery_per_class=1)  # run_both's
+    packs = packcache.PackCache(store.ClipCache(tmp_path / "cache", "spectrogram",
+                                                spectrogram.cache_settings(RATE, spec)), spec.n_mels)
+    packs.load()
+    assert packs.latest == 3 and len(packs.outputs()) == packcache.KEEP  # every shard of the latest output kept
+
+
+def test_a_pack_mostly_unused_is_copied_from_not_linked(tmp_path, counted):
+    source, manifest = make_manifest(tmp_path, clips=4)
+    run_both(tmp_path, "all", tmp_path / "cache")
+    fileio.write_csv(manifest, fileio.read_csv(manifest).iloc[:1])  # one short clip: under REUSE_FRACTION of the rows
+    before = counted["spectrogram"]
+    out = run_both(tmp_path, "one", tmp_path / "cache")
+    assert counted["spectrogram"] == before and shard_names(out) == ["features.npy"]
+    assert os.stat(out / "features" / "features.npy").st_ino != os.stat(tmp_path / "all" / "features" /
+                                                                         "features.npy").st_ino
+    assert files(out) == files(run_both(tmp_path, "one-plain", None))  # copied: the very bytes of a plain run
+
+
+def test_an_unchanged_gallery_computes_no_log_mel(tmp_path, monkeypatch):
+    make_manifest(tmp_path)
+    run_both(tmp_path, "a", tmp_path / "cache")
+    panels = []
+    features_of = spectrogram.features_of
+    monkeypatch.setattr(spectrogram, "features_of",
+                        lambda *a, **kw: panels.append(1) or features_of(*a, **kw))
+    out = run_both(tmp_path, "b", tmp_path / "cache")
+    assert panels == [] and files(out)["gallery.png"] == files(tmp_path / "a")["gallery.png"]
 
 
 # --- appending in order (normalize) ---------------------------------------------------------------------------

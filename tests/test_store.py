@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from audiocnn import config, data, fileio, normalize, spectrogram, store
+from audiocnn import config, data, fileio, normalize, packed, spectrogram, store
 from audiocnn.audio import AudioParams
 from audiocnn.errors import DataError
 from audiocnn.normalize import NormalizeParams
@@ -228,6 +228,21 @@ def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def contents(root: Path) -> dict[str, bytes]:
+    """``files(root)`` with the packed features as each clip's rows and the index without offsets.
+
+    What two runs must agree on when the cache linked a shard into one of them: the layout
+    (which file, which row) may differ, each clip's features may not.
+    """
+    got = {name: data for name, data in files(root).items() if not name.startswith("features/")}
+    features = packed.Packed(root / "features")
+    index = fileio.read_csv(root / "features" / "index.csv")
+    got.update({f"features/{clip_id}": features.clip(clip_id).tobytes() for clip_id in index["id"]})
+    got["features/index.csv"] = index.drop(columns=["offset"]).to_csv().encode()
+    got["features/meta.json"] = (root / "features" / "meta.json").read_bytes()
+    return got
+
+
 @pytest.fixture
 def counted(monkeypatch):
     """Counts of clips actually normalized and analysed (not taken from the cache)."""
@@ -272,7 +287,11 @@ def test_warm_spectrogram_reads_no_clip(tmp_path, monkeypatch):
     fileio.write_csv(manifest, full)
     out = run_both(tmp_path, "five", tmp_path / "cache")
     assert tasks == ["c4"]
-    assert files(out) == files(run_both(tmp_path, "five-plain", None))
+    assert sorted(p.name for p in (out / "features").iterdir()) == ["features.1.npy", "features.npy", "index.csv",
+                                                                     "meta.json"]  # the first run's file, linked
+    assert os.stat(out / "features" / "features.npy").st_ino == os.stat(tmp_path / "four" / "features" /
+                                                                         "features.npy").st_ino
+    assert contents(out) == contents(run_both(tmp_path, "five-plain", None))
     index = fileio.read_csv(out / "normalize" / "index.csv")  # the key: the hash of the clip's samples
     clips = normalize.open_clips(out / "normalize")
     assert index["clip_sha256"].tolist() == [
@@ -286,7 +305,7 @@ def test_a_clip_changed_after_normalize_is_refused_by_name(tmp_path):
     clips = normalize.open_clips(out / "normalize")
     offset, samples = clips.ref("c2")
     with open(clips.path, "r+b") as handle:  # silence instead of the tone: same length, other samples
-        handle.seek(clips.header + 4 * offset)
+        handle.seek(clips.headers[0] + 4 * offset)
         handle.write(bytes(4 * samples))
     spec = section("spectrogram", SpectrogramParams, images=True, image_size=32, gallery_per_class=1)
     for cache in (None, store.ClipCache(tmp_path / "cache", "spectrogram", spectrogram.cache_settings(RATE, spec))):
@@ -358,7 +377,7 @@ def test_stage_uses_the_cache_from_the_environment(tmp_path, monkeypatch):
     norm = section("normalize", NormalizeParams)
     normalize.run(tmp_path / "source", tmp_path / "manifest.csv", tmp_path / "n", AudioParams(RATE), norm, 600.0)
     kept = sorted((tmp_path / "envcache" / "normalize").rglob("packs/*"))
-    assert len(kept) == 3  # one pack: the array, its keys and its completion marker
+    assert len(kept) == 4  # one pack: the array, its keys and its completion marker; the list of outputs
     monkeypatch.setenv("AUDIOCNN_CACHE_DIR", "off")
     normalize.run(tmp_path / "source", tmp_path / "manifest.csv", tmp_path / "n", AudioParams(RATE), norm, 600.0)
     assert sorted((tmp_path / "envcache" / "normalize").rglob("packs/*")) == kept

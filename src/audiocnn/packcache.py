@@ -10,7 +10,14 @@ the rows themselves. So a stage's packed array (``audiocnn.packed``) is cached i
   with ``<id>.keys.npy`` (each clip's sha256 key, 32 bytes, first row and row count, sorted by
   key) and ``<id>.json``, written last (so a pack without it is incomplete), which records the
   array's size and modification time: a pack whose array changed since (an output edited in
-  place) is discarded instead of poisoning later runs. The newest ``KEEP`` packs are kept.
+  place) is discarded instead of poisoning later runs. ``outputs.txt`` lists the packs of the
+  newest ``KEEP`` outputs (one line each, newest first, shard order); those packs and the newest
+  ``KEEP`` are kept, the others removed.
+* shards: an output may be several files (``packed.shard_paths``). A pack of the latest output
+  that still serves at least ``REUSE_FRACTION`` of its rows is linked whole into the next output
+  as a shard (``reusable``), in the same place, so the file keeps its name, inode and mtime
+  (DVC does not hash it again); only clips from other packs and new clips are written, into one
+  new shard. At most ``MAX_SHARDS`` per output: past that the newest shards are merged into the new one.
 * journals: while the stage runs, each process appends every clip it computes to its own
   ``journal-*.rows`` (raw rows) and ``journal-*.keys`` (an ENTRY record per clip, written after
   the rows), holding an exclusive ``flock`` on them. A killed or failed run leaves them, and the
@@ -28,6 +35,7 @@ by computing it). An entry may carry a stage's own fields besides key, first row
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -45,7 +53,10 @@ from audiocnn import fileio, packed, store
 
 log = logging.getLogger(__name__)
 
-KEEP = 2  # packs per settings hash: the latest output and the one before it
+KEEP = 2  # outputs per settings hash whose packs are kept: the latest and the one before it
+REUSE_FRACTION = 0.5  # a pack is linked into the next output as a shard while at least this share of its rows is used
+MAX_SHARDS = 8  # files per output; the pack-shards after the first MAX_SHARDS - 1 are merged into the new shard
+OUTPUTS = "outputs.txt"  # the packs of the newest KEEP outputs: one line each (shard order), newest first
 ENTRY = np.dtype([("key", "S32"), ("offset", "<i8"), ("length", "<i8")])  # one clip: key, first row, rows
 NO_KEY = bytes(32)  # a clip without a sha256 key: never stored, never found
 _JOURNAL = "journal-"
@@ -58,6 +69,8 @@ class Pack:
     array: Path
     header: int
     entries: np.ndarray  # (clips,) ENTRY
+    rows: int = 0  # in the array (used or not)
+    name: str = ""  # the pack's id; "" for a journal (never a shard: raw rows, no .npy header)
 
 
 @dataclass(frozen=True)
@@ -98,18 +111,45 @@ class PackCache:
         self.entry = entry_dtype(extra)
         self.row_bytes = width * packed.DTYPE.itemsize
         self.packs: list[Pack] = []
+        self.latest = 0  # self.packs[:latest]: the latest output's packs, in shard order
 
     # --- reading ----------------------------------------------------------------------------------------------
 
     def load(self) -> list[Pack]:
-        """Read every complete, unchanged pack (newest first), then every journal; others are removed with a warning."""
-        self.packs = []
+        """Read every complete, unchanged pack, then every journal; others are removed with a warning.
+
+        Packs come in this order: the latest output's (in shard order, ``self.latest`` of them),
+        then the others, newest first; a clip is found in the first that holds it.
+        """
+        self.packs, self.latest = [], 0
         with contextlib.suppress(FileNotFoundError):
             metas = sorted(self.dir.glob("*.json"), key=_mtime, reverse=True)
-            self.packs += [pack for pack in map(self._read_pack, metas) if pack is not None]
+            packs = {pack.name: pack for pack in map(self._read_pack, metas) if pack is not None}
+            outputs = self.outputs()
+            latest = [packs.pop(name) for name in (outputs[0] if outputs else []) if name in packs]
+            self.packs, self.latest = latest + list(packs.values()), len(latest)
             self.packs += [pack for pack in map(self._read_journal, sorted(self.dir.glob(f"{_JOURNAL}*.keys")))
                            if pack is not None]
         return self.packs
+
+    def outputs(self) -> list[list[str]]:
+        """The pack names of the newest KEEP outputs (newest first, each in shard order); [] when unrecorded."""
+        try:
+            return [line.split() for line in (self.dir / OUTPUTS).read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError):
+            return []
+
+    def reusable(self, found: Found) -> list[int]:
+        """The latest output's packs (indices into ``packs``, shard order) to link whole into the next output.
+
+        Each serves at least REUSE_FRACTION of its rows to the clips ``found``; at most
+        MAX_SHARDS - 1, leaving room for the new shard.
+        """
+        used = np.bincount(found.pack[found.pack >= 0], weights=found.length[found.pack >= 0],
+                           minlength=len(self.packs))  # (packs,) rows the new output takes from each
+        chosen = [number for number in range(self.latest)
+                  if self.packs[number].rows and used[number] >= REUSE_FRACTION * self.packs[number].rows]
+        return chosen[: MAX_SHARDS - 1]
 
     def _read_pack(self, meta_path: Path) -> Pack | None:
         name = meta_path.name[: -len(".json")]
@@ -125,7 +165,7 @@ class PackCache:
             entries = fileio.load_npy(keys)
             if meta["width"] != self.width or entries.dtype != self.entry or entries.ndim != 1:
                 return self._discard(name, f"{keys} does not describe rows of width {self.width}")
-            return self._checked(Pack(array, int(meta["header"]), entries), stat.st_size, name)
+            return self._checked(Pack(array, int(meta["header"]), entries, name=name), stat.st_size, name)
         except (OSError, ValueError, KeyError, TypeError) as err:
             return self._discard(name, f"{reading}: unreadable pack ({err})")
 
@@ -147,7 +187,7 @@ class PackCache:
         rows = (size - pack.header) // self.row_bytes
         if pack.entries.size and int((pack.entries["offset"] + pack.entries["length"]).max()) > rows:
             return self._discard(name, f"{pack.array}: entries beyond its {rows} rows")
-        return pack
+        return dataclasses.replace(pack, rows=rows)
 
     def _discard(self, name: str, reason: str) -> None:
         log.warning("feature cache: %s: pack removed", reason)
@@ -246,43 +286,57 @@ class PackCache:
 
     # --- writing ----------------------------------------------------------------------------------------------
 
-    def keep(self, array: Path, header: int, keys: Sequence[str], offsets: Sequence[int],
-             lengths: Sequence[int], extra: np.ndarray | None = None) -> None:
+    def keep(self, array: Path | None, header: int, keys: Sequence[str], offsets: Sequence[int],
+             lengths: Sequence[int], extra: np.ndarray | None = None, reused: Sequence[str] = ()) -> None:
         """Keep the complete packed ``array`` (clips: hex sha256 ``keys``, first rows, row counts) as the newest pack.
 
-        ``extra``: (clips,) the entry fields of this cache's ``extra`` dtype. Then remove older
-        packs beyond KEEP and every journal no running process holds. Clips without a sha256 key
-        are left out. A failure only logs: the cache is optional.
+        ``extra``: (clips,) the entry fields of this cache's ``extra`` dtype. ``reused``: the names
+        of the packs linked as the output's first shards (``reusable``); ``array`` (None: none) is
+        its last. The output's packs go first in ``outputs.txt``; packs of no recorded output
+        beyond the newest KEEP are removed, and every journal no running process holds. Clips
+        without a sha256 key are left out. A failure only logs: the cache is optional.
         """
         entries = np.zeros(len(keys), self.entry)
         entries["key"], entries["offset"], entries["length"] = key_bytes(keys), offsets, lengths
         for name in extra.dtype.names if extra is not None else ():
             entries[name] = extra[name]
         entries = np.sort(entries[entries["key"] != NO_KEY], order=["key", "offset"])
-        if not entries.size:  # nothing to find it by
-            return
-        name = hashlib.sha256(entries.tobytes() + str(self.width).encode()).hexdigest()[:24]
+        shards = list(reused)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            meta = self.dir / f"{name}.json"
-            if meta.exists() and self._read_pack(meta) is not None:
-                os.utime(meta)  # the same clips at the same rows, already kept: now the newest
-            else:
-                self._remove(name)
-                kept = self.dir / f"{name}.npy"
-                try:
-                    os.link(array, kept)
-                except OSError:
-                    shutil.copyfile(array, kept)
-                fileio.write_npy(self.dir / f"{name}.keys.npy", entries)
-                stat = kept.stat()
-                fileio.write_json(meta, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "header": header,
-                                         "width": self.width, "clips": int(entries.size)})
+            if array is not None and entries.size:  # (without keys there is nothing to find it by)
+                shards.append(self._keep_array(array, header, entries))
+            if not shards:
+                return
+            outputs = [shards] + [names for names in self.outputs() if names != shards]
+            with fileio.atomic_path(self.dir / OUTPUTS) as tmp:
+                tmp.write_text("".join(" ".join(names) + "\n" for names in outputs[:KEEP]), encoding="utf-8")
+            wanted = {name for names in outputs[:KEEP] for name in names}
             for old in sorted(self.dir.glob("*.json"), key=_mtime, reverse=True)[KEEP:]:
-                self._remove(old.name[: -len(".json")])
+                if old.name[: -len(".json")] not in wanted:
+                    self._remove(old.name[: -len(".json")])
             self._remove_idle_journals()
         except OSError as err:
             log.warning("feature cache: cannot keep %s in %s (%s)", array, self.dir, err)
+
+    def _keep_array(self, array: Path, header: int, entries: np.ndarray) -> str:
+        """Link (or copy) ``array`` in as the pack of ``entries`` (sorted ENTRY records); its name."""
+        name = hashlib.sha256(entries.tobytes() + str(self.width).encode()).hexdigest()[:24]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / f"{name}.json"
+        if meta.exists() and self._read_pack(meta) is not None:
+            os.utime(meta)  # the same clips at the same rows, already kept: now the newest
+            return name
+        self._remove(name)
+        kept = self.dir / f"{name}.npy"
+        try:
+            os.link(array, kept)
+        except OSError:
+            shutil.copyfile(array, kept)
+        fileio.write_npy(self.dir / f"{name}.keys.npy", entries)
+        stat = kept.stat()
+        fileio.write_json(meta, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "header": header,
+                                 "width": self.width, "clips": int(entries.size)})
+        return name
 
     def _remove_idle_journals(self) -> None:
         for keys in self.dir.glob(f"{_JOURNAL}*.keys"):

@@ -10,10 +10,18 @@ every clip. Readers ``pread`` one clip's rows when they need them (memory does n
 data set). Writers either lay the rows out first when every clip's length is known up front
 (``create``, then ``RowWriter`` fills them in any order, from any process, with ``pwrite``) or
 append clips in order when lengths are only known once computed (``Appender``).
+
+A folder's array may be split into shards: ``features.npy``, ``features.1.npy``, ... read as one
+array, their rows one after another in that order (the index's offsets count over all of them;
+no clip crosses a shard's end). The spectrogram stage writes them after adding clips: the
+previous run's file, hard-linked unchanged, plus one file with only the new clips
+(``audiocnn.packcache``), so a run that adds 1% of clips writes 1% of the bytes, and DVC,
+which finds an unchanged shard by path, inode and mtime, does not hash it again.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import io
@@ -50,9 +58,23 @@ class Kind:
     length: str
     what: str
 
+    def shard(self, number: int) -> str:
+        """The file name of shard ``number``: the array's own name for 0, then ``<stem>.<number>.npy``."""
+        stem, dot, suffix = self.array.rpartition(".")
+        return self.array if number == 0 else f"{stem}.{number}{dot}{suffix}"
+
 
 FEATURES = Kind("features.npy", "frames", "features")  # (total frames, n_mels) log-mel dB (spectrogram)
 AUDIO = Kind("clips.npy", "samples", "normalized audio")  # (total samples, 1) waveform (normalize)
+
+
+def shard_paths(folder: str | Path, kind: Kind) -> list[Path]:
+    """The shard files of ``folder`` in row order: the array, then ``<stem>.1.npy``, ... while they exist."""
+    folder = Path(folder)
+    paths = [folder / kind.array]
+    while (folder / kind.shard(len(paths))).exists():
+        paths.append(folder / kind.shard(len(paths)))
+    return paths
 
 
 def offsets(lengths: Sequence[int]) -> np.ndarray:
@@ -287,28 +309,24 @@ def write(folder: str | Path, arrays: Mapping[str, np.ndarray], index: "pd.DataF
 
 
 class Packed:
-    """The clips of one packed folder, read by id (``clip``) or by (offset, length) (``rows``)."""
+    """The clips of one packed folder, read by id (``clip``) or by (offset, length) (``rows``).
+
+    Its array is one file or several shards (``shard_paths``); offsets count over all of them.
+    """
 
     def __init__(self, folder: str | Path, kind: Kind = FEATURES) -> None:
         self.folder, self.kind = Path(folder), kind
-        self.path = self.folder / kind.array
+        self.paths = shard_paths(self.folder, kind)
+        self.path = self.paths[0]
+        shards = [_shard_shape(path, kind) for path in self.paths]  # (header bytes, rows, width) each
+        widths = {width for _, _, width in shards}
+        if len(widths) > 1:
+            raise DataError(f"{self.folder}: its {kind.what} shards have different widths {sorted(widths)}")
+        self.headers = [header for header, _, _ in shards]
+        packed_starts = offsets([rows for _, rows, _ in shards])  # (shards,) each one's first row over all
+        self.starts = packed_starts.tolist()
+        self.shape = (int(sum(rows for _, rows, _ in shards)), int(shards[0][2]))  # (total rows, width)
         index_path = self.folder / INDEX_NAME
-        try:
-            with open(self.path, "rb") as handle:
-                version = np.lib.format.read_magic(handle)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read_header(handle)  # the header alone: no pickle, no data read
-                self.header = handle.tell()
-                size = os.fstat(handle.fileno()).st_size
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read {kind.what} {self.path}: {err}") from err
-        if len(shape) != 2 or dtype != DTYPE or fortran:
-            raise DataError(f"{self.path}: expected a 2-D float32 array of {kind.what}, got {dtype} {shape}")
-        if size != self.header + shape[0] * shape[1] * DTYPE.itemsize:
-            raise DataError(f"{self.path}: {size} bytes, not the {shape} float32 array its header announces "
-                            "(truncated?)")
-        self.shape = (int(shape[0]), int(shape[1]))  # (total rows, width)
         try:
             index = fileio.read_csv(index_path, columns=("id", "offset", kind.length))
         except (OSError, ValueError) as err:
@@ -322,16 +340,22 @@ class Packed:
         except ValueError as err:
             raise DataError(f"{index_path}: offset and {kind.length} must be integers ({err})") from None
         bad = (starts < 0) | (lengths < 1) | (starts + lengths > self.shape[0])
+        shard_of = np.searchsorted(packed_starts, starts, side="right") - 1  # (clips,) the shard each starts in
+        ends = np.append(packed_starts[1:], self.shape[0])  # (shards,) one past each shard's last row
+        bad |= starts + lengths > ends[np.clip(shard_of, 0, None)]
         if bad.any():
             row = index[bad].iloc[0]
             raise DataError(f"{index_path}: clip {row['id']} has rows {row['offset']}+{row[kind.length]} outside "
-                            f"{self.path} ({self.shape[0]} rows)")
+                            f"{self._files()} ({self.shape[0]} rows)")
         self.refs = dict(zip(index["id"], zip(starts.tolist(), lengths.tolist())))
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fds = [os.open(path, os.O_RDONLY) for path in self.paths]
+
+    def _files(self) -> str:
+        return str(self.path) if len(self.paths) == 1 else f"{self.path} and {len(self.paths) - 1} more shard(s)"
 
     def __del__(self) -> None:
-        if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
+        for fd in getattr(self, "fds", ()):
+            os.close(fd)
 
     @property
     def width(self) -> int:
@@ -351,22 +375,44 @@ class Packed:
 
     def rows(self, offset: int, length: int) -> np.ndarray:
         """(length, width) float32 (read-only): one ``pread`` (thread-safe; pages stay in the OS cache, not in RSS)."""
-        return _pread_rows(self.fd, self.path, self.header, offset, length, self.shape[1])
+        offset = int(offset)
+        shard = bisect.bisect_right(self.starts, offset) - 1 if len(self.fds) > 1 else 0
+        return _pread_rows(self.fds[shard], self.paths[shard], self.headers[shard], offset - self.starts[shard],
+                           length, self.shape[1])
 
     def clip(self, clip_id: str) -> np.ndarray:
         """One clip's (length, width) float32 rows."""
         return self.rows(*self.ref(clip_id))
 
 
+def _shard_shape(path: Path, kind: Kind) -> tuple[int, int, int]:
+    """(header bytes, rows, width) of one packed .npy file, from its header alone (no pickle, no data read)."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+            header = handle.tell()
+            size = os.fstat(handle.fileno()).st_size
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {kind.what} {path}: {err}") from err
+    if len(shape) != 2 or dtype != DTYPE or fortran:
+        raise DataError(f"{path}: expected a 2-D float32 array of {kind.what}, got {dtype} {shape}")
+    if size != header + shape[0] * shape[1] * DTYPE.itemsize:
+        raise DataError(f"{path}: {size} bytes, not the {shape} float32 array its header announces (truncated?)")
+    return header, int(shape[0]), int(shape[1])
+
+
 def open_folder(folder: str | Path, kind: Kind = FEATURES) -> Packed:
     """``Packed(folder, kind)``, opened once per process while its files are unchanged (by inode, size and mtime)."""
     folder = Path(folder)
     stamps = []
-    for name in (kind.array, INDEX_NAME):
+    for path in [*shard_paths(folder, kind), folder / INDEX_NAME]:
         try:
-            info = os.stat(folder / name)
+            info = os.stat(path)
         except OSError as err:
-            raise DataError(f"cannot read {kind.what} {folder / name}: {err.strerror or err}") from err
+            raise DataError(f"cannot read {kind.what} {path}: {err.strerror or err}") from err
         stamps.append((info.st_ino, info.st_size, info.st_mtime_ns))
     return _open(str(folder.resolve()), kind, tuple(stamps))
 

@@ -7,8 +7,12 @@ packed file, ``features.npy`` (``audiocnn.packed``; rows laid out from normalize
 The normalized clips are read from normalize's packed ``clips.npy``. Results are cached by the
 normalized clip's content (``audiocnn.store``): a rerun after adding clips computes only the new
 ones, and finds the others by the hash normalize recorded in its index (no clip is read for a hit)
-in the previous outputs kept whole and in the journals of computed clips (``audiocnn.packcache``:
-rows copied in bulk by the kernel). PNGs are cached per clip (``audiocnn.store``).
+in the previous outputs kept whole and in the journals of computed clips (``audiocnn.packcache``).
+The previous output's file is linked whole into the new output as a shard when most of its rows
+are still used (``features.npy``, then ``features.1.npy`` with only the clips it lacks: a run that
+adds 1% of clips writes 1% of the rows); clips from elsewhere in the cache are copied by the
+kernel. So the packed layout (which file and row holds a clip) depends on what the cache held;
+each clip's features do not. PNGs are cached per clip (``audiocnn.store``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COPIED = "_rows_copied"  # a record whose rows came from the cache (only its image is computed)
+COPIED = "_rows_copied"  # a record whose rows came from the cache: (file, header bytes); only its image is computed
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,9 @@ def features_of(mono: np.ndarray, sample_rate: int, params: SpectrogramParams,
 
 @dataclass(frozen=True)
 class _Outputs:
-    """Where ``run`` writes: the packed features file (laid out by ``packed.create``) and the image folder."""
+    """Where ``run`` writes: the new shard of packed features (laid out by ``packed.create``) and the image folder."""
 
-    array: str  # features.npy under its staged folder
+    array: str  # the new shard under the staged features folder ("": every clip's rows are in linked shards)
     header: int  # bytes before the first row
     images_dir: str
     slugs: Mapping[str, str]  # label -> image subfolder
@@ -109,16 +113,17 @@ def _clip_task(record: Mapping[str, str], normalized: str, out: _Outputs, sample
                params: SpectrogramParams, cache: store.ClipCache | None, journal: str | None) -> str:
     """One clip inside ``run``: its rows of the packed features and its image, computed; return the image.
 
-    ``record`` carries the clip's ``offset`` and ``frames`` in the packed features, laid out from
-    normalize's ``samples``: the column its clip is read by, so the two always agree. A record
-    marked ``copied`` has its rows from the cache already and only needs its image, rendered
-    from them. Computed rows go to this process's journal in the folder ``journal`` (None: not cached).
+    ``record`` carries the clip's ``offset`` (in its shard) and ``frames`` in the packed features,
+    laid out from normalize's ``samples``: the column its clip is read by, so the two always
+    agree. A record marked ``COPIED`` has its rows from the cache already (in the file it names)
+    and only needs its image, rendered from them. Computed rows go to this process's journal in the folder ``journal`` (None: not cached).
     """
     frames = int(record["frames"])
     image = f"{out.slugs[record['label']]}/{record['id']}.png" if params.images else ""
     key = str(record.get(store.CLIP_HASH_COLUMN, "")).lower()
     if record.get(COPIED):
-        db = packed.read_rows(out.array, out.header, int(record["offset"]), frames, params.n_mels)
+        rows_file, header = record[COPIED]
+        db = packed.read_rows(rows_file, header, int(record["offset"]), frames, params.n_mels)
         png = images.png_bytes(images.render(db, params.top_db, params.image_size)) if image else None
     else:
         clips = normalize.open_clips(normalized)
@@ -153,26 +158,79 @@ def _checked_key(record: Mapping[str, str], mono: np.ndarray, where: str) -> str
     return key
 
 
-def _from_packs(packs: packcache.PackCache, layout: pd.DataFrame, records: list[dict], results: list[str | None],
-                cache: store.ClipCache, out: _Outputs, params: SpectrogramParams) -> None:
-    """Clips the cache holds: rows copied in bulk, images linked from their entries; ``results[i]``: the image.
+def _from_packs(packs: packcache.PackCache, found: packcache.Found, layout: pd.DataFrame, records: list[dict],
+                results: list[str | None], cache: store.ClipCache, out: _Outputs, shards: list[_Shard],
+                params: SpectrogramParams) -> None:
+    """Clips the cache holds: rows in a linked shard or copied in bulk, images linked; ``results[i]``: the image.
 
     The key is normalize's hash of the clip (index column ``clip_sha256``), so no clip is read
-    for a hit. A clip whose image is not cached stays None, marked ``COPIED``: a worker renders
-    the image from its rows.
+    for a hit. ``records`` carry each clip's offset in its own shard. A clip whose image is not
+    cached stays None, marked ``COPIED``: a worker renders the image from its rows.
     """
-    found = packs.find(layout[store.CLIP_HASH_COLUMN].str.lower().tolist(), layout["frames"])
-    copied = packs.copy_rows(found, out.array, out.header, layout["offset"], layout["frames"])
-    for i in np.flatnonzero(copied):
+    linked = layout["shard"].to_numpy() < len(shards)  # (clips,) rows in a linked shard
+    rest = packcache.Found(np.where(linked, -1, found.pack), found.offset, found.length, found.entry)
+    copied = packs.copy_rows(rest, out.array, out.header, [r["offset"] for r in records], layout["frames"]) \
+        if out.array else np.zeros(len(records), bool)
+    for i in np.flatnonzero(copied | linked):
         image = ""
         if params.images:
             record = records[i]
             image = f"{out.slugs[record['label']]}/{record['id']}.png"
             if not cache.place_unread(str(record[store.CLIP_HASH_COLUMN]).lower(), f".{params.image_size}px.png",
                                       os.path.join(out.images_dir, image), tail=images.PNG_END):
-                record[COPIED] = True
+                shard = shards[record["shard"]] if linked[i] else _Shard(out.array, out.header, 0, "")
+                record[COPIED] = (shard.path, shard.header)
                 continue
         results[i] = image
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """A feature file of the output linked from the cache: its path, header bytes, rows and pack name."""
+
+    path: str
+    header: int
+    rows: int
+    pack: str
+
+
+def _link_shards(packs: packcache.PackCache, chosen: list[int], folder: Path) -> list[_Shard]:
+    """Hard-link the packs ``chosen`` (``PackCache.reusable``) into ``folder`` as its first shards, in order.
+
+    Stops at the first pack that cannot be linked (another file system): its clips, and the
+    next packs', are then copied.
+    """
+    shards = []
+    for number in chosen:
+        pack = packs.packs[number]
+        path = folder / packed.FEATURES.shard(len(shards))
+        try:
+            os.link(pack.array, path)
+        except OSError as err:
+            log.info("feature cache: cannot link %s into %s (%s): copying its clips", pack.array, folder, err)
+            break
+        shards.append(_Shard(str(path), pack.header, pack.rows, pack.name))
+    return shards
+
+
+def _place(layout: pd.DataFrame, found: packcache.Found | None, numbers: list[int],
+           shards: list[_Shard]) -> np.ndarray:
+    """Each clip's shard (``layout["shard"]``; len(shards): the new one) and global ``offset``; (clips,) its shard offset.
+
+    A clip found in a linked pack (``numbers[k]``: the pack of ``shards[k]``) keeps its rows
+    there; the others are laid out one after another in the new shard, after all linked rows.
+    """
+    frames = layout["frames"].to_numpy(np.int64)
+    shard = np.full(len(layout), len(shards), np.int64)
+    local = np.zeros(len(layout), np.int64)  # (clips,) first row in its own shard
+    for k, number in enumerate(numbers[: len(shards)]):
+        mine = found.pack == number
+        shard[mine], local[mine] = k, found.offset[mine]
+    fresh = shard == len(shards)
+    local[fresh] = packed.offsets(frames[fresh])
+    starts = packed.offsets([s.rows for s in shards] + [0])  # (shards + 1,) first global row of each shard
+    layout["shard"], layout["offset"] = shard, starts[shard] + local
+    return local
 
 
 def clip_layout(index: pd.DataFrame, index_path: Path, params: SpectrogramParams) -> pd.DataFrame:
@@ -196,8 +254,8 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
         params: SpectrogramParams, cache: store.ClipCache | None | str = "env") -> None:
     """Features for every clip in ``normalized/index.csv``: features.npy, index.csv, meta.json, PNGs, gallery.
 
-    The features of all clips are packed into one file (``audiocnn.packed``): clip ``id`` is rows
-    ``offset`` to ``offset + frames`` of index.csv. ``cache``: a ClipCache, None (no cache) or "env"
+    The features of all clips are packed (``audiocnn.packed``): clip ``id`` is rows ``offset`` to
+    ``offset + frames`` of index.csv, over ``features.npy`` and the shards linked from the cache. ``cache``: a ClipCache, None (no cache) or "env"
     (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
     """
     index_path = normalized / packed.INDEX_NAME
@@ -221,20 +279,29 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
             if params.images:
                 for slug in slugs.values():
                     (images_tmp / slug).mkdir()
-            array = features_tmp / packed.FEATURES.array
-            out = _Outputs(str(array), packed.create(array, int(layout["frames"].sum()), params.n_mels),
-                           str(images_tmp), slugs)
-            records = fileio.records(layout)
-            results: list[str | None] = [None] * len(records)
-            packs = None
-            if cache is not None and store.CLIP_HASH_COLUMN in index.columns:
+            packs, found, numbers, shards = None, None, [], []
+            keys = layout[store.CLIP_HASH_COLUMN].str.lower().tolist() if store.CLIP_HASH_COLUMN in index else []
+            if cache is not None and keys:
                 packs = packcache.PackCache(cache, params.n_mels)
                 packs.load()
-                _from_packs(packs, layout, records, results, cache, out, params)
+                found = packs.find(keys, layout["frames"])
+                numbers = packs.reusable(found)
+                shards = _link_shards(packs, numbers, features_tmp)
+            local = _place(layout, found, numbers, shards)
+            fresh = np.flatnonzero(layout["shard"].to_numpy() == len(shards))  # rows in the new shard
+            array = features_tmp / packed.FEATURES.shard(len(shards))
+            frames = int(layout["frames"].to_numpy()[fresh].sum())
+            header = packed.create(array, frames, params.n_mels) if fresh.size else 0
+            out = _Outputs(str(array) if fresh.size else "", header, str(images_tmp), slugs)
+            records = fileio.records(layout.assign(offset=local))  # offsets in each clip's own shard
+            results: list[str | None] = [None] * len(records)
+            if packs is not None:
+                _from_packs(packs, found, layout, records, results, cache, out, shards, params)
             missed = [i for i, result in enumerate(results) if result is None]
             if len(missed) < len(records):
-                log.info("feature cache: %d of %d clips cached, computing %d", len(records) - len(missed),
-                         len(records), len(missed))
+                log.info("feature cache: %d of %d clips cached (%d in %d linked file(s)), computing %d",
+                         len(records) - len(missed), len(records), len(records) - fresh.size, len(shards),
+                         len(missed))
             if params.images and missed:
                 images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
             work = functools.partial(_clip_task, normalized=str(normalized), out=out, sample_rate=audio.sample_rate,
@@ -249,8 +316,9 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
             for i, result in zip(missed, computed):
                 results[i] = result
             if packs is not None:
-                packs.keep(array, out.header, layout[store.CLIP_HASH_COLUMN].str.lower().tolist(), layout["offset"],
-                           layout["frames"])
+                packs.keep(array if fresh.size else None, header, [keys[i] for i in fresh], local[fresh],
+                           layout["frames"].to_numpy()[fresh], reused=[shard.pack for shard in shards])
+            layout = layout.drop(columns=["shard"])
             layout["image"] = results
             fileio.write_csv(features_tmp / packed.INDEX_NAME, layout)
             fileio.write_json(features_tmp / "meta.json", {
@@ -269,22 +337,32 @@ def _gallery(index: pd.DataFrame, normalized: Path, audio: AudioParams, params: 
     """reports/gallery.png's bytes into ``out``: the first ``gallery_per_class`` ids (sorted) of every class.
 
     Runs while the workers compute (``map_clips(meanwhile=...)``), from the normalized clips;
-    cached under a hash of its panels, so an unchanged gallery costs no matplotlib.
+    cached under a hash of its panels (labels, ids and the clips' ``clip_sha256``; the cache
+    folder holds the settings), so an unchanged gallery costs no log-mel and no matplotlib.
     """
     chosen = index.sort_values("id").groupby("label", sort=True).head(params.gallery_per_class)
+    hashes = chosen[store.CLIP_HASH_COLUMN].astype(str).str.lower().tolist() \
+        if store.CLIP_HASH_COLUMN in chosen else []
+    by_hash = len(hashes) == len(chosen) and all(map(store.is_sha256, hashes))
+    digest = hashlib.sha256(f"{params.gallery_per_class}{'/sha256' if by_hash else ''}".encode())
     panels = []
-    digest = hashlib.sha256(f"{params.gallery_per_class}".encode())
     clips = normalize.open_clips(normalized)
-    for row in chosen.itertuples():
+    for k, row in enumerate(chosen.itertuples()):
+        if by_hash:
+            digest.update(f"\0{row.label}\0{row.id}\0{hashes[k]}".encode())
+            continue
         db = features_of(normalize.read_clip(clips, row.id), audio.sample_rate, params, image=False)[0]
         panels.append((row.label, row.id, db))
         digest.update(f"\0{row.label}\0{row.id}\0".encode() + db.tobytes())
     key = digest.hexdigest()
     png = cache.get(key, ".gallery.png") if cache is not None else None
     if png is None or not images.is_complete_png(png):
+        if by_hash:
+            panels = [(row.label, row.id, features_of(normalize.read_clip(clips, row.id), audio.sample_rate, params,
+                                                      image=False)[0]) for row in chosen.itertuples()]
         png = images.gallery_png(panels, params.gallery_per_class, audio.sample_rate, params.hop_length,
                                  params.fmin, params.fmax, params.top_db)
         if cache is not None:
             cache.put(key, ".gallery.png", png)
     out.append(png)
-    log.info("gallery of %d clips (%d classes)", len(panels), chosen["label"].nunique())
+    log.info("gallery of %d clips (%d classes)", len(chosen), chosen["label"].nunique())
