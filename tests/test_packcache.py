@@ -16,6 +16,7 @@ import pytest
 from audiocnn import fileio, packcache, packed, spectrogram, store
 from audiocnn.audio import AudioParams
 from audiocnn.errors import DataError
+from audiocnn.normalize import NormalizeParams
 from audiocnn.spectrogram import SpectrogramParams
 
 from test_store import RATE, contents, counted, files, make_manifest, run_both, section  # noqa: F401  (fixture)
@@ -289,6 +290,29 @@ def test_a_pack_mostly_unused_is_copied_from_not_linked(tmp_path, counted):
     assert os.stat(out / "features" / "features.npy").st_ino != os.stat(tmp_path / "all" / "features" /
                                                                          "features.npy").st_ino
     assert files(out) == files(run_both(tmp_path, "one-plain", None))  # copied: the very bytes of a plain run
+
+
+@pytest.mark.parametrize("trim_db", [0.0, 30.0])  # rows laid out in advance / appended as computed
+def test_normalize_links_the_previous_clips_file_and_writes_only_the_new_clips(tmp_path, counted, trim_db):
+    source, manifest = make_manifest(tmp_path, clips=5)
+    full = fileio.read_csv(manifest)
+    fileio.write_csv(manifest, full.iloc[:4])
+    norm = section("normalize", NormalizeParams, trim_db=trim_db)
+    run_both(tmp_path, "four", tmp_path / "cache", norm=norm)
+    fileio.write_csv(manifest, full)
+    before = counted["normalize"]
+    out = run_both(tmp_path, "five", tmp_path / "cache", norm=norm)
+    assert counted["normalize"] - before == 1
+    assert sorted(p.name for p in (out / "normalize").glob("*.npy")) == ["clips.1.npy", "clips.npy"]
+    assert os.stat(out / "normalize" / "clips.npy").st_ino == os.stat(tmp_path / "four" / "normalize" /
+                                                                       "clips.npy").st_ino
+    assert packed.Packed(out / "normalize", packed.AUDIO).shape[0] == sum(
+        packed.Packed(out / "normalize", packed.AUDIO).refs[clip_id][1] for clip_id in full["id"])  # nothing else
+    again = run_both(tmp_path, "again", tmp_path / "cache", norm=norm)  # both files linked, nothing written
+    assert counted["normalize"] - before == 1
+    assert contents(out) == contents(run_both(tmp_path, "plain", None, norm=norm)) == contents(again)
+    assert [os.stat(again / "normalize" / name).st_ino for name in ("clips.npy", "clips.1.npy")] == [
+        os.stat(out / "normalize" / name).st_ino for name in ("clips.npy", "clips.1.npy")]
 
 
 def test_an_unchanged_gallery_computes_no_log_mel(tmp_path, monkeypatch):

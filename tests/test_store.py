@@ -229,17 +229,19 @@ def files(root: Path) -> dict[str, bytes]:
 
 
 def contents(root: Path) -> dict[str, bytes]:
-    """``files(root)`` with the packed features as each clip's rows and the index without offsets.
+    """``files(root)`` with each packed folder as its clips' rows and its index without offsets.
 
-    What two runs must agree on when the cache linked a shard into one of them: the layout
-    (which file, which row) may differ, each clip's features may not.
+    What two runs must agree on when the cache linked a file into one of them: the layout
+    (which file, which row) may differ, each clip's samples and features may not.
     """
-    got = {name: data for name, data in files(root).items() if not name.startswith("features/")}
-    features = packed.Packed(root / "features")
-    index = fileio.read_csv(root / "features" / "index.csv")
-    got.update({f"features/{clip_id}": features.clip(clip_id).tobytes() for clip_id in index["id"]})
-    got["features/index.csv"] = index.drop(columns=["offset"]).to_csv().encode()
-    got["features/meta.json"] = (root / "features" / "meta.json").read_bytes()
+    folders = {"normalize": packed.AUDIO, "features": packed.FEATURES}
+    got = {name: data for name, data in files(root).items()
+           if not (name.split("/")[0] in folders and (name.endswith(".npy") or name.endswith("index.csv")))}
+    for folder, kind in folders.items():
+        clips = packed.Packed(root / folder, kind)
+        index = fileio.read_csv(root / folder / "index.csv")
+        got.update({f"{folder}/{clip_id}": clips.clip(clip_id).tobytes() for clip_id in index["id"]})
+        got[f"{folder}/index.csv"] = index.drop(columns=["offset"]).to_csv().encode()
     return got
 
 

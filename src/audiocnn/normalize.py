@@ -4,7 +4,7 @@ Per clip (a pure function of the manifest record and the settings, run in parall
 read at most ``ingest.max_duration`` seconds, downmix to mono (mean of channels),
 resample with soxr (HQ), subtract the mean, optionally trim quiet lead-in/tail, then
 scale to ``target_dbfs`` by peak or RMS. Clips keep their full length. The clips are packed
-one after another into one file, ``clips.npy`` (``audiocnn.packed``; clip ``id`` is samples
+one after another, ``clips.npy`` (``audiocnn.packed``; clip ``id`` is samples
 ``offset`` to ``offset + samples`` of index.csv), in manifest order whatever the number of
 workers. Without trimming a clip's length follows from the manifest (duration x sample_rate,
 resampled), so the file is laid out first and each worker writes its clips into their rows: no
@@ -12,8 +12,10 @@ sample passes through the main process. With trimming (or a manifest that mispre
 a warning) the clips are appended as they come back, pool workers handing their samples over in
 spill files (``audiocnn.spill``). Results are cached by the source file's sha256
 (``audiocnn.packcache``: the previous ``clips.npy`` kept whole, plus journals of computed clips):
-a rerun after adding clips reads and normalizes only the new ones, and copies the others'
-samples in bulk inside the kernel.
+a rerun after adding clips reads and normalizes only the new ones. The previous output's file is
+linked whole into the new output while it still serves most of its clips, and only the others
+go into a new file (``clips.1.npy``, ...; read as one array by ``audiocnn.packed``); clips from
+elsewhere in the cache are copied inside the kernel.
 """
 
 from __future__ import annotations
@@ -280,10 +282,10 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int, bool]]:
 
 @dataclass
 class _Written:
-    """What ``run`` wrote into the clips array: each clip's first sample, samples, content hash, silence."""
+    """What ``run`` wrote: each clip's first sample (in its own file), samples, content hash, silence."""
 
-    header: int  # bytes before the first sample
-    offsets: np.ndarray  # (clips,) int64
+    header: int  # bytes before the new file's first sample
+    offsets: np.ndarray  # (clips,) int64, in the clip's file: a linked one (``packcache.Placement``) or the new one
     samples: np.ndarray  # (clips,) int64
     digests: list[str]  # (clips,) hex clip_sha256
     silent: np.ndarray  # (clips,) bool
@@ -313,27 +315,34 @@ def _computing(compute: Callable[[dict], tuple], records: list[dict], work: _Wor
             packcache.close_journal(Path(work.journal))
 
 
-def _write_planned(array: Path, records: list[dict], keys: list[str], lengths: np.ndarray,
-                   packs: packcache.PackCache | None, work: _Work) -> _Written | None:
-    """Every clip at rows laid out in advance (``lengths``; a cached clip's own): cached ones copied, others computed.
+def _write_planned(array: Path, records: list[dict], lengths: np.ndarray, packs: packcache.PackCache | None,
+                   found: packcache.Found | None, placement: packcache.Placement, work: _Work) -> _Written | None:
+    """The clips not in a linked file at rows of ``array`` laid out in advance (``lengths``; a cached clip's own).
 
-    No sample passes through this process. None when a computed clip's length differs from
-    its planned one (the caller then appends); the clips computed so far are in the journals.
+    Cached ones are copied, others computed; no sample passes through this process. None when a
+    computed clip's length differs from its planned one (the caller then appends); the clips
+    computed so far are in the journals.
     """
     count = len(records)
     lengths = np.asarray(lengths, np.int64).copy()
-    found = packs.find(keys) if packs is not None else None
     if found is not None:
         lengths[found.pack >= 0] = found.length[found.pack >= 0]  # a cached clip's length is known exactly
-    written = _Written(packed.create(array, int(lengths.sum()), 1), packed.offsets(lengths), lengths, [""] * count,
-                       np.zeros(count, dtype=bool))
-    copied = np.zeros(count, dtype=bool)
-    if packs is not None:
-        copied = packs.copy_rows(found, str(array), written.header, written.offsets, lengths)
-        _from_cache(found, np.flatnonzero(copied), written)
-    todo = np.flatnonzero(~copied)
-    if copied.any():
-        log.info("feature cache: %d of %d clips normalized already, computing %d", copied.sum(), count, todo.size)
+    fresh = placement.fresh  # (clips,) rows in the new file
+    offsets = placement.local.copy()
+    offsets[fresh] = packed.offsets(lengths[fresh])
+    header = packed.create(array, int(lengths[fresh].sum()), 1) if fresh.any() else 0
+    written = _Written(header, offsets, lengths, [""] * count, np.zeros(count, dtype=bool))
+    done = ~fresh
+    if found is not None:
+        _from_cache(found, np.flatnonzero(done), written)
+        if fresh.any():
+            copied = packs.copy_rows(placement.unlinked(found), str(array), header, offsets, lengths)  # type: ignore
+            _from_cache(found, np.flatnonzero(copied), written)
+            done |= copied
+    todo = np.flatnonzero(~done)
+    if done.any():
+        log.info("feature cache: %d of %d clips normalized already (%d in %d linked file(s)), computing %d",
+                 done.sum(), count, (~fresh).sum(), len(placement.shards), todo.size)
     tasks = [records[i] for i in todo]
     for i, task in zip(todo, tasks):  # (in place: a copy of every record would double their memory)
         task[PLANNED_OFFSET], task[PLANNED_ROWS] = int(written.offsets[i]), int(written.samples[i])
@@ -347,23 +356,26 @@ def _write_planned(array: Path, records: list[dict], keys: list[str], lengths: n
     return written
 
 
-def _write_appended(array: Path, records: list[dict], keys: list[str], packs: packcache.PackCache | None,
-                    work: _Work, spill_dir: Path) -> _Written:
-    """Every clip appended in manifest order: cached ones copied in bulk, computed ones as they come back.
+def _write_appended(array: Path, records: list[dict], packs: packcache.PackCache | None,
+                    found: packcache.Found | None, placement: packcache.Placement, work: _Work,
+                    spill_dir: Path) -> _Written:
+    """The clips not in a linked file appended to ``array`` in manifest order: cached ones copied, others computed.
 
     Pool workers hand their samples over in spill files under ``spill_dir`` (removed at the end).
     """
     count = len(records)
-    written = _Written(packed.HEADER_BYTES, np.zeros(count, np.int64), np.zeros(count, np.int64), [""] * count,
+    written = _Written(packed.HEADER_BYTES, placement.local.copy(), np.zeros(count, np.int64), [""] * count,
                        np.zeros(count, dtype=bool))
-    hit = np.zeros(count, dtype=bool)
-    found = None
-    if packs is not None:
-        found = packs.find(keys)
-        hit = found.pack >= 0
-    if hit.any():
-        log.info("feature cache: %d of %d clips normalized already, computing %d", hit.sum(), count, (~hit).sum())
-    computing = [records[i] for i in np.flatnonzero(~hit)]
+    fresh = np.flatnonzero(placement.fresh)  # the clips appended, in order
+    hit = found.pack[fresh] >= 0 if found is not None else np.zeros(fresh.size, dtype=bool)  # (fresh,)
+    if found is not None:
+        _from_cache(found, np.flatnonzero(~placement.fresh), written)
+    if fresh.size < count or hit.any():
+        log.info("feature cache: %d of %d clips normalized already (%d in %d linked file(s)), computing %d",
+                 count - fresh.size + hit.sum(), count, count - fresh.size, len(placement.shards), (~hit).sum())
+    if not fresh.size:
+        return written
+    computing = [records[i] for i in fresh[~hit]]
     compute_here = functools.partial(_appended_task, work=work, spill_dir=None)
     compute = compute_here
     if parallel.in_pool(work.params.workers, len(computing)):
@@ -373,11 +385,11 @@ def _write_appended(array: Path, records: list[dict], keys: list[str], packs: pa
         for start, end, cached in _runs(hit):
             done = start
             if cached:  # copied in bulk from the packs; from a pack that fails on, computed here
-                copied = packs.append_rows(found, np.arange(start, end), clips)  # type: ignore[union-attr]
+                copied = packs.append_rows(found, fresh[start:end], clips)  # type: ignore[union-attr]
                 done = start + len(copied)
-                written.offsets[start:done] = copied
-                _from_cache(found, np.arange(start, done), written)  # type: ignore[arg-type]
-            for i in range(done, end):
+                written.offsets[fresh[start:done]] = copied
+                _from_cache(found, fresh[start:done], written)  # type: ignore[arg-type]
+            for i in fresh[done:end]:
                 result, written.silent[i], written.digests[i] = \
                     compute_here(records[i]) if cached else next(computed)
                 if isinstance(result, spill.Spilled):
@@ -416,23 +428,31 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
         records = fileio.records(index)
         lengths = planned_lengths(index, audio.sample_rate, params, max_seconds)
         with store.staged_dir(out) as tmp:  # renamed to ``out`` once clips.npy and index.csv are written
-            array = tmp / packed.AUDIO.array
+            found, placement = None, packcache.no_placement(len(records))
+            if packs is not None:  # the previous output's files that still serve: linked in whole
+                found = packs.find(keys)
+                placement = packs.place(found, packs.link(found, tmp, packed.AUDIO))
+            array = tmp / packed.AUDIO.shard(len(placement.shards))  # the new file: the other clips
             clips = None
             if lengths is not None:
-                clips = _write_planned(array, records, keys, lengths, packs, work)
+                clips = _write_planned(array, records, lengths, packs, found, placement, work)
             if clips is None:  # lengths unknown in advance (or mispredicted): appended as computed
                 if packs is not None:
                     packs.load()  # (with the journals of clips the planned attempt computed)
-                clips = _write_appended(array, records, keys, packs, work, tmp / SPILL_DIR)
-            index["offset"] = clips.offsets
+                    found = packs.find(keys)
+                    placement = packs.place(found, placement.shards)
+                clips = _write_appended(array, records, packs, found, placement, work, tmp / SPILL_DIR)
+            index["offset"] = placement.offsets(clips.offsets)
             index["samples"] = clips.samples
             index[store.CLIP_HASH_COLUMN] = clips.digests
             fileio.write_csv(tmp / packed.INDEX_NAME, index)
             if packs is not None:
-                extra = np.zeros(len(index), CACHED_FIELDS)
-                extra["clip"] = [bytes.fromhex(d) for d in clips.digests]
-                extra["silent"] = clips.silent
-                packs.keep(array, clips.header, keys, clips.offsets, clips.samples, extra)
+                fresh = np.flatnonzero(placement.fresh)
+                extra = np.zeros(fresh.size, CACHED_FIELDS)
+                extra["clip"] = [bytes.fromhex(clips.digests[i]) for i in fresh]
+                extra["silent"] = clips.silent[fresh]
+                packs.keep(array if fresh.size else None, clips.header, [keys[i] for i in fresh], clips.offsets[fresh],
+                           clips.samples[fresh], extra, reused=[shard.pack for shard in placement.shards])
     silent_paths = index["path"][clips.silent].tolist()
     if silent_paths:
         log.warning("%d silent clip(s) (peak below %.0f dBFS) left unscaled, e.g. %s",

@@ -83,6 +83,44 @@ class Found:
     entry: np.ndarray = field(repr=False)  # (clips,) the pack's entry (zeros where not found)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """A file of an output linked whole from a pack: its path there, header bytes, rows, and the pack's name."""
+
+    path: str
+    header: int
+    rows: int
+    pack: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each clip of an output lies: in a linked shard (``shard`` < len(shards)) or in the new file."""
+
+    shards: list[Shard]  # linked, in file order
+    shard: np.ndarray  # (clips,) int64: index into shards; len(shards): the new file
+    local: np.ndarray  # (clips,) int64: first row in a linked shard (0 for the new file's clips)
+
+    @property
+    def fresh(self) -> np.ndarray:
+        """(clips,) bool: the clips whose rows go into the new file."""
+        return self.shard == len(self.shards)
+
+    def offsets(self, local: np.ndarray) -> np.ndarray:
+        """(clips,) int64 first rows counted over all the output's files, from each clip's first row in its own file."""
+        starts = packed.offsets([s.rows for s in self.shards] + [0])  # (shards + 1,) each file's first row
+        return starts[self.shard] + np.asarray(local, np.int64)
+
+    def unlinked(self, found: Found) -> Found:
+        """``found`` without the clips of linked shards (what is left to copy into the new file)."""
+        return Found(np.where(self.fresh, found.pack, -1), found.offset, found.length, found.entry)
+
+
+def no_placement(clips: int) -> Placement:
+    """Every clip in the new file (no cache, or nothing linked)."""
+    return Placement([], np.zeros(clips, np.int64), np.zeros(clips, np.int64))
+
+
 def entry_dtype(extra: np.dtype | None = None) -> np.dtype:
     """ENTRY followed by a stage's own fields ``extra`` (a structured dtype)."""
     return ENTRY if extra is None else np.dtype(ENTRY.descr + extra.descr)
@@ -143,13 +181,41 @@ class PackCache:
         """The latest output's packs (indices into ``packs``, shard order) to link whole into the next output.
 
         Each serves at least REUSE_FRACTION of its rows to the clips ``found``; at most
-        MAX_SHARDS - 1, leaving room for the new shard.
+        MAX_SHARDS - 1, leaving room for the new file.
         """
         used = np.bincount(found.pack[found.pack >= 0], weights=found.length[found.pack >= 0],
                            minlength=len(self.packs))  # (packs,) rows the new output takes from each
         chosen = [number for number in range(self.latest)
                   if self.packs[number].rows and used[number] >= REUSE_FRACTION * self.packs[number].rows]
         return chosen[: MAX_SHARDS - 1]
+
+    def link(self, found: Found, folder: Path, kind: packed.Kind) -> list[Shard]:
+        """Hard-link the ``reusable`` packs into the output ``folder`` as its first files (``kind.shard(k)``).
+
+        Stops at the first pack that cannot be linked (another file system): its clips, and the
+        next packs', are then copied into the new file.
+        """
+        shards: list[Shard] = []
+        for number in self.reusable(found):
+            pack = self.packs[number]
+            path = folder / kind.shard(len(shards))
+            try:
+                os.link(pack.array, path)
+            except OSError as err:
+                log.info("feature cache: cannot link %s into %s (%s): copying its clips", pack.array, folder, err)
+                break
+            shards.append(Shard(str(path), pack.header, pack.rows, pack.name))
+        return shards
+
+    def place(self, found: Found, shards: list[Shard]) -> Placement:
+        """Each found clip in the linked ``shards`` keeps its rows there; the others go to the new file."""
+        shard = np.full(found.pack.size, len(shards), np.int64)
+        local = np.zeros(found.pack.size, np.int64)
+        numbers = {pack.name: number for number, pack in enumerate(self.packs) if pack.name}
+        for k, linked in enumerate(shards):
+            mine = found.pack == numbers.get(linked.pack, -2)
+            shard[mine], local[mine] = k, found.offset[mine]
+        return Placement(shards, shard, local)
 
     def _read_pack(self, meta_path: Path) -> Pack | None:
         name = meta_path.name[: -len(".json")]

@@ -116,7 +116,8 @@ def _clip_task(record: Mapping[str, str], normalized: str, out: _Outputs, sample
     ``record`` carries the clip's ``offset`` (in its shard) and ``frames`` in the packed features,
     laid out from normalize's ``samples``: the column its clip is read by, so the two always
     agree. A record marked ``COPIED`` has its rows from the cache already (in the file it names)
-    and only needs its image, rendered from them. Computed rows go to this process's journal in the folder ``journal`` (None: not cached).
+    and only needs its image, rendered from them. Computed rows go to this process's journal in
+    the folder ``journal`` (None: not cached).
     """
     frames = int(record["frames"])
     image = f"{out.slugs[record['label']]}/{record['id']}.png" if params.images else ""
@@ -158,19 +159,18 @@ def _checked_key(record: Mapping[str, str], mono: np.ndarray, where: str) -> str
     return key
 
 
-def _from_packs(packs: packcache.PackCache, found: packcache.Found, layout: pd.DataFrame, records: list[dict],
-                results: list[str | None], cache: store.ClipCache, out: _Outputs, shards: list[_Shard],
+def _from_packs(packs: packcache.PackCache, found: packcache.Found, placement: packcache.Placement,
+                records: list[dict], results: list[str | None], cache: store.ClipCache, out: _Outputs,
                 params: SpectrogramParams) -> None:
     """Clips the cache holds: rows in a linked shard or copied in bulk, images linked; ``results[i]``: the image.
 
     The key is normalize's hash of the clip (index column ``clip_sha256``), so no clip is read
-    for a hit. ``records`` carry each clip's offset in its own shard. A clip whose image is not
+    for a hit. ``records`` carry each clip's offset in its own file. A clip whose image is not
     cached stays None, marked ``COPIED``: a worker renders the image from its rows.
     """
-    linked = layout["shard"].to_numpy() < len(shards)  # (clips,) rows in a linked shard
-    rest = packcache.Found(np.where(linked, -1, found.pack), found.offset, found.length, found.entry)
-    copied = packs.copy_rows(rest, out.array, out.header, [r["offset"] for r in records], layout["frames"]) \
-        if out.array else np.zeros(len(records), bool)
+    linked = ~placement.fresh
+    copied = packs.copy_rows(placement.unlinked(found), out.array, out.header, [r["offset"] for r in records],
+                             [r["frames"] for r in records]) if out.array else np.zeros(len(records), bool)
     for i in np.flatnonzero(copied | linked):
         image = ""
         if params.images:
@@ -178,59 +178,10 @@ def _from_packs(packs: packcache.PackCache, found: packcache.Found, layout: pd.D
             image = f"{out.slugs[record['label']]}/{record['id']}.png"
             if not cache.place_unread(str(record[store.CLIP_HASH_COLUMN]).lower(), f".{params.image_size}px.png",
                                       os.path.join(out.images_dir, image), tail=images.PNG_END):
-                shard = shards[record["shard"]] if linked[i] else _Shard(out.array, out.header, 0, "")
-                record[COPIED] = (shard.path, shard.header)
+                shard = placement.shards[placement.shard[i]] if linked[i] else None
+                record[COPIED] = (shard.path, shard.header) if shard else (out.array, out.header)
                 continue
         results[i] = image
-
-
-@dataclass(frozen=True)
-class _Shard:
-    """A feature file of the output linked from the cache: its path, header bytes, rows and pack name."""
-
-    path: str
-    header: int
-    rows: int
-    pack: str
-
-
-def _link_shards(packs: packcache.PackCache, chosen: list[int], folder: Path) -> list[_Shard]:
-    """Hard-link the packs ``chosen`` (``PackCache.reusable``) into ``folder`` as its first shards, in order.
-
-    Stops at the first pack that cannot be linked (another file system): its clips, and the
-    next packs', are then copied.
-    """
-    shards = []
-    for number in chosen:
-        pack = packs.packs[number]
-        path = folder / packed.FEATURES.shard(len(shards))
-        try:
-            os.link(pack.array, path)
-        except OSError as err:
-            log.info("feature cache: cannot link %s into %s (%s): copying its clips", pack.array, folder, err)
-            break
-        shards.append(_Shard(str(path), pack.header, pack.rows, pack.name))
-    return shards
-
-
-def _place(layout: pd.DataFrame, found: packcache.Found | None, numbers: list[int],
-           shards: list[_Shard]) -> np.ndarray:
-    """Each clip's shard (``layout["shard"]``; len(shards): the new one) and global ``offset``; (clips,) its shard offset.
-
-    A clip found in a linked pack (``numbers[k]``: the pack of ``shards[k]``) keeps its rows
-    there; the others are laid out one after another in the new shard, after all linked rows.
-    """
-    frames = layout["frames"].to_numpy(np.int64)
-    shard = np.full(len(layout), len(shards), np.int64)
-    local = np.zeros(len(layout), np.int64)  # (clips,) first row in its own shard
-    for k, number in enumerate(numbers[: len(shards)]):
-        mine = found.pack == number
-        shard[mine], local[mine] = k, found.offset[mine]
-    fresh = shard == len(shards)
-    local[fresh] = packed.offsets(frames[fresh])
-    starts = packed.offsets([s.rows for s in shards] + [0])  # (shards + 1,) first global row of each shard
-    layout["shard"], layout["offset"] = shard, starts[shard] + local
-    return local
 
 
 def clip_layout(index: pd.DataFrame, index_path: Path, params: SpectrogramParams) -> pd.DataFrame:
@@ -255,8 +206,8 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
     """Features for every clip in ``normalized/index.csv``: features.npy, index.csv, meta.json, PNGs, gallery.
 
     The features of all clips are packed (``audiocnn.packed``): clip ``id`` is rows ``offset`` to
-    ``offset + frames`` of index.csv, over ``features.npy`` and the shards linked from the cache. ``cache``: a ClipCache, None (no cache) or "env"
-    (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
+    ``offset + frames`` of index.csv, over ``features.npy`` and the shards linked from the cache.
+    ``cache``: a ClipCache, None (no cache) or "env" (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
     """
     index_path = normalized / packed.INDEX_NAME
     index = fileio.read_csv(index_path)
@@ -279,28 +230,30 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
             if params.images:
                 for slug in slugs.values():
                     (images_tmp / slug).mkdir()
-            packs, found, numbers, shards = None, None, [], []
+            packs, found, placement = None, None, packcache.no_placement(len(layout))
             keys = layout[store.CLIP_HASH_COLUMN].str.lower().tolist() if store.CLIP_HASH_COLUMN in index else []
             if cache is not None and keys:
                 packs = packcache.PackCache(cache, params.n_mels)
                 packs.load()
                 found = packs.find(keys, layout["frames"])
-                numbers = packs.reusable(found)
-                shards = _link_shards(packs, numbers, features_tmp)
-            local = _place(layout, found, numbers, shards)
-            fresh = np.flatnonzero(layout["shard"].to_numpy() == len(shards))  # rows in the new shard
-            array = features_tmp / packed.FEATURES.shard(len(shards))
-            frames = int(layout["frames"].to_numpy()[fresh].sum())
-            header = packed.create(array, frames, params.n_mels) if fresh.size else 0
+                placement = packs.place(found, packs.link(found, features_tmp, packed.FEATURES))
+            fresh = np.flatnonzero(placement.fresh)  # clips whose rows go into the new file
+            frames = layout["frames"].to_numpy(np.int64)
+            local = placement.local.copy()  # (clips,) first row in its own file
+            local[fresh] = packed.offsets(frames[fresh])
+            layout["offset"] = placement.offsets(local)
+            array = features_tmp / packed.FEATURES.shard(len(placement.shards))
+            header = packed.create(array, int(frames[fresh].sum()), params.n_mels) if fresh.size else 0
             out = _Outputs(str(array) if fresh.size else "", header, str(images_tmp), slugs)
-            records = fileio.records(layout.assign(offset=local))  # offsets in each clip's own shard
+            records = fileio.records(layout.assign(offset=local))
             results: list[str | None] = [None] * len(records)
             if packs is not None:
-                _from_packs(packs, found, layout, records, results, cache, out, shards, params)
+                _from_packs(packs, found, placement, records, results, cache, out, params)
             missed = [i for i, result in enumerate(results) if result is None]
             if len(missed) < len(records):
                 log.info("feature cache: %d of %d clips cached (%d in %d linked file(s)), computing %d",
-                         len(records) - len(missed), len(records), len(records) - fresh.size, len(shards),
+                         len(records) - len(missed), len(records), len(records) - fresh.size,
+                         len(placement.shards),
                          len(missed))
             if params.images and missed:
                 images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
@@ -316,9 +269,8 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
             for i, result in zip(missed, computed):
                 results[i] = result
             if packs is not None:
-                packs.keep(array if fresh.size else None, header, [keys[i] for i in fresh], local[fresh],
-                           layout["frames"].to_numpy()[fresh], reused=[shard.pack for shard in shards])
-            layout = layout.drop(columns=["shard"])
+                packs.keep(array if fresh.size else None, header, [keys[i] for i in fresh], local[fresh], frames[fresh],
+                           reused=[shard.pack for shard in placement.shards])
             layout["image"] = results
             fileio.write_csv(features_tmp / packed.INDEX_NAME, layout)
             fileio.write_json(features_tmp / "meta.json", {
