@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from audiocnn import packed
+
 from conftest import FSDD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +90,12 @@ def test_overhead_stages_alone_and_table(tmp_path):
     params = common.folders_params(flat)
     params["ingest"]["layout"] = "pattern"
     params["ingest"]["pattern"] = r"(?P<label>class\d+)_\d+\.wav"
-    alone = overhead.stages_alone(tmp_path, flat, sorted(flat.glob("*.wav")), sorted(flat.glob("*.wav"))[:2], params)
-    assert set(alone) == {"full", "added"} and alone["added"]["spectrogram"]["seconds"] > 0
+    alone = overhead.stages_alone(tmp_path, flat, sorted(flat.glob("*.wav")), sorted(flat.glob("*.wav"))[:2], params,
+                                  repeats=2)
+    assert set(alone) == {"full", "added", "added_runs"} and alone["added"]["spectrogram"]["seconds"] > 0
+    assert [len(runs) for runs in alone["added_runs"].values()] == [2, 2, 2]
+    features = packed.Packed(tmp_path / "alone" / "dataset" / "features")  # the last repeat's: linked + new file
+    assert [path.name for path in features.paths] == ["features.npy", "features.1.npy"]
     assert any((tmp_path / "alone-cache" / "spectrogram").rglob("*.npy"))  # the cache was used
     stage = {"seconds": 1.0, "peak_rss_mib": 1.0, "ran": True}
     results = {"full": {"spectrogram": stage}, "added": {"clips": 2, "stages": {"spectrogram": dict(stage, seconds=0.05)}},
@@ -98,6 +104,7 @@ def test_overhead_stages_alone_and_table(tmp_path):
                "machine": common.machine()}
     text = "\n".join(overhead.markdown(results, "python benchmarks/overhead.py"))
     assert "no-op `dvc repro`: median 0.90 s" in text and "5.0% of its full-run time" in text
+    assert "spectrogram alone after +1% clips:" in text
 
 
 def test_set_params_applies_dotted_overrides_and_names_a_wrong_key():
