@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import librosa
@@ -182,6 +185,24 @@ def test_stage_script_rejects_fmax_above_nyquist(tmp_path):
     with pytest.raises(ParamsError, match=r"spectrogram\.fmax=12000 exceeds audio\.sample_rate/2"):
         main(["--params", str(tmp_path / "params.yaml"), "--normalized", str(tmp_path / "normalize"),
               "--features", str(tmp_path / "f"), "--images", str(tmp_path / "i"), "--gallery", str(tmp_path / "g.png")])
+
+
+def test_stage_with_a_warm_cache_imports_neither_pandas_nor_matplotlib(tmp_path):
+    """After adding clips the stage's own work is a fraction of a second: pandas' import alone is ~0.5 s."""
+    make_normalized(tmp_path)
+    params = config.read_params(REPO / "params.yaml")
+    params["spectrogram"].update(images=False, gallery_per_class=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    script = (f"import runpy, sys; main = runpy.run_path({str(REPO / 'stages' / 'spectrogram.py')!r})['main']; "
+              "main(sys.argv[1:]); print(sorted({'pandas', 'matplotlib'} & set(sys.modules)))")
+    args = ["--params", str(tmp_path / "params.yaml"), "--normalized", str(tmp_path / "normalize"),
+            "--features", str(tmp_path / "f"), "--images", str(tmp_path / "i"), "--gallery", str(tmp_path / "g.png")]
+    env = {**os.environ, "AUDIOCNN_CACHE_DIR": str(tmp_path / "cache")}
+    cold = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=True)
+    assert "matplotlib" in cold.stdout  # the gallery was drawn
+    warm = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=True)
+    assert warm.stdout.strip().splitlines()[-1] == "[]"
+    assert fileio.read_csv(tmp_path / "f" / "index.csv").shape[0] == 6
 
 
 @pytest.mark.parametrize("rate, n_fft, n_mels, fmin, fmax", [(16000, 512, 64, 20.0, 8000.0), (8000, 256, 40, 0.0, 4000.0),

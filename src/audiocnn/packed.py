@@ -328,15 +328,15 @@ class Packed:
         self.shape = (int(sum(rows for _, rows, _ in shards)), int(shards[0][2]))  # (total rows, width)
         index_path = self.folder / INDEX_NAME
         try:
-            index = fileio.read_csv(index_path, columns=("id", "offset", kind.length))
+            index = fileio.read_columns(index_path, columns=("id", "offset", kind.length))
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read {index_path}: {err}") from err
-        missing = sorted({"id", "offset", kind.length} - set(index.columns))
+        missing = sorted({"id", "offset", kind.length} - set(index))
         if missing:
             raise DataError(f"{index_path}: missing column(s) {', '.join(missing)}")
         try:
-            starts = index["offset"].astype(np.int64).to_numpy()
-            lengths = index[kind.length].astype(np.int64).to_numpy()
+            starts = np.array(index["offset"], dtype=np.int64)  # (clips,)
+            lengths = np.array(index[kind.length], dtype=np.int64)  # (clips,)
         except ValueError as err:
             raise DataError(f"{index_path}: offset and {kind.length} must be integers ({err})") from None
         bad = (starts < 0) | (lengths < 1) | (starts + lengths > self.shape[0])
@@ -344,8 +344,8 @@ class Packed:
         ends = np.append(packed_starts[1:], self.shape[0])  # (shards,) one past each shard's last row
         bad |= starts + lengths > ends[np.clip(shard_of, 0, None)]
         if bad.any():
-            row = index[bad].iloc[0]
-            raise DataError(f"{index_path}: clip {row['id']} has rows {row['offset']}+{row[kind.length]} outside "
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{index_path}: clip {index['id'][row]} has rows {starts[row]}+{lengths[row]} outside "
                             f"{self._files()} ({self.shape[0]} rows)")
         self.refs = dict(zip(index["id"], zip(starts.tolist(), lengths.tolist())))
         self.fds = [os.open(path, os.O_RDONLY) for path in self.paths]

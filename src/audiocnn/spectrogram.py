@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -33,9 +33,6 @@ from audiocnn.audio import AudioParams
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
 from audiocnn.melspec import expected_frames, log_mel, mel_basis, mel_frequencies  # noqa: F401  (the stage's API)
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -184,20 +181,23 @@ def _from_packs(packs: packcache.PackCache, found: packcache.Found, placement: p
         results[i] = image
 
 
-def clip_layout(index: pd.DataFrame, index_path: Path, params: SpectrogramParams) -> pd.DataFrame:
-    """``index`` with each clip's ``offset`` and ``frames`` in the packed features, from normalize's ``samples``.
+Columns = dict[str, Any]  # an index as columns (name -> values), read and written without pandas (fileio)
 
-    (normalize's own ``offset``, the clip's place in its audio file, is replaced.)
+
+def clip_layout(index: Columns, index_path: Path, params: SpectrogramParams) -> Columns:
+    """``index`` with each clip's ``frames`` (int64 array) in the packed features, from normalize's ``samples``.
+
+    normalize's own ``offset`` (the clip's place in its audio file) is dropped: ``run`` sets the
+    clip's place in the features.
     """
     try:
-        samples = index["samples"].astype(np.int64)
+        samples = np.array(index["samples"], dtype=np.int64)  # (clips,)
     except ValueError as err:
         raise DataError(f"{index_path}: column 'samples' is not integer ({err})") from None
     if (samples < 1).any():
-        raise DataError(f"{index_path}: clip {index['id'][samples < 1].iloc[0]} has no samples")
-    layout = index.drop(columns=["offset"], errors="ignore")
-    layout["frames"] = [expected_frames(int(n), params) for n in samples]
-    layout["offset"] = packed.offsets(layout["frames"])
+        raise DataError(f"{index_path}: clip {index['id'][int(np.flatnonzero(samples < 1)[0])]} has no samples")
+    layout = {name: values for name, values in index.items() if name != "offset"}
+    layout["frames"] = np.array([expected_frames(int(n), params) for n in samples], dtype=np.int64)
     return layout
 
 
@@ -210,11 +210,14 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
     ``cache``: a ClipCache, None (no cache) or "env" (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
     """
     index_path = normalized / packed.INDEX_NAME
-    index = fileio.read_csv(index_path)
-    missing = sorted({"id", "label", "path", "samples"} - set(index.columns))
+    try:
+        index = fileio.read_columns(index_path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    missing = sorted({"id", "label", "path", "samples"} - set(index))
     if missing:
         raise DataError(f"{index_path}: missing column(s) {', '.join(missing)}")
-    if index.empty:
+    if not index["id"]:
         raise DataError(f"{index_path}: no clips")
     layout = clip_layout(index, index_path, params)
     if cache == "env":
@@ -230,22 +233,23 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
             if params.images:
                 for slug in slugs.values():
                     (images_tmp / slug).mkdir()
-            packs, found, placement = None, None, packcache.no_placement(len(layout))
-            keys = layout[store.CLIP_HASH_COLUMN].str.lower().tolist() if store.CLIP_HASH_COLUMN in index else []
+            count = len(layout["id"])
+            packs, found, placement = None, None, packcache.no_placement(count)
+            keys = [key.lower() for key in index.get(store.CLIP_HASH_COLUMN, [])]
             if cache is not None and keys:
                 packs = packcache.PackCache(cache, params.n_mels)
                 packs.load()
                 found = packs.find(keys, layout["frames"])
                 placement = packs.place(found, packs.link(found, features_tmp, packed.FEATURES))
             fresh = np.flatnonzero(placement.fresh)  # clips whose rows go into the new file
-            frames = layout["frames"].to_numpy(np.int64)
+            frames = layout["frames"]
             local = placement.local.copy()  # (clips,) first row in its own file
             local[fresh] = packed.offsets(frames[fresh])
             layout["offset"] = placement.offsets(local)
             array = features_tmp / packed.FEATURES.shard(len(placement.shards))
             header = packed.create(array, int(frames[fresh].sum()), params.n_mels) if fresh.size else 0
             out = _Outputs(str(array) if fresh.size else "", header, str(images_tmp), slugs)
-            records = fileio.records(layout.assign(offset=local))
+            records = fileio.column_records({**layout, "offset": local})  # offsets in each clip's own file
             results: list[str | None] = [None] * len(records)
             if packs is not None:
                 _from_packs(packs, found, placement, records, results, cache, out, params)
@@ -272,19 +276,19 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
                 packs.keep(array if fresh.size else None, header, [keys[i] for i in fresh], local[fresh], frames[fresh],
                            reused=[shard.pack for shard in placement.shards])
             layout["image"] = results
-            fileio.write_csv(features_tmp / packed.INDEX_NAME, layout)
+            fileio.write_columns(features_tmp / packed.INDEX_NAME, layout)
             fileio.write_json(features_tmp / "meta.json", {
                 "sample_rate": audio.sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
                 "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
             })
     with fileio.atomic_path(gallery) as tmp:
         tmp.write_bytes(gallery_bytes[0])
-    log.info("log-mel features of %d clips (%d frames, %d mels) in %s; images %s", len(layout),
+    log.info("log-mel features of %d clips (%d frames, %d mels) in %s; images %s", len(layout["id"]),
              layout["frames"].sum(), params.n_mels, features / packed.FEATURES.array,
              images_dir if params.images else "off")
 
 
-def _gallery(index: pd.DataFrame, normalized: Path, audio: AudioParams, params: SpectrogramParams,
+def _gallery(index: Columns, normalized: Path, audio: AudioParams, params: SpectrogramParams,
              cache: store.ClipCache | None, out: list[bytes]) -> None:
     """reports/gallery.png's bytes into ``out``: the first ``gallery_per_class`` ids (sorted) of every class.
 
@@ -292,29 +296,38 @@ def _gallery(index: pd.DataFrame, normalized: Path, audio: AudioParams, params: 
     cached under a hash of its panels (labels, ids and the clips' ``clip_sha256``; the cache
     folder holds the settings), so an unchanged gallery costs no log-mel and no matplotlib.
     """
-    chosen = index.sort_values("id").groupby("label", sort=True).head(params.gallery_per_class)
-    hashes = chosen[store.CLIP_HASH_COLUMN].astype(str).str.lower().tolist() \
-        if store.CLIP_HASH_COLUMN in chosen else []
+    taken: dict[str, int] = {}
+    chosen = []  # (row, label, id) in id order, the first gallery_per_class of each label
+    for row in sorted(range(len(index["id"])), key=index["id"].__getitem__):
+        label = index["label"][row]
+        if taken.get(label, 0) < params.gallery_per_class:
+            taken[label] = taken.get(label, 0) + 1
+            chosen.append((row, label, index["id"][row]))
+    hashes = [index[store.CLIP_HASH_COLUMN][row].lower() for row, _, _ in chosen] \
+        if store.CLIP_HASH_COLUMN in index else []
     by_hash = len(hashes) == len(chosen) and all(map(store.is_sha256, hashes))
     digest = hashlib.sha256(f"{params.gallery_per_class}{'/sha256' if by_hash else ''}".encode())
-    panels = []
     clips = normalize.open_clips(normalized)
-    for k, row in enumerate(chosen.itertuples()):
+
+    def panel(label: str, clip_id: str) -> tuple[str, str, np.ndarray]:
+        return label, clip_id, features_of(normalize.read_clip(clips, clip_id), audio.sample_rate, params,
+                                           image=False)[0]
+
+    panels = []
+    for k, (_, label, clip_id) in enumerate(chosen):
         if by_hash:
-            digest.update(f"\0{row.label}\0{row.id}\0{hashes[k]}".encode())
+            digest.update(f"\0{label}\0{clip_id}\0{hashes[k]}".encode())
             continue
-        db = features_of(normalize.read_clip(clips, row.id), audio.sample_rate, params, image=False)[0]
-        panels.append((row.label, row.id, db))
-        digest.update(f"\0{row.label}\0{row.id}\0".encode() + db.tobytes())
+        panels.append(panel(label, clip_id))
+        digest.update(f"\0{label}\0{clip_id}\0".encode() + panels[-1][2].tobytes())
     key = digest.hexdigest()
     png = cache.get(key, ".gallery.png") if cache is not None else None
     if png is None or not images.is_complete_png(png):
         if by_hash:
-            panels = [(row.label, row.id, features_of(normalize.read_clip(clips, row.id), audio.sample_rate, params,
-                                                      image=False)[0]) for row in chosen.itertuples()]
+            panels = [panel(label, clip_id) for _, label, clip_id in chosen]
         png = images.gallery_png(panels, params.gallery_per_class, audio.sample_rate, params.hop_length,
                                  params.fmin, params.fmax, params.top_db)
         if cache is not None:
             cache.put(key, ".gallery.png", png)
     out.append(png)
-    log.info("gallery of %d clips (%d classes)", len(chosen), chosen["label"].nunique())
+    log.info("gallery of %d clips (%d classes)", len(chosen), len(taken))
