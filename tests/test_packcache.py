@@ -280,6 +280,23 @@ def test_clips_added_go_to_a_new_shard_and_each_run_links_the_latest_files(tmp_p
     assert packs.latest == 3 and len(packs.outputs()) == packcache.KEEP  # every shard of the latest output kept
 
 
+def test_a_cache_on_another_file_system_copies_instead_of_linking(tmp_path, counted, monkeypatch):
+    source, manifest = make_manifest(tmp_path, clips=5)
+    full = fileio.read_csv(manifest)
+    fileio.write_csv(manifest, full.iloc[:4])
+    run_both(tmp_path, "four", tmp_path / "cache")
+
+    def cross_device(src, dst, *args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)  # packs kept as copies, no file linked into an output
+    fileio.write_csv(manifest, full)
+    before = counted["spectrogram"]
+    out = run_both(tmp_path, "five", tmp_path / "cache")
+    assert counted["spectrogram"] - before == 1 and shard_names(out) == ["features.npy"]
+    assert files(out) == files(run_both(tmp_path, "five-plain", None))  # rows copied: a plain run's bytes
+
+
 def test_a_pack_mostly_unused_is_copied_from_not_linked(tmp_path, counted):
     source, manifest = make_manifest(tmp_path, clips=4)
     run_both(tmp_path, "all", tmp_path / "cache")
