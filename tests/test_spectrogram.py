@@ -187,6 +187,23 @@ def test_stage_script_rejects_fmax_above_nyquist(tmp_path):
               "--features", str(tmp_path / "f"), "--images", str(tmp_path / "i"), "--gallery", str(tmp_path / "g.png")])
 
 
+def test_normalize_stage_imports_no_pandas(tmp_path):
+    """normalize reads its manifest and writes its index as columns: pandas' import alone is ~0.5 s."""
+    from test_store import make_manifest
+
+    source, manifest = make_manifest(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(config.read_params(REPO / "params.yaml")))
+    script = (f"import runpy, sys; main = runpy.run_path({str(REPO / 'stages' / 'normalize.py')!r})['main']; "
+              "main(sys.argv[1:]); print(sorted({'pandas'} & set(sys.modules)))")
+    args = ["--params", str(tmp_path / "params.yaml"), "--source", str(source), "--manifest", str(manifest),
+            "--out", str(tmp_path / "n")]
+    env = {**os.environ, "AUDIOCNN_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    index = fileio.read_csv(tmp_path / "n" / "index.csv")
+    assert index.columns[-3:].tolist() == ["offset", "samples", "clip_sha256"] and index.shape[0] == 4
+
+
 def test_stage_with_a_warm_cache_imports_neither_pandas_nor_matplotlib(tmp_path):
     """After adding clips the stage's own work is a fraction of a second: pandas' import alone is ~0.5 s."""
     make_normalized(tmp_path)

@@ -29,7 +29,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import soxr
@@ -38,9 +38,6 @@ from audiocnn import fileio, packcache, packed, parallel, spill, store
 from audiocnn.audio import AudioParams, read_audio
 from audiocnn.config import ParamsError, check
 from audiocnn.errors import DataError
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -240,21 +237,18 @@ def _appended_task(record: Mapping[str, Any], work: _Work,
     return (mono if spill_dir is None else spill.spill(spill_dir, mono)), silent, digest
 
 
-def planned_lengths(index: pd.DataFrame, sample_rate: int, params: NormalizeParams,
+def planned_lengths(index: Mapping[str, Sequence[str]], sample_rate: int, params: NormalizeParams,
                     max_seconds: float) -> np.ndarray | None:
     """Each clip's output samples predicted from the manifest's duration and sample_rate: (clips,) int64.
 
     As ``normalized_audio`` makes them: the frames read (at most ``ceil(max_seconds * rate)``),
     resampled by soxr to ``floor(frames * sample_rate / rate + 0.5)`` samples (measured: soxr HQ
     returns exactly that). None when they cannot be predicted: silence trimming on, or a
-    manifest without usable columns.
+    manifest without usable columns. ``index``: the manifest's columns (a DataFrame or ``fileio.read_columns``).
     """
-    import pandas as pd
-
-    if params.trim_db > 0 or not {"duration", "sample_rate"} <= set(index.columns):
+    if params.trim_db > 0 or not {"duration", "sample_rate"} <= set(index):
         return None
-    duration = pd.to_numeric(index["duration"], errors="coerce").to_numpy(np.float64)
-    rate = pd.to_numeric(index["sample_rate"], errors="coerce").to_numpy(np.float64)
+    duration, rate = _numbers(index["duration"]), _numbers(index["sample_rate"])  # (clips,) float64, NaN: not a number
     with np.errstate(invalid="ignore"):
         frames = np.round(duration * rate)
         if math.isfinite(max_seconds):
@@ -266,11 +260,20 @@ def planned_lengths(index: pd.DataFrame, sample_rate: int, params: NormalizePara
     return np.where(rate == sample_rate, frames, resampled)
 
 
-def _source_keys(index: pd.DataFrame) -> list[str]:
+def _numbers(values: Sequence[str]) -> np.ndarray:
+    """(n,) float64 of text ``values``; NaN where one is not a number."""
+    numbers = np.full(len(values), np.nan)
+    for k, value in enumerate(values):
+        with contextlib.suppress(TypeError, ValueError):
+            numbers[k] = float(value)
+    return numbers
+
+
+def _source_keys(index: Mapping[str, Sequence[str]]) -> list[str]:
     """Each clip's cache key: the manifest's sha256 of its source file ("" where the manifest has none)."""
-    if "sha256" not in index.columns:
-        return [""] * len(index)
-    return index["sha256"].fillna("").astype(str).str.lower().tolist()
+    if "sha256" not in index:
+        return [""] * len(index["id"])
+    return [str(key).lower() for key in index["sha256"]]
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int, bool]]:
@@ -407,13 +410,17 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
 
     ``cache``: a ClipCache, None (no cache) or "env" (``store.cache_root()``: $AUDIOCNN_CACHE_DIR).
     """
-    index = fileio.read_csv(manifest)
-    missing = sorted({"id", "path"} - set(index.columns))
+    try:
+        index = fileio.read_columns(manifest)  # (pandas' import alone would be ~0.5 s of a run adding a few clips)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    missing = sorted({"id", "path"} - set(index))
     if missing:
         raise DataError(f"{manifest}: missing column(s) {', '.join(missing)}")
-    if index.empty:
+    if not index["id"]:
         raise DataError(f"{manifest}: no clips to normalize")
-    duplicated = index["id"][index["id"].duplicated()].tolist()
+    seen: set[str] = set()
+    duplicated = [clip_id for clip_id in index["id"] if clip_id in seen or seen.add(clip_id)]
     if duplicated:
         raise DataError(f"{manifest}: duplicate id(s) {', '.join(duplicated[:5])}")
     if cache == "env":
@@ -425,7 +432,7 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
             packs = packcache.PackCache(cache, width=1, extra=CACHED_FIELDS)
             packs.load()
         work = _Work(Path(source), audio.sample_rate, params, max_seconds, str(packs.dir) if packs else None)
-        records = fileio.records(index)
+        records = fileio.column_records(index)
         lengths = planned_lengths(index, audio.sample_rate, params, max_seconds)
         with store.staged_dir(out) as tmp:  # renamed to ``out`` once clips.npy and index.csv are written
             found, placement = None, packcache.no_placement(len(records))
@@ -445,7 +452,7 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
             index["offset"] = placement.offsets(clips.offsets)
             index["samples"] = clips.samples
             index[store.CLIP_HASH_COLUMN] = clips.digests
-            fileio.write_csv(tmp / packed.INDEX_NAME, index)
+            fileio.write_columns(tmp / packed.INDEX_NAME, index)
             if packs is not None:
                 fresh = np.flatnonzero(placement.fresh)
                 extra = np.zeros(fresh.size, CACHED_FIELDS)
@@ -453,10 +460,10 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
                 extra["silent"] = clips.silent[fresh]
                 packs.keep(array if fresh.size else None, clips.header, [keys[i] for i in fresh], clips.offsets[fresh],
                            clips.samples[fresh], extra, reused=[shard.pack for shard in placement.shards])
-    silent_paths = index["path"][clips.silent].tolist()
+    silent_paths = [index["path"][i] for i in np.flatnonzero(clips.silent)]
     if silent_paths:
         log.warning("%d silent clip(s) (peak below %.0f dBFS) left unscaled, e.g. %s",
                     len(silent_paths), SILENT_DBFS, silent_paths[0])
-    log.info("normalized %d clips to %d Hz, %s %.1f dBFS: %.1f s of audio in %s", len(index), audio.sample_rate,
-             params.method, params.target_dbfs, index["samples"].sum() / audio.sample_rate, out / packed.AUDIO.array)
+    log.info("normalized %d clips to %d Hz, %s %.1f dBFS: %.1f s of audio in %s", len(index["id"]), audio.sample_rate,
+             params.method, params.target_dbfs, clips.samples.sum() / audio.sample_rate, out / packed.AUDIO.array)
 
