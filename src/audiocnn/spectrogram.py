@@ -256,8 +256,7 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
             missed = [i for i, result in enumerate(results) if result is None]
             if len(missed) < len(records):
                 log.info("feature cache: %d of %d clips cached (%d in %d linked file(s)), computing %d",
-                         len(records) - len(missed), len(records), len(records) - fresh.size,
-                         len(placement.shards),
+                         len(records) - len(missed), len(records), len(records) - fresh.size, len(placement.shards),
                          len(missed))
             if params.images and missed:
                 images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
