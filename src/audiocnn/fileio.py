@@ -198,11 +198,10 @@ def column_records(columns: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
 def records(frame: "Any") -> list[dict[str, Any]]:
     """``frame``'s rows as dicts (column -> value), as ``frame.to_dict("records")`` gives.
 
-    Built from whole columns: pandas' own ``to_dict`` boxes every cell of its arrow-backed text
-    columns one by one, 7x slower (0.31 s against 0.04 s for 30,000 rows of 12 columns).
+    Built from whole columns (``column_records``): pandas' own ``to_dict`` boxes every cell of its
+    arrow-backed text columns one by one, 7x slower (0.31 s against 0.04 s for 30,000 rows of 12 columns).
     """
-    columns = [str(name) for name in frame.columns]
-    return [dict(zip(columns, row)) for row in zip(*(frame[name].tolist() for name in frame.columns))]
+    return column_records({str(name): frame[name].tolist() for name in frame.columns})
 
 
 def fresh_dir(path: str | Path) -> Path:

@@ -13,7 +13,7 @@ append clips in order when lengths are only known once computed (``Appender``).
 
 A folder's array may be split into shards: ``features.npy``, ``features.1.npy``, ... read as one
 array, their rows one after another in that order (the index's offsets count over all of them;
-no clip crosses a shard's end). The spectrogram stage writes them after adding clips: the
+no clip crosses a shard's end). normalize and spectrogram write them after adding clips: the
 previous run's file, hard-linked unchanged, plus one file with only the new clips
 (``audiocnn.packcache``), so a run that adds 1% of clips writes 1% of the bytes, and DVC,
 which finds an unchanged shard by path, inode and mtime, does not hash it again.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import ctypes
+import functools
 import logging
 import math
 import multiprocessing
@@ -61,21 +62,15 @@ def resolve_workers(workers: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@functools.cache
 def keep_heap() -> None:
     """Fix glibc's malloc thresholds (``HEAP_*``) in this process, and so in the workers it forks; elsewhere a no-op."""
-    global _heap_kept
-    if _heap_kept:
-        return
-    _heap_kept = True
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS): its allocator, its defaults
         return
     mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
     mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
-
-
-_heap_kept = False
 
 
 def in_pool(workers: int, count: int) -> bool:
