@@ -112,6 +112,55 @@ def test_packed_features_are_reopened_when_rewritten(tmp_path):
     np.testing.assert_array_equal(data.load_features(tmp_path, "a"), ramp(4))
 
 
+def test_open_folder_reuses_an_unchanged_folder_and_notices_a_new_shard(tmp_path, monkeypatch):
+    features, _ = write_clips(tmp_path, {"a": 3, "b": 2})
+    monkeypatch.chdir(tmp_path.parent)
+    assert packed.open_folder(tmp_path.name) is features  # the same folder by a relative path: not reopened
+    fileio.write_npy(tmp_path / "features.1.npy", ramp(4))  # a shard appears: the folder is read again
+    fileio.write_columns(tmp_path / "index.csv", {"id": ["a", "b", "c"], "offset": [0, 3, 5], "frames": [3, 2, 4]})
+    reopened = packed.open_folder(tmp_path)
+    assert reopened is not features and reopened.shape == (9, N_MELS)
+    np.testing.assert_array_equal(reopened.clip("c"), ramp(4))
+
+
+def test_open_folder_takes_index_columns_already_read(tmp_path, monkeypatch):
+    packed.write(tmp_path, {"a": ramp(3), "b": ramp(2)})
+    columns = fileio.read_columns(tmp_path / "index.csv")
+
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("index.csv read again")
+
+    monkeypatch.setattr(fileio, "read_columns", no_second_read)
+    np.testing.assert_array_equal(packed.open_folder(tmp_path, index=columns).clip("b"), ramp(2))
+
+
+def test_a_stamped_folder_opens_without_looking_at_its_files_again(tmp_path, monkeypatch):
+    import os
+    import pickle
+
+    write_clips(tmp_path, {"a": 3})
+    stamped = pickle.loads(pickle.dumps(packed.stamp(tmp_path)))  # as a stage hands it to its workers
+    features = packed.open_stamped(stamped)
+
+    def no_stat(*args, **kwargs):
+        raise AssertionError("stat called")
+
+    monkeypatch.setattr(os, "stat", no_stat)
+    assert packed.open_stamped(stamped) is features
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="cannot read features .*missing.*features.npy"):
+        packed.stamp(tmp_path / "missing")
+
+
+def test_open_folder_keeps_a_bounded_number_of_folders_open(tmp_path):
+    opened = []
+    for k in range(packed.OPEN_FOLDERS + 2):
+        opened.append(write_clips(tmp_path / str(k), {"a": 1})[0])
+    assert len(packed._OPENED) <= packed.OPEN_FOLDERS
+    assert packed.open_folder(tmp_path / "0") is not opened[0]  # the least recently used was dropped
+    assert packed.open_folder(tmp_path / str(packed.OPEN_FOLDERS + 1)) is opened[-1]
+
+
 def test_load_image_rgb_unit_range(tmp_path):
     pixels = np.zeros((6, 6, 3), np.uint8)
     pixels[0, 0] = (255, 0, 128)

@@ -22,14 +22,14 @@ which finds an unchanged shard by path, inode and mtime, does not hash it again.
 from __future__ import annotations
 
 import bisect
+import collections
 import errno
-import functools
 import io
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -314,7 +314,8 @@ class Packed:
     Its array is one file or several shards (``shard_paths``); offsets count over all of them.
     """
 
-    def __init__(self, folder: str | Path, kind: Kind = FEATURES) -> None:
+    def __init__(self, folder: str | Path, kind: Kind = FEATURES, index: Mapping[str, Sequence[str]] | None = None) -> None:
+        """``index``: the folder's index.csv columns, when already read (else read here)."""
         self.folder, self.kind = Path(folder), kind
         self.paths = shard_paths(self.folder, kind)
         self.path = self.paths[0]
@@ -327,10 +328,11 @@ class Packed:
         self.starts = packed_starts.tolist()
         self.shape = (int(sum(rows for _, rows, _ in shards)), int(shards[0][2]))  # (total rows, width)
         index_path = self.folder / INDEX_NAME
-        try:
-            index = fileio.read_columns(index_path, columns=("id", "offset", kind.length))
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read {index_path}: {err}") from err
+        if index is None:
+            try:
+                index = fileio.read_columns(index_path, columns=("id", "offset", kind.length))
+            except (OSError, ValueError) as err:
+                raise DataError(f"cannot read {index_path}: {err}") from err
         missing = sorted({"id", "offset", kind.length} - set(index))
         if missing:
             raise DataError(f"{index_path}: missing column(s) {', '.join(missing)}")
@@ -404,19 +406,59 @@ def _shard_shape(path: Path, kind: Kind) -> tuple[int, int, int]:
     return header, int(shape[0]), int(shape[1])
 
 
-def open_folder(folder: str | Path, kind: Kind = FEATURES) -> Packed:
-    """``Packed(folder, kind)``, opened once per process while its files are unchanged (by inode, size and mtime)."""
-    folder = Path(folder)
-    stamps = []
-    for path in [*shard_paths(folder, kind), folder / INDEX_NAME]:
+def open_folder(folder: str | Path, kind: Kind = FEATURES,
+                index: Mapping[str, Sequence[str]] | None = None) -> Packed:
+    """``Packed(folder, kind)``, opened once per process while its files are unchanged (by inode, size and mtime).
+
+    ``index``: the folder's index.csv columns when the caller has read them already, so a first
+    open does not read the file a second time.
+    """
+    return open_stamped(stamp(folder, kind), index)
+
+
+class FolderStamp(NamedTuple):
+    """A packed folder as it was when stamped: its absolute path, kind, and each file's (inode, size, mtime ns)."""
+
+    folder: str
+    kind: Kind
+    files: tuple[tuple[int, int, int], ...]  # the array, index.csv, then the further shards while they exist
+
+
+def stamp(folder: str | Path, kind: Kind = FEATURES) -> FolderStamp:
+    """The folder's ``FolderStamp``: a few ``stat`` calls; DataError naming a missing array or index."""
+    folder = os.path.abspath(folder)
+    files = []
+    for name in (kind.array, INDEX_NAME):
         try:
-            info = os.stat(path)
+            info = os.stat(os.path.join(folder, name))
         except OSError as err:
-            raise DataError(f"cannot read {kind.what} {path}: {err.strerror or err}") from err
-        stamps.append((info.st_ino, info.st_size, info.st_mtime_ns))
-    return _open(str(folder.resolve()), kind, tuple(stamps))
+            raise DataError(f"cannot read {kind.what} {os.path.join(folder, name)}: {err.strerror or err}") from err
+        files.append((info.st_ino, info.st_size, info.st_mtime_ns))
+    number = 1
+    while True:  # as shard_paths finds them
+        try:
+            info = os.stat(os.path.join(folder, kind.shard(number)))
+        except OSError:
+            return FolderStamp(folder, kind, tuple(files))
+        files.append((info.st_ino, info.st_size, info.st_mtime_ns))
+        number += 1
 
 
-@functools.lru_cache(maxsize=8)
-def _open(folder: str, kind: Kind, stamps: tuple) -> Packed:
-    return Packed(folder, kind)
+def open_stamped(folder: FolderStamp, index: Mapping[str, Sequence[str]] | None = None) -> Packed:
+    """The folder as stamped, opened once per process, without looking at its files again once open.
+
+    For per-clip work inside a stage: the stage stamps its input once and hands the stamp to
+    every task (an input does not change while its stage runs), so a task costs a dict lookup,
+    not the ``stat`` calls of ``open_folder``. A stamp not yet open here (a new worker) is opened.
+    """
+    packed = _OPENED.pop(folder, None)
+    if packed is None:
+        packed = Packed(folder.folder, folder.kind, index=index)
+    _OPENED[folder] = packed  # most recently used last
+    while len(_OPENED) > OPEN_FOLDERS:
+        _OPENED.popitem(last=False)
+    return packed
+
+
+OPEN_FOLDERS = 8  # packed folders kept open per process (least recently used closed first)
+_OPENED: "collections.OrderedDict[FolderStamp, Packed]" = collections.OrderedDict()

@@ -106,7 +106,7 @@ class _Outputs:
     slugs: Mapping[str, str]  # label -> image subfolder
 
 
-def _clip_task(record: Mapping[str, str], normalized: str, out: _Outputs, sample_rate: int,
+def _clip_task(record: Mapping[str, str], normalized: packed.FolderStamp, out: _Outputs, sample_rate: int,
                params: SpectrogramParams, cache: store.ClipCache | None, journal: str | None) -> str:
     """One clip inside ``run``: its rows of the packed features and its image, computed; return the image.
 
@@ -114,7 +114,7 @@ def _clip_task(record: Mapping[str, str], normalized: str, out: _Outputs, sample
     laid out from normalize's ``samples``: the column its clip is read by, so the two always
     agree. A record marked ``COPIED`` has its rows from the cache already (in the file it names)
     and only needs its image, rendered from them. Computed rows go to this process's journal in
-    the folder ``journal`` (None: not cached).
+    the folder ``journal`` (None: not cached). ``normalized``: normalize's output, stamped by ``run``.
     """
     frames = int(record["frames"])
     image = f"{out.slugs[record['label']]}/{record['id']}.png" if params.images else ""
@@ -124,7 +124,7 @@ def _clip_task(record: Mapping[str, str], normalized: str, out: _Outputs, sample
         db = packed.read_rows(rows_file, header, int(record["offset"]), frames, params.n_mels)
         png = images.png_bytes(images.render(db, params.top_db, params.image_size)) if image else None
     else:
-        clips = normalize.open_clips(normalized)
+        clips = packed.open_stamped(normalized)  # stamped once by run: no stat calls per clip
         mono = normalize.read_clip(clips, record["id"])  # (samples,) float32
         if cache is not None or key:
             key = _checked_key(record, mono, f"{clips.path} (clip {record['id']})")
@@ -226,7 +226,8 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
         slugs = {label: images.label_slug(label) for label in sorted(set(index["label"]))}
         log_mel(np.zeros(params.n_fft, np.float32), audio.sample_rate, params)  # filterbank, before workers fork
         gallery_bytes: list[bytes] = []
-        normalize.open_clips(normalized)  # checked once (and opened before the workers fork)
+        clips = packed.stamp(normalized, packed.AUDIO)
+        packed.open_stamped(clips, index)  # checked once (and opened before the workers fork)
         draw_gallery = functools.partial(_gallery, index, normalized, audio, params, cache, gallery_bytes)
         # folders built under temporary names, renamed when complete (images first, then features with index.csv)
         with store.staged_dir(features) as features_tmp, store.staged_dir(images_dir) as images_tmp:
@@ -260,7 +261,7 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
                          len(missed))
             if params.images and missed:
                 images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
-            work = functools.partial(_clip_task, normalized=str(normalized), out=out, sample_rate=audio.sample_rate,
+            work = functools.partial(_clip_task, normalized=clips, out=out, sample_rate=audio.sample_rate,
                                      params=params, cache=cache, journal=str(packs.dir) if packs else None)
             try:
                 computed = parallel.map_clips(work, [records[i] for i in missed], params.workers, "spectrogram",
