@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
 
 import runpy
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +380,18 @@ def test_iter_clips_streams_in_order_and_names_the_failing_clip(workers):
     early = parallel.iter_clips(_square_or_fail, items[8:], workers, "t")
     assert next(early) == 64
     early.close()  # a consumer that stops early cancels the rest (no hang, no error)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are spawned here")
+def test_forked_workers_inherit_the_work_instead_of_unpickling_it():
+    lock = threading.Lock()  # neither a lock nor a lambda pickles: only inheritance gets them to a worker
+    items = [{"path": f"c/{x}.wav", "x": x, "lock": lock} for x in range(100)]
+    plus_one = lambda item: item["x"] + 1  # noqa: E731
+    assert parallel.map_clips(plus_one, items, 2, "t") == list(range(1, 101))
+    assert list(parallel.iter_clips(plus_one, items, 2, "t")) == list(range(1, 101))
+    with pytest.raises(ClipError, match="c/7.wav"):
+        parallel.map_clips(_square_or_fail, [{"path": f"c/{x}.wav", "x": x} for x in range(40)], 2, "t")
+    assert parallel._FORKED_WORK == {}  # each run's list is dropped when its pool is done, failed or not
 
 
 def test_appender_copies_spilled_rows_in_order_one_copy_per_run(tmp_path, monkeypatch):
