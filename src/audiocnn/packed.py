@@ -314,7 +314,8 @@ class Packed:
     Its array is one file or several shards (``shard_paths``); offsets count over all of them.
     """
 
-    def __init__(self, folder: str | Path, kind: Kind = FEATURES, index: Mapping[str, Sequence[str]] | None = None) -> None:
+    def __init__(self, folder: str | Path, kind: Kind = FEATURES,
+                 index: Mapping[str, Sequence[str]] | None = None) -> None:
         """``index``: the folder's index.csv columns, when already read (else read here)."""
         self.folder, self.kind = Path(folder), kind
         self.paths = shard_paths(self.folder, kind)
