@@ -382,6 +382,13 @@ def test_iter_clips_streams_in_order_and_names_the_failing_clip(workers):
     early.close()  # a consumer that stops early cancels the rest (no hang, no error)
 
 
+def test_pool_tasks_are_large_for_map_clips_small_for_streamed_results_and_balanced():
+    assert parallel._chunk_size(30000, 2, parallel.MAP_CHUNK) == parallel.MAP_CHUNK == 256
+    assert parallel._chunk_size(30000, 2, parallel.STREAM_CHUNK) == parallel.STREAM_CHUNK == 32
+    assert parallel._chunk_size(3000, 2, parallel.MAP_CHUNK) == 188  # 16 tasks: 8 per worker
+    assert parallel._chunk_size(5, 2, parallel.MAP_CHUNK) == 1
+
+
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are spawned here")
 def test_forked_workers_inherit_the_work_instead_of_unpickling_it():
     lock = threading.Lock()  # neither a lock nor a lambda pickles: only inheritance gets them to a worker

@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-MAX_CHUNK = 32  # clips per task: amortizes pickling without starving the progress bar
+# clips per pool task (at most; and at least 8 tasks per worker, for balance). Each task costs the
+# stage's process a future, a wake-up and a result message: map_clips at 30,000 FSDD-sized clips ran
+# 0.3-0.4 s faster with two workers at 256 than at 32. iter_clips holds AHEAD_PER_WORKER tasks'
+# results per worker (audio, for normalize), so its tasks stay small.
+MAP_CHUNK = 256
+STREAM_CHUNK = 32
 AHEAD_PER_WORKER = 4  # iter_clips: tasks submitted ahead of the consumer per worker (bounds the results in memory)
 # glibc malloc for per-clip loops, which allocate and free the same few MB for every clip (STFT
 # frames, spectra). Left to its dynamic tuning, glibc may hand the freed heap top back to the
@@ -137,7 +142,7 @@ def iter_clips(
 
 def _stream_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str,
                  workers: int) -> Iterator[R]:
-    size = _chunk_size(len(items), workers)
+    size = _chunk_size(len(items), workers, STREAM_CHUNK)
     starts = iter(range(0, len(items), size))
     pending: collections.deque[cf.Future] = collections.deque()
     with _work_list(fn, items, names) as submit, _new_pool(workers) as pool:
@@ -173,9 +178,9 @@ def _iter_here(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], d
             bar.update(1)
 
 
-def _chunk_size(count: int, workers: int) -> int:
-    """Clips per pool task: about 8 tasks per worker, at most ``MAX_CHUNK``."""
-    return max(1, min(MAX_CHUNK, math.ceil(count / (workers * 8))))
+def _chunk_size(count: int, workers: int, most: int) -> int:
+    """Clips per pool task: about 8 tasks per worker, at most ``most``."""
+    return max(1, min(most, math.ceil(count / (workers * 8))))
 
 
 def _start_method() -> str:
@@ -219,7 +224,7 @@ def _run_forked_chunk(key: int, start: int, stop: int) -> list[Any]:
 
 def _run_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str, workers: int,
               meanwhile: Callable[[], object] | None) -> list[R]:
-    size = _chunk_size(len(items), workers)
+    size = _chunk_size(len(items), workers, MAP_CHUNK)
     results: list[Any] = [None] * len(items)
     with _work_list(fn, items, names) as submit, _new_pool(workers) as pool:
         # every task is submitted (and the workers forked) before the progress bar starts its thread
