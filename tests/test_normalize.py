@@ -387,6 +387,9 @@ def test_pool_tasks_are_large_for_map_clips_small_for_streamed_results_and_balan
     assert parallel._chunk_size(30000, 2, parallel.STREAM_CHUNK) == parallel.STREAM_CHUNK == 32
     assert parallel._chunk_size(3000, 2, parallel.MAP_CHUNK) == 188  # 16 tasks: 8 per worker
     assert parallel._chunk_size(5, 2, parallel.MAP_CHUNK) == 1
+    items = [{"path": f"c/{x}.wav", "x": x} for x in range(600)]
+    assert list(parallel.iter_clips(_square_or_fail, items[8:], 2, "t", chunk=parallel.MAP_CHUNK)) == [
+        x * x for x in range(8, 600)]  # larger streamed tasks (normalize's planned rows): still in order
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are spawned here")

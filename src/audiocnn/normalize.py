@@ -303,13 +303,14 @@ def _from_cache(found: packcache.Found, rows: np.ndarray, written: _Written) -> 
 
 
 @contextlib.contextmanager
-def _computing(compute: Callable[[dict], tuple], records: list[dict], work: _Work) -> Iterator[Iterator[tuple]]:
-    """``compute`` over ``records``, results in order (``parallel.iter_clips``).
+def _computing(compute: Callable[[dict], tuple], records: list[dict], work: _Work,
+               chunk: int = parallel.STREAM_CHUNK) -> Iterator[Iterator[tuple]]:
+    """``compute`` over ``records``, results in order (``parallel.iter_clips``, ``chunk`` clips per task at most).
 
     On leaving, the pool's workers have exited (their journals released) and this process's
     journal is closed, whether the caller read every result or stopped early.
     """
-    computed = parallel.iter_clips(compute, records, work.params.workers, "normalize")
+    computed = parallel.iter_clips(compute, records, work.params.workers, "normalize", chunk=chunk)
     try:
         yield computed
     finally:
@@ -350,7 +351,7 @@ def _write_planned(array: Path, records: list[dict], lengths: np.ndarray, packs:
     for i, task in zip(todo, tasks):  # (in place: a copy of every record would double their memory)
         task[PLANNED_OFFSET], task[PLANNED_ROWS] = int(written.offsets[i]), int(written.samples[i])
     compute = functools.partial(_planned_task, work=work, array=str(array), header=written.header)
-    with _computing(compute, tasks, work) as computed:
+    with _computing(compute, tasks, work, parallel.MAP_CHUNK) as computed:  # small results: rows go to the file
         for i, task, (samples, written.silent[i], written.digests[i]) in zip(todo, tasks, computed):
             if samples != task[PLANNED_ROWS]:
                 log.warning("%s: %d samples, not the %d its manifest's duration and sample_rate predict: "

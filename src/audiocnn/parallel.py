@@ -36,7 +36,7 @@ R = TypeVar("R")
 # clips per pool task (at most; and at least 8 tasks per worker, for balance). Each task costs the
 # stage's process a future, a wake-up and a result message: map_clips at 30,000 FSDD-sized clips ran
 # 0.3-0.4 s faster with two workers at 256 than at 32. iter_clips holds AHEAD_PER_WORKER tasks'
-# results per worker (audio, for normalize), so its tasks stay small.
+# results per worker (possibly audio, or audio spilled to disk), so its tasks stay small unless asked.
 MAP_CHUNK = 256
 STREAM_CHUNK = 32
 AHEAD_PER_WORKER = 4  # iter_clips: tasks submitted ahead of the consumer per worker (bounds the results in memory)
@@ -120,12 +120,13 @@ def iter_clips(
     workers: int,
     desc: str,
     name: Callable[[T], str] = lambda item: str(item["path"]),  # type: ignore[index]
+    chunk: int = STREAM_CHUNK,
 ) -> Iterator[R]:
     """Yield ``fn(item)`` for each item, in input order, over ``workers`` processes (as ``map_clips``).
 
-    At most ``AHEAD_PER_WORKER`` tasks per worker are computed ahead of the consumer, so the
-    results held at any time do not grow with the number of items. Stopping the iteration
-    early cancels the tasks not yet started.
+    At most ``AHEAD_PER_WORKER`` tasks of at most ``chunk`` items per worker are computed ahead
+    of the consumer, so the results held at any time do not grow with the number of items
+    (``MAP_CHUNK`` suits small results). Stopping the iteration early cancels the tasks not yet started.
     """
     workers = resolve_workers(workers)
     names = [name(item) for item in items]
@@ -134,15 +135,15 @@ def iter_clips(
         if not in_pool(workers, len(items)):
             yield from _iter_here(fn, items, names, desc)
         else:
-            yield from _stream_pool(fn, items, names, desc, workers)
+            yield from _stream_pool(fn, items, names, desc, workers, chunk)
     except ClipError as err:
         log.debug("%s\n%s", err, err.detail)
         raise
 
 
 def _stream_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str,
-                 workers: int) -> Iterator[R]:
-    size = _chunk_size(len(items), workers, STREAM_CHUNK)
+                 workers: int, chunk: int) -> Iterator[R]:
+    size = _chunk_size(len(items), workers, chunk)
     starts = iter(range(0, len(items), size))
     pending: collections.deque[cf.Future] = collections.deque()
     with _work_list(fn, items, names) as submit, _new_pool(workers) as pool:
