@@ -123,7 +123,7 @@ def test_open_folder_reuses_an_unchanged_folder_and_notices_a_new_shard(tmp_path
     np.testing.assert_array_equal(reopened.clip("c"), ramp(4))
 
 
-def test_open_folder_takes_index_columns_already_read(tmp_path, monkeypatch):
+def test_a_folder_opens_with_index_columns_already_read(tmp_path, monkeypatch):
     packed.write(tmp_path, {"a": ramp(3), "b": ramp(2)})
     columns = fileio.read_columns(tmp_path / "index.csv")
 
@@ -131,7 +131,7 @@ def test_open_folder_takes_index_columns_already_read(tmp_path, monkeypatch):
         raise AssertionError("index.csv read again")
 
     monkeypatch.setattr(fileio, "read_columns", no_second_read)
-    np.testing.assert_array_equal(packed.open_folder(tmp_path, index=columns).clip("b"), ramp(2))
+    np.testing.assert_array_equal(packed.open_stamped(packed.stamp(tmp_path), index=columns).clip("b"), ramp(2))
 
 
 def test_a_stamped_folder_opens_without_looking_at_its_files_again(tmp_path, monkeypatch):

@@ -407,14 +407,9 @@ def _shard_shape(path: Path, kind: Kind) -> tuple[int, int, int]:
     return header, int(shape[0]), int(shape[1])
 
 
-def open_folder(folder: str | Path, kind: Kind = FEATURES,
-                index: Mapping[str, Sequence[str]] | None = None) -> Packed:
-    """``Packed(folder, kind)``, opened once per process while its files are unchanged (by inode, size and mtime).
-
-    ``index``: the folder's index.csv columns when the caller has read them already, so a first
-    open does not read the file a second time.
-    """
-    return open_stamped(stamp(folder, kind), index)
+def open_folder(folder: str | Path, kind: Kind = FEATURES) -> Packed:
+    """``Packed(folder, kind)``, opened once per process while its files are unchanged (by inode, size and mtime)."""
+    return open_stamped(stamp(folder, kind))
 
 
 class FolderStamp(NamedTuple):
@@ -451,6 +446,7 @@ def open_stamped(folder: FolderStamp, index: Mapping[str, Sequence[str]] | None 
     For per-clip work inside a stage: the stage stamps its input once and hands the stamp to
     every task (an input does not change while its stage runs), so a task costs a dict lookup,
     not the ``stat`` calls of ``open_folder``. A stamp not yet open here (a new worker) is opened.
+    ``index``: the folder's index.csv columns when the caller has read them already (read once, not twice).
     """
     packed = _OPENED.pop(folder, None)
     if packed is None:
