@@ -7,10 +7,13 @@ never a change to the source folder.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
 import runpy
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -261,6 +264,17 @@ def run_pipeline_stage(source: Path, out: Path, until: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     return stage.run(lambda argv: run_pipeline(source, out, params, until), [])
+
+
+def test_a_stage_process_freezes_its_heap_before_exiting_and_a_caller_keeps_its_own():
+    """``stage.run`` without argv (the script's process): the exit's last collection skips what is left."""
+    code = "import gc\nfrom audiocnn import stage\nstage.run(lambda argv: None)\nprint(gc.get_freeze_count() > 0)\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "True"
+    frozen = gc.get_freeze_count()
+    stage.run(lambda argv: None, [])  # called with argv (as tests do): this process goes on, nothing is frozen
+    assert gc.get_freeze_count() == frozen
 
 
 def test_two_thousand_classes_ingest_then_split_explains(tmp_path):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import math
 import multiprocessing
+import os
 
 import runpy
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -393,6 +396,19 @@ def test_pool_tasks_are_large_for_map_clips_small_for_streamed_results_and_balan
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are spawned here")
+def test_per_clip_loops_leave_the_stage_process_one_blas_thread():
+    """A second BLAS thread in the stage's own process spins on a core a worker needs (``one_blas_thread``)."""
+    code = ("import numpy, threadpoolctl\n"
+            "from audiocnn import parallel\n"
+            "blas = lambda: sorted({i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'})\n"
+            "before = blas()\n"
+            "assert parallel.map_clips(len, [{'path': str(x)} for x in range(4)], 2, 't') == [1] * 4\n"
+            "print(before, blas())\n")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "PYTHONPATH": str(REPO / "src")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "[2] [1]"
+
+
 def test_forked_workers_inherit_the_work_instead_of_unpickling_it():
     lock = threading.Lock()  # neither a lock nor a lambda pickles: only inheritance gets them to a worker
     items = [{"path": f"c/{x}.wav", "x": x, "lock": lock} for x in range(100)]

@@ -80,6 +80,19 @@ def keep_heap() -> None:
     mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
 
 
+@functools.cache
+def one_blas_thread() -> None:
+    """Limit this process's BLAS to one thread, for good (and so the workers it forks).
+
+    Per-clip stages spread clips over processes; their matrix products are small (a clip's
+    spectra times the mel filterbank). A second BLAS thread in the stage's own process gains
+    nothing there, and after each product it spins, waiting for the next one, on a core a
+    worker needs: at 30,000 FSDD-sized clips with two workers, the spectrogram stage used 0.3 s
+    less CPU (5.87 against 6.17 s) and normalize 0.7 s less with one thread.
+    """
+    threadpool_limits(1, user_api="blas")
+
+
 def in_pool(workers: int, count: int) -> bool:
     """Whether ``map_clips``/``iter_clips`` run ``count`` items in a process pool (else in this process)."""
     return resolve_workers(workers) > 1 and count > 1
@@ -103,6 +116,7 @@ def map_clips(
     workers = resolve_workers(workers)
     names = [name(item) for item in items]
     keep_heap()
+    one_blas_thread()
     try:
         if not in_pool(workers, len(items)):
             if meanwhile is not None:
@@ -131,6 +145,7 @@ def iter_clips(
     workers = resolve_workers(workers)
     names = [name(item) for item in items]
     keep_heap()
+    one_blas_thread()
     try:
         if not in_pool(workers, len(items)):
             yield from _iter_here(fn, items, names, desc)

@@ -9,6 +9,7 @@ store) is reported the same way, with its path; the traceback goes to the debug 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from typing import Callable, Sequence
@@ -29,10 +30,18 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's ``main``; turn user-facing errors into one log line and exit 2."""
+    """Run a stage's ``main``; turn user-facing errors into one log line and exit 2.
+
+    ``argv`` None: the stage script's own process (``python stages/x.py``), which ends after
+    ``main``: what is left is frozen (``gc.freeze``), so that the interpreter's last garbage
+    collection does not walk it (at 30,000 clips the spectrogram stage's exit took 0.3-0.4 s,
+    0.12-0.16 s frozen). Nothing is lost: every output is written and closed by then.
+    """
     logs.setup()
     try:
         main(argv)
+        if argv is None:
+            gc.freeze()
     except (ParamsError, DataError, OutputError) as err:
         log.error("%s", err)
         sys.exit(2)
