@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from audiocnn import single_blas  # noqa: F401,I001  (first: one BLAS thread, set before numpy loads)
 from audiocnn import config, spectrogram, stage
 from audiocnn.audio import AudioParams
 

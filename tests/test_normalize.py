@@ -409,6 +409,20 @@ def test_per_clip_loops_leave_the_stage_process_one_blas_thread():
     assert out.split("\n")[0] == "[2] [1]"
 
 
+@pytest.mark.parametrize("script", ["normalize", "spectrogram"])
+def test_per_clip_stage_scripts_start_no_blas_thread_pool_unless_the_user_asks(script):
+    """``audiocnn.single_blas`` comes before numpy in the per-clip stage scripts; a user's setting is kept."""
+    code = ("import runpy, sys, threadpoolctl\n"
+            f"runpy.run_path({str(REPO / 'stages' / f'{script}.py')!r})\n"  # the script's imports, not its main
+            "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(REPO / "src")
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
+                                     check=True).stdout.strip()
+    assert run(env) == "[1]"
+    assert run({**env, "OPENBLAS_NUM_THREADS": "2"}) == "[2]"
+
+
 def test_forked_workers_inherit_the_work_instead_of_unpickling_it():
     lock = threading.Lock()  # neither a lock nor a lambda pickles: only inheritance gets them to a worker
     items = [{"path": f"c/{x}.wav", "x": x, "lock": lock} for x in range(100)]

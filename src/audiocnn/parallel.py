@@ -85,10 +85,10 @@ def one_blas_thread() -> None:
     """Limit this process's BLAS to one thread, for good (and so the workers it forks).
 
     Per-clip stages spread clips over processes; their matrix products are small (a clip's
-    spectra times the mel filterbank). A second BLAS thread in the stage's own process gains
-    nothing there, and after each product it spins, waiting for the next one, on a core a
-    worker needs: at 30,000 FSDD-sized clips with two workers, the spectrogram stage used 0.3 s
-    less CPU (5.87 against 6.17 s) and normalize 0.7 s less with one thread.
+    spectra times the mel filterbank), and a second BLAS thread in the stage's own process gains
+    nothing there: after each product it spins on a core a worker needs. The stage scripts go
+    further and start no BLAS thread pool at all (``audiocnn.single_blas``, set before numpy
+    loads); this limit covers callers of the library, whose numpy is already loaded.
     """
     threadpool_limits(1, user_api="blas")
 
