@@ -224,7 +224,7 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
         cache = store.ClipCache.from_env("spectrogram", cache_settings(audio.sample_rate, params))
     with store.held(cache):  # its settings folder is not removed as an old one meanwhile
         slugs = {label: images.label_slug(label) for label in sorted(set(index["label"]))}
-        parallel.one_blas_thread()  # before the first product: no BLAS thread pool starts in this process
+        parallel.one_blas_thread()  # before the first product, so that no second BLAS thread wakes to spin
         log_mel(np.zeros(params.n_fft, np.float32), audio.sample_rate, params)  # filterbank, before workers fork
         gallery_bytes: list[bytes] = []
         clips = packed.stamp(normalized, packed.AUDIO)

@@ -34,8 +34,8 @@ def run(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
 
     ``argv`` None: the stage script's own process (``python stages/x.py``), which ends after
     ``main``: what is left is frozen (``gc.freeze``), so that the interpreter's last garbage
-    collection does not walk it (at 30,000 clips the spectrogram stage's exit took 0.3-0.4 s,
-    0.12-0.16 s frozen). Nothing is lost: every output is written and closed by then.
+    collection does not walk it (at 30,000 clips the spectrogram stage's exit took 0.26-0.40 s,
+    0.12-0.18 s frozen). Nothing is lost: every output is written and closed by then.
     """
     logs.setup()
     try:
