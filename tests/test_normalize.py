@@ -6,7 +6,6 @@ import hashlib
 import math
 import multiprocessing
 import os
-
 import runpy
 import subprocess
 import sys
@@ -395,7 +394,6 @@ def test_pool_tasks_are_large_for_map_clips_small_for_streamed_results_and_balan
         x * x for x in range(8, 600)]  # larger streamed tasks (normalize's planned rows): still in order
 
 
-@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are spawned here")
 def test_per_clip_loops_leave_the_stage_process_one_blas_thread():
     """A second BLAS thread in the stage's own process spins on a core a worker needs (``one_blas_thread``)."""
     code = ("import numpy, threadpoolctl\n"
@@ -423,6 +421,7 @@ def test_per_clip_stage_scripts_start_no_blas_thread_pool_unless_the_user_asks(s
     assert run({**env, "OPENBLAS_NUM_THREADS": "2"}) == "[2]"
 
 
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="workers are spawned here")
 def test_forked_workers_inherit_the_work_instead_of_unpickling_it():
     lock = threading.Lock()  # neither a lock nor a lambda pickles: only inheritance gets them to a worker
     items = [{"path": f"c/{x}.wav", "x": x, "lock": lock} for x in range(100)]
