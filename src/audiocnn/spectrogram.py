@@ -260,8 +260,6 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
                 log.info("feature cache: %d of %d clips cached (%d in %d linked file(s)), computing %d",
                          len(records) - len(missed), len(records), len(records) - fresh.size, len(placement.shards),
                          len(missed))
-            if params.images and missed:
-                images.magma_lut()  # before workers fork; imports matplotlib (0.2 s), so only when a clip is computed
             work = functools.partial(_clip_task, normalized=clips, out=out, sample_rate=audio.sample_rate,
                                      params=params, cache=cache, journal=str(packs.dir) if packs else None)
             try:
