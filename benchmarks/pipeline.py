@@ -181,7 +181,7 @@ def run_variant(root: Path, params: dict, env: dict[str, str]) -> dict[str, Any]
         "samples_per_second": training.get("samples_per_second"), "train_seconds": training.get("train_seconds"),
         "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
         "best_val_accuracy": training.get("best_val_accuracy"), "parameters": training.get("parameters"),
-        "val_accuracy_without_warps": training.get("without_warps", {}).get("best_val_accuracy"),  # model.test_warps
+        "val_accuracy_without_warps": training.get("without_warps", {}).get("best_val_accuracy"),  # test_warps/_stretches
         "export": ({"failed": export_failure} if export_failure
                    else export_figures(root) if "export" in timings else None),
         "peak_rss_mib": max(t["peak_rss_mib"] for t in timings.values()),
@@ -215,7 +215,7 @@ def export_cell(figures: dict[str, Any] | None) -> str:
 
 def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean and population std of the runs' test accuracy and macro-F1, their mean best validation
-    accuracy (None when a run has none: the seed arch's fold without validation) and, with model.test_warps,
+    accuracy (None when a run has none: the seed arch's fold without validation) and, with model.test_warps or test_stretches,
     the trained networks' own, mean and max training seconds."""
     acc, f1 = [r["accuracy"] for r in runs.values()], [r["macro_f1"] for r in runs.values()]
     seconds = [r["train_seconds"] or 0.0 for r in runs.values()]
@@ -262,7 +262,8 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
         if s.get("best_val_accuracy_mean") is not None:
             unwarped = s.get("val_accuracy_without_warps_mean")
             lines += ["", f"Mean best validation accuracy over {s['runs']} runs: {s['best_val_accuracy_mean']:.4f}"
-                      + ("." if unwarped is None else f" ({unwarped:.4f} without the test-time warps, model.test_warps).")]
+                      + ("." if unwarped is None else f" ({unwarped:.4f} without the test-time warps and stretches, "
+                                                        "model.test_warps and test_stretches).")]
     lines += ["", f"Total wall time {results['wall_seconds'] / 60:.1f} min. `*`: stage up to date (DVC skipped it; "
               "the time is DVC's check). `train s`: the fit itself; the train stage column adds start-up and writing. "
               "Export: the exported float model's top-1 agreement with evaluate, its mean absolute probability "

@@ -128,7 +128,8 @@ def test_time_ticks_are_round_and_few(seconds, ticks):
 def test_gallery_needs_no_matplotlib():
     """matplotlib's import alone was 0.35 s of the spectrogram stage; the gallery only borrows its font file."""
     script = ("import sys, numpy as np; from audiocnn import images; "
-              "db = np.zeros((10, 8), np.float32); images.gallery_png([('a', 'a-1', db)], 1, 16000, 160, 0.0, 8000.0, 80.0); "
+              "db = np.zeros((10, 8), np.float32); "
+              "images.gallery_png([('a', 'a-1', db)], 1, 16000, 160, 0.0, 8000.0, 80.0); "
               "images.render(db, 80.0, 8); print('matplotlib' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"

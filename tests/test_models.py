@@ -51,7 +51,7 @@ def test_band_norm_makes_the_cnn_blind_to_a_fixed_spectral_colouring():
     np.testing.assert_allclose(banded.predict(x + colour, verbose=0), banded.predict(x, verbose=0), atol=1e-5)
     assert np.abs(plain.predict(x + colour, verbose=0) - plain.predict(x, verbose=0)).max() > 1e-4
     assert models.build(load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": True,
-                                                "lifter": 0, "members": 1, "test_warps": []}},
+                                                "lifter": 0, "members": 1, "test_warps": [], "test_stretches": []}},
                                      "model", ModelParams), 3, (20, 8, 1), sample).get_layer("band_mean")
 
 
@@ -76,7 +76,7 @@ def test_lifter_in_the_cnn_is_fixed_and_makes_it_blind_to_the_ripple(tmp_path):
     x = rng.normal(-50, 10, (3, 20, 16, 1)).astype(np.float32)
     ripple = (6.0 * np.cos(np.pi * 14 * (np.arange(16) + 0.5) / 16)).reshape(1, 1, 16, 1).astype(np.float32)
     params = load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": False, "lifter": 6,
-                                    "members": 1, "test_warps": []}},
+                                    "members": 1, "test_warps": [], "test_stretches": []}},
                           "model", ModelParams)
     model = models.build(params, 3, (20, 16, 1), sample)
     np.testing.assert_allclose(model.predict(x + ripple, verbose=0), model.predict(x, verbose=0), atol=1e-5)
@@ -165,6 +165,59 @@ def test_warp_matrix_is_the_training_frequency_warp(factor):
     expected = augment.scale_axis(tf.constant(x), factor, 1).numpy()
     np.testing.assert_allclose(x @ kernel + fill * x.min(), expected, atol=1e-4)
     assert fill.any() == (factor < 1.0)  # a shrinking warp leaves the top bins to the floor
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.9, 0.95, 1.05, 1.1, 2.0])
+def test_warp_matrix_on_the_time_axis_is_the_training_time_stretch(factor):
+    """On a window's time axis the same matrix is augment.scale_axis(axis 0), cut or floor-filled to the window."""
+    import tensorflow as tf
+
+    from audiocnn import augment
+
+    x = np.random.default_rng(8).normal(-50, 10, (30, 12)).astype(np.float32)  # (frames, n_mels) dB
+    kernel, fill = models.warp_matrix(30, factor)
+    stretched = augment.scale_axis(tf.constant(x), factor, 0).numpy()  # (round(30 * factor), n_mels)
+    expected = np.concatenate([stretched, np.full((30, 12), x.min(), np.float32)])[:30]
+    np.testing.assert_allclose((x.T @ kernel + fill * x.min()).T, expected, atol=1e-4)
+
+
+def test_stretch_average_means_the_network_over_stretched_windows_around_each_warp(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from audiocnn import augment
+
+    rng = np.random.default_rng(9)
+    sample = rng.normal(-50, 10, (4, 20, 16)).astype(np.float32)
+    x = rng.normal(-50, 10, (5, 20, 16, 1)).astype(np.float32)
+    net = models.build(ModelParams("cnn", 8, 0.0, True, 0, 1), 3, (20, 16, 1), sample)
+
+    def scaled(window, factor, axis):  # (frames, n_mels) -> the same shape, as the model's fixed layers scale it
+        y = augment.scale_axis(tf.constant(window), factor, axis).numpy()
+        if axis == 1:
+            return y
+        return np.concatenate([y, np.full(window.shape, window.min(), np.float32)])[:window.shape[0]]
+
+    stretches, warps = (0.9, 1.0, 1.1), (0.95, 1.05)
+    model = models.stretch_average(models.warp_average(net, warps, "w"), stretches, "cnn_stretched")
+    each = [net.predict(np.stack([scaled(scaled(w[..., 0], s, 0), f, 1) for w in x])[..., None], verbose=0)
+            for s in stretches for f in warps]
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+    assert not np.allclose(each[0], each[2], atol=1e-4)  # the stretches do change what the network sees
+    assert model.input_shape == net.input_shape and model.output_shape == net.output_shape
+    assert [w.shape for w in model.trainable_weights] == [w.shape for w in net.trainable_weights]
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["test_warps", "test_stretches"])
+@pytest.mark.parametrize("factors, message", [([0.4], "within 0.5..2.0"), ([1.0, 1.0], "must not repeat")])
+def test_test_time_factors_are_checked(key, factors, message):
+    with pytest.raises(ParamsError, match=f"{key}.*{message}"):
+        ModelParams("cnn", 8, 0.0, False, 0, 1, **{key: tuple(factors)})
+    with pytest.raises(ParamsError, match=f"{key}.*needs model.arch cnn"):
+        ModelParams("seed", 8, 0.0, False, 0, 1, **{key: (1.0,)})
 
 
 def test_warp_average_means_the_network_over_warped_windows_and_reloads(tmp_path):

@@ -3,7 +3,8 @@
 Both are rendered with numpy + PIL (a magma lookup table, one nearest-neighbour
 enlargement, a minimal PNG encoder; the gallery's text in matplotlib's DejaVu Sans), not with
 matplotlib figures: a figure per clip is far slower, and the gallery's 40-panel figure took
-1.4 s of CPU (import 0.35 s, drawing 1.0 s) beside the stage's workers. Each image spans [clip max - top_db, clip max] dB so clips are comparable.
+1.4 s of CPU (import 0.35 s, drawing 1.0 s) beside the stage's workers. Each image spans
+[clip max - top_db, clip max] dB so clips are comparable.
 """
 
 from __future__ import annotations

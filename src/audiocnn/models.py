@@ -12,7 +12,8 @@ each from its own initial weights, shuffle and augmentation, with its own early 
 saved as one model that outputs the mean of their probabilities (``ensemble``): it averages away
 part of what one training seed decides.
 ``test_warps``: the saved model averages over frequency-warped copies of each window
-(``warp_average``: test-time augmentation with training's freq_warp at fixed factors).
+(``warp_average``: test-time augmentation with training's freq_warp at fixed factors);
+``test_stretches`` likewise over time-stretched copies (``stretch_average``, training's time_stretch).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 Arch = Literal["cnn", "seed"]
 MAX_MEMBERS = 8
 MEMBER_PREFIX = "member"  # the ensemble's networks are layers member0, member1, ...
-WARP_RANGE = (0.5, 2.0)  # test_warps: mel-axis scale factors allowed
+WARP_RANGE = (0.5, 2.0)  # test_warps and test_stretches: scale factors allowed
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,19 @@ class ModelParams:
     lifter: int  # cnn: keep each frame's first `lifter` cepstral coefficients (spectral envelope); 0 = off
     members: int  # networks averaged (an ensemble), each trained alone from its own seed; 1 = one
     test_warps: tuple[float, ...] = ()  # cnn: mel-axis scale factors whose predictions the saved model averages
+    test_stretches: tuple[float, ...] = ()  # cnn: time-axis scale factors, the same (around each warp)
 
     def __post_init__(self) -> None:
         check(4 <= self.width <= 512, "width", self.width, "must be within 4..512")
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         check(self.lifter >= 0, "lifter", self.lifter, "must be >= 0 (0 = off)")
         check(1 <= self.members <= MAX_MEMBERS, "members", self.members, f"must be within 1..{MAX_MEMBERS}")
-        warps = list(self.test_warps)
-        check(all(WARP_RANGE[0] <= f <= WARP_RANGE[1] for f in warps), "test_warps", warps,
-              f"factors must be within {WARP_RANGE[0]}..{WARP_RANGE[1]}")
-        check(len(set(warps)) == len(warps), "test_warps", warps, "must not repeat a factor")
-        check(not warps or self.arch == "cnn", "test_warps", warps, "needs model.arch cnn (log-mel input)")
+        for key in ("test_warps", "test_stretches"):
+            factors = list(getattr(self, key))
+            check(all(WARP_RANGE[0] <= f <= WARP_RANGE[1] for f in factors), key, factors,
+                  f"factors must be within {WARP_RANGE[0]}..{WARP_RANGE[1]}")
+            check(len(set(factors)) == len(factors), key, factors, "must not repeat a factor")
+            check(not factors or self.arch == "cnn", key, factors, "needs model.arch cnn (log-mel input)")
 
 
 def model_input(arch: str, row: Mapping[str, str], *, features_dir: str | Path, images_dir: str | Path,
@@ -112,6 +115,9 @@ def ensemble(networks: list["keras.Model"], name: str) -> "keras.Model":
 def warp_matrix(n_mels: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
     """A frequency warp as fixed weights: ``frame @ kernel + fill * floor`` = ``augment.scale_axis(frame, factor, 1)``.
 
+    Any axis the same way: ``warp_matrix(frames, f)`` on a band's frames is the time stretch
+    ``augment.scale_axis(window, f, 0)`` cut or floor-filled to the window's frames.
+
     kernel (n_mels, n_mels) float32: bilinear resampling of the mel axis to round(n_mels * factor)
     bins (tf.image.resize with half-pixel centres), cut to n_mels; fill (n_mels,) float32: 1 for the
     bins a shrinking warp leaves empty, which training's warp fills with the window's floor (minimum).
@@ -139,30 +145,58 @@ def warp_average(model: "keras.Model", warps: Sequence[float], name: str) -> "ke
     (Dense, Reshape, Rescaling, GlobalMaxPooling2D, Permute, Add, Average), so safe-mode loading
     and TFLite conversion need nothing custom.
     """
+    return _scale_average(model, warps, "warp", name)
+
+
+def stretch_average(model: "keras.Model", stretches: Sequence[float], name: str) -> "keras.Model":
+    """One model whose output is the mean of ``model``'s probabilities over time-stretched copies of its input.
+
+    Test-time augmentation for ``model.test_stretches``: training's ``train.augment.time_stretch``
+    (speaking rate) at fixed factors, applied to the window from its start: a stretch cuts the end,
+    a shrink fills it with the window's floor (``warp_matrix`` on the time axis). Training never
+    shows the network an unresampled window (its stretch factor is drawn, never exactly 1), so
+    the average also judges each window as the network learned to see windows. Stock layers, as
+    ``warp_average``; ``model`` may itself be a warp average (every stretch of every warp).
+    """
+    return _scale_average(model, stretches, "stretch", name)
+
+
+def _scale_average(model: "keras.Model", factors: Sequence[float], kind: Literal["warp", "stretch"],
+                   name: str) -> "keras.Model":
+    """The mean of ``model`` over its input scaled along the mel axis (``warp``) or the time axis (``stretch``)."""
     import keras
     from keras import layers
 
     frames, n_mels = model.input_shape[1], model.input_shape[2]
+    size = n_mels if kind == "warp" else frames  # the scaled axis
     inputs = keras.Input(shape=model.input_shape[1:], name=model.inputs[0].name)  # (batch, frames, n_mels, 1) dB
-    flat = layers.Reshape((frames, n_mels), name="warp_frames")(inputs)
-    minus_floor = layers.GlobalMaxPooling2D(keepdims=True, name="warp_minus_floor")(
-        layers.Rescaling(-1.0, name="warp_negate")(inputs))  # (batch, 1, 1, 1): -min of the window
+    flat = layers.Reshape((frames, n_mels), name=f"{kind}_frames")(inputs)
+    if kind == "stretch":
+        flat = layers.Permute((2, 1), name="stretch_bands")(flat)  # (batch, n_mels, frames): Dense acts on time
+    minus_floor = layers.GlobalMaxPooling2D(keepdims=True, name=f"{kind}_minus_floor")(
+        layers.Rescaling(-1.0, name=f"{kind}_negate")(inputs))  # (batch, 1, 1, 1): -min of the window
     outputs = []
-    for k, factor in enumerate(warps):
+    for k, factor in enumerate(factors):
         if factor == 1.0:
             outputs.append(model(inputs))
             continue
-        kernel, fill = warp_matrix(n_mels, factor)
-        warp = layers.Dense(n_mels, use_bias=False, trainable=False, name=f"warp{k}")
-        x = layers.Reshape((frames, n_mels, 1), name=f"warp{k}_out")(warp(flat))  # (batch, frames, n_mels, 1)
-        warp.set_weights([kernel])
+        kernel, fill = warp_matrix(size, factor)
+        scale = layers.Dense(size, use_bias=False, trainable=False, name=f"{kind}{k}")
+        x = scale(flat)  # warp: (batch, frames, n_mels); stretch: (batch, n_mels, frames)
+        if kind == "stretch":
+            x = layers.Permute((2, 1), name=f"{kind}{k}_frames")(x)
+        x = layers.Reshape((frames, n_mels, 1), name=f"{kind}{k}_out")(x)  # (batch, frames, n_mels, 1)
+        scale.set_weights([kernel])
         if fill.any():
-            floor = layers.Dense(n_mels, use_bias=False, trainable=False, name=f"warp{k}_fill")
-            filled = layers.Permute((1, 3, 2), name=f"warp{k}_fill_bins")(floor(minus_floor))  # (batch, 1, n_mels, 1)
+            floor = layers.Dense(size, use_bias=False, trainable=False, name=f"{kind}{k}_fill")
+            # (batch, 1, 1, size) -> warp: (batch, 1, n_mels, 1); stretch: (batch, frames, 1, 1)
+            order = (1, 3, 2) if kind == "warp" else (3, 1, 2)
+            filled = layers.Permute(order, name=f"{kind}{k}_fill_{'bins' if kind == 'warp' else 'frames'}")(
+                floor(minus_floor))
             floor.set_weights([-fill[np.newaxis, :]])
-            x = layers.Add(name=f"warp{k}_filled")([x, filled])
+            x = layers.Add(name=f"{kind}{k}_filled")([x, filled])
         outputs.append(model(x))
-    mean = layers.Average(name="mean_over_warps")(outputs) if len(outputs) > 1 else outputs[0]
+    mean = layers.Average(name=f"mean_over_{kind}s")(outputs) if len(outputs) > 1 else outputs[0]
     return keras.Model(inputs, mean, name=name)
 
 

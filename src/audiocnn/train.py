@@ -259,6 +259,9 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
             metrics = train_metrics(history, model, average)
             if model_params.test_warps:
                 model = models.warp_average(model, model_params.test_warps, f"{model.name}_warped")
+            if model_params.test_stretches:
+                model = models.stretch_average(model, model_params.test_stretches, f"{model.name}_stretched")
+            if model_params.test_warps or model_params.test_stretches:
                 metrics = warped_metrics(metrics, val_scores(model, val_ds, params))
             # Timings vary run to run: MLflow and a side file, never metrics/train.json (kept byte-reproducible).
             timing = {"samples_per_second": round(sum(fit.samples_per_second for fit in fits) / members, 1),
@@ -364,10 +367,11 @@ def train_metrics(history: pd.DataFrame, model: "keras.Model",
 
 
 def warped_metrics(metrics: Mapping[str, Any], warped: tuple[float, float]) -> dict[str, Any]:
-    """``metrics`` of the saved model when it averages over test-time warps (``model.test_warps``).
+    """``metrics`` of the saved model when it averages over test-time warps or stretches
+    (``model.test_warps``, ``model.test_stretches``).
 
     best_val_loss and best_val_accuracy become the saved model's, ``warped`` (loss, accuracy) on the
-    same val batches; the trained network's own stay under ``without_warps``.
+    same val batches; the trained network's own (no test-time scaling) stay under ``without_warps``.
     """
     loss, accuracy = warped
     return {**metrics, "best_val_loss": loss, "best_val_accuracy": accuracy,
