@@ -249,53 +249,33 @@ def test_members_train_one_after_another_and_the_saved_mean_is_what_validation_s
     assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-4)
 
 
-def test_test_warps_save_the_warp_average_and_score_it_on_validation(tmp_path, params, mlflow_db):
-    """model.test_warps: the same training, the saved model averages over warps; val scores are the saved model's."""
+@pytest.mark.parametrize("key", ["test_warps", "test_stretches"])
+def test_test_time_scaling_saves_the_average_and_scores_it_on_validation(tmp_path, params, mlflow_db, key):
+    """model.test_warps / test_stretches: the same training; the saved model averages over the scaled
+    windows (warp_average / stretch_average of the one network); val scores are the saved model's."""
     import keras
 
     from audiocnn import data, models
 
+    average = {"test_warps": models.warp_average, "test_stretches": models.stretch_average}[key]
     root = synthetic_dataset(tmp_path, {"train": 8, "val": 3})
     params = tiny_params(params, epochs=2, lr=0.01)
     one = run_stage(root, params, "one")
-    params["model"]["test_warps"] = [0.9, 1.0, 1.1]
-    metrics = run_stage(root, params, "warped")
+    params["model"][key] = [0.9, 1.0, 1.1]
+    metrics = run_stage(root, params, "scaled")
     assert metrics["without_warps"] == {k: one[k] for k in ("best_val_loss", "best_val_accuracy")}
     assert metrics["parameters"] == one["parameters"] and metrics["best_epoch"] == one["best_epoch"]
-    model = keras.models.load_model(root / "warped" / "models" / "model.keras", safe_mode=True)
+    if key == "test_stretches":
+        assert metrics["best_val_loss"] != one["best_val_loss"]
+    model = keras.models.load_model(root / "scaled" / "models" / "model.keras", safe_mode=True)
     single = keras.models.load_model(root / "one" / "models" / "model.keras", safe_mode=True)
     val = data.read_split(root / "split", "val")
     y = data.label_indices(val, list(CLASSES), "val.csv")
     features = packed.open_folder(root / "features")
     ds = data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(CLASSES), 32, 80.0, 8)
     x = np.concatenate([batch.numpy() for batch, _ in ds])
-    expected = models.warp_average(single, (0.9, 1.0, 1.1), "check").predict(x, verbose=0)
-    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)  # the one network, warped
-    assert float((expected.argmax(axis=1) == y).mean()) == pytest.approx(metrics["best_val_accuracy"])
-
-
-def test_test_stretches_save_the_stretch_average_and_score_it_on_validation(tmp_path, params, mlflow_db):
-    """model.test_stretches (alone here): the same training; the saved model averages over time stretches."""
-    import keras
-
-    from audiocnn import data, models
-
-    root = synthetic_dataset(tmp_path, {"train": 8, "val": 3})
-    params = tiny_params(params, epochs=2, lr=0.01)
-    one = run_stage(root, params, "one")
-    params["model"]["test_stretches"] = [0.9, 1.0, 1.1]
-    metrics = run_stage(root, params, "stretched")
-    assert metrics["without_warps"] == {k: one[k] for k in ("best_val_loss", "best_val_accuracy")}
-    assert metrics["best_epoch"] == one["best_epoch"] and metrics["best_val_loss"] != one["best_val_loss"]
-    model = keras.models.load_model(root / "stretched" / "models" / "model.keras", safe_mode=True)
-    single = keras.models.load_model(root / "one" / "models" / "model.keras", safe_mode=True)
-    val = data.read_split(root / "split", "val")
-    y = data.label_indices(val, list(CLASSES), "val.csv")
-    features = packed.open_folder(root / "features")
-    ds = data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(CLASSES), 32, 80.0, 8)
-    x = np.concatenate([batch.numpy() for batch, _ in ds])
-    expected = models.stretch_average(single, (0.9, 1.0, 1.1), "check").predict(x, verbose=0)
-    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)
+    expected = average(single, (0.9, 1.0, 1.1), "check").predict(x, verbose=0)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)  # the one network, scaled
     assert float((expected.argmax(axis=1) == y).mean()) == pytest.approx(metrics["best_val_accuracy"])
 
 
