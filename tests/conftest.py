@@ -81,6 +81,16 @@ def stages_run(dvc_output: str) -> list[str]:
     return [line.split("'")[1] for line in dvc_output.splitlines() if line.startswith("Running stage '")]
 
 
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """An MLflow database with its tables created once (the schema migration takes seconds); copy it per test."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
 def params() -> dict:
     return shrink(real_params())

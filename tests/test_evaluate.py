@@ -149,14 +149,6 @@ def run_stage(root: Path, dirs: dict[str, Path], window_seconds: float = 0.1) ->
                         sample_rate=SR, spectrogram=SPEC, params=params, all_params=real_params())
 
 
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """An MLflow database with its tables created once (the schema migration takes seconds)."""
-    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 @pytest.fixture
 def store(tmp_path, monkeypatch, empty_db):
     shutil.copyfile(empty_db, tmp_path / "mlflow.db")

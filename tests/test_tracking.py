@@ -17,14 +17,6 @@ from audiocnn import tracking
 from conftest import real_params, tool_env
 
 
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """An MLflow database with its tables created once (the schema migration takes seconds)."""
-    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 @pytest.fixture
 def store(tmp_path, monkeypatch, empty_db) -> Path:
     """A fresh SQLite store in tmp_path; cwd tmp_path (not a git repo); no DVC variables."""
