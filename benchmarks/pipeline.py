@@ -6,8 +6,8 @@ A config (benchmarks/configs/*.yaml) names a benchmark and deep-merges ``overrid
 repo's params.yaml; its optional ``runs`` are variants (each with its own ``overrides``, e.g. the
 folds of leave-one-speaker-out, or another architecture) run one after another in the same
 workspace, so DVC recomputes only the stages a variant changes; ``summary: true`` adds the mean
-and standard deviation of the runs' test metrics (cross-validation folds) and the mean best
-validation accuracy. ``--seeds`` repeats every run once per ``train.seed`` (runs ``NAME/seedN``):
+and standard deviation of the runs' test metrics (cross-validation folds) and the mean validation
+accuracy of the saved models (of the best epoch, or of the final one with train.restore_best false). ``--seeds`` repeats every run once per ``train.seed`` (runs ``NAME/seedN``):
 on a few speakers one seed's validation accuracy moves by several points, so settings are
 compared on the mean over seeds. ``synthetic_speech: {voices: N, synthesizer: espeak, ...}`` (or
 a list of such, one per synthesizer) adds spoken words from N synthetic voices (``audiocnn speak``)
@@ -176,12 +176,14 @@ def run_variant(root: Path, params: dict, env: dict[str, str]) -> dict[str, Any]
     training = json.loads((root / "metrics/train.json").read_text())
     timing_file = root / "reports/train/timing.json"  # samples_per_second, train_seconds (git-ignored side file)
     training.update(json.loads(timing_file.read_text()) if timing_file.is_file() else {})
+    kept = "best" if "best_val_accuracy" in training else "final" if "final_val_accuracy" in training else None
     return {
         "accuracy": evaluation["accuracy"], "macro_f1": evaluation["macro_f1"], "test_clips": evaluation["clips"],
         "samples_per_second": training.get("samples_per_second"), "train_seconds": training.get("train_seconds"),
-        "epochs_run": training.get("epochs_run"), "best_epoch": training.get("best_epoch"),
-        "best_val_accuracy": training.get("best_val_accuracy"), "parameters": training.get("parameters"),
-        "val_accuracy_without_warps": training.get("without_warps", {}).get("best_val_accuracy"),  # test_warps/_stretches
+        "epochs_run": training.get("epochs_run"), "parameters": training.get("parameters"),
+        # the saved model's: the best epoch's, or the final one's (train.restore_best false)
+        "kept": kept, "kept_epoch": training.get(f"{kept}_epoch"), "val_accuracy": training.get(f"{kept}_val_accuracy"),
+        "val_accuracy_without_warps": training.get("without_warps", {}).get(f"{kept}_val_accuracy"),  # test_warps/_stretches
         "export": ({"failed": export_failure} if export_failure
                    else export_figures(root) if "export" in timings else None),
         "peak_rss_mib": max(t["peak_rss_mib"] for t in timings.values()),
@@ -214,17 +216,20 @@ def export_cell(figures: dict[str, Any] | None) -> str:
 
 
 def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Mean and population std of the runs' test accuracy and macro-F1, their mean best validation
-    accuracy (None when a run has none: the seed arch's fold without validation) and, with model.test_warps or test_stretches,
-    the trained networks' own, mean and max training seconds."""
+    """Mean and population std of the runs' test accuracy and macro-F1, their saved models' mean validation
+    accuracy (None when a run has none: the seed arch's fold without validation) and which epochs those
+    models are (``kept``: best, final, or best/final), with model.test_warps or test_stretches the trained
+    networks' own, mean and max training seconds."""
     acc, f1 = [r["accuracy"] for r in runs.values()], [r["macro_f1"] for r in runs.values()]
     seconds = [r["train_seconds"] or 0.0 for r in runs.values()]
-    val = [r.get("best_val_accuracy") for r in runs.values()]
+    val = [r.get("val_accuracy") for r in runs.values()]
+    kept = {r.get("kept") for r in runs.values()}
     unwarped = [r.get("val_accuracy_without_warps") for r in runs.values()]
     return {"runs": len(acc), "accuracy_mean": round(statistics.mean(acc), 6),
             "accuracy_std": round(statistics.pstdev(acc), 6), "macro_f1_mean": round(statistics.mean(f1), 6),
             "macro_f1_std": round(statistics.pstdev(f1), 6),
-            "best_val_accuracy_mean": round(statistics.mean(val), 6) if None not in val else None,
+            "val_accuracy_mean": round(statistics.mean(val), 6) if None not in val else None,
+            "kept": "/".join(sorted(k for k in kept if k)) or None,  # "best", "final", or "best/final" when mixed
             "val_accuracy_without_warps_mean": round(statistics.mean(unwarped), 6) if None not in unwarped else None,
             "train_seconds_mean": round(statistics.mean(seconds), 1), "train_seconds_max": round(max(seconds), 1)}
 
@@ -241,16 +246,18 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
         lines[-1:-1] = ["", f"Training data: {speech['clips']} synthetic clips (`audiocnn speak`: {made}) added to a "
                         f"copy of {speech['source']}."]
     stage_names = [s for s in STAGES if any(s in r["stages"] for r in results["runs"].values())]
-    columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "best val accuracy", "train samples/s", "train s",
+    columns = ["run", "accuracy", "macro-F1", "test clips", "epochs", "val accuracy (kept epoch)", "train samples/s",
+               "train s",
                *(f"{s} s" for s in stage_names), "export: agreement / mean abs dp / int8 accuracy", "peak MiB",
                "load 1 min (start/end)"]
     rows = []
     for name, r in results["runs"].items():
         cells = [f"{r['stages'][s]['seconds']:.1f}" + ("" if r["stages"][s]["ran"] else "*") if s in r["stages"]
                  else "-" for s in stage_names]
-        best_val = r.get("best_val_accuracy")
+        val = r.get("val_accuracy")
         rows.append([name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", r["test_clips"], r["epochs_run"],
-                     "-" if best_val is None else f"{best_val:.4f}", f"{r['samples_per_second'] or 0:.0f}",
+                     "-" if val is None else f"{val:.4f} ({r['kept']} {r['kept_epoch']})",
+                     f"{r['samples_per_second'] or 0:.0f}",
                      f"{r['train_seconds'] or 0:.0f}", *cells,
                      export_cell(r.get("export")), f"{r['peak_rss_mib']:.0f}", "{:.1f} / {:.1f}".format(*r["load_1min"])])
     lines += common.table(columns, rows)
@@ -259,9 +266,10 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
         lines += ["", f"Mean test accuracy over {s['runs']} runs: **{s['accuracy_mean']:.4f}** "
                   f"(std {s['accuracy_std']:.4f}); macro-F1 {s['macro_f1_mean']:.4f} (std {s['macro_f1_std']:.4f}); "
                   f"training {s['train_seconds_mean']:.0f} s per run on average, at most {s['train_seconds_max']:.0f} s."]
-        if s.get("best_val_accuracy_mean") is not None:
+        if s.get("val_accuracy_mean") is not None:
             unwarped = s.get("val_accuracy_without_warps_mean")
-            lines += ["", f"Mean best validation accuracy over {s['runs']} runs: {s['best_val_accuracy_mean']:.4f}"
+            lines += ["", f"Mean validation accuracy of the saved models ({s['kept']} epoch) over {s['runs']} runs: "
+                      f"{s['val_accuracy_mean']:.4f}"
                       + ("." if unwarped is None else f" ({unwarped:.4f} without the test-time warps and stretches, "
                                                         "model.test_warps and test_stretches).")]
     lines += ["", f"Total wall time {results['wall_seconds'] / 60:.1f} min. `*`: stage up to date (DVC skipped it; "

@@ -95,28 +95,30 @@ def test_synthetic_speech_goes_into_a_copy_of_the_source(tmp_path, fake_espeak, 
 
 
 def test_summary_and_markdown():
-    row = {"accuracy": 0.9, "macro_f1": 0.8, "test_clips": 10, "epochs_run": 3, "best_val_accuracy": 0.85,
+    row = {"accuracy": 0.9, "macro_f1": 0.8, "test_clips": 10, "epochs_run": 3, "val_accuracy": 0.85,
+           "kept": "best", "kept_epoch": 2,
            "samples_per_second": 500.0,
            "train_seconds": 60.0, "peak_rss_mib": 900.0, "load_1min": [1.0, 2.0],
            "stages": {"split": {"seconds": 1.0, "ran": True}, "train": {"seconds": 70.0, "ran": False}}}
     exported = {"top1_agreement": 1.0, "mean_abs_diff": 2.6e-6, "int8_accuracy": 0.98}
-    runs = {"a": row, "b": {**row, "accuracy": 1.0, "best_val_accuracy": 0.95, "train_seconds": 100.0,
+    runs = {"a": row, "b": {**row, "accuracy": 1.0, "val_accuracy": 0.95, "train_seconds": 100.0,
                             "export": exported}}
     summary = pipeline.summarize(runs)
     assert summary["accuracy_mean"] == pytest.approx(0.95) and summary["accuracy_std"] == pytest.approx(0.05)
-    assert summary["best_val_accuracy_mean"] == pytest.approx(0.9)
-    assert pipeline.summarize({"a": row, "b": {**row, "best_val_accuracy": None}})["best_val_accuracy_mean"] is None
+    assert summary["val_accuracy_mean"] == pytest.approx(0.9) and summary["kept"] == "best"
+    assert pipeline.summarize({"a": row, "b": {**row, "val_accuracy": None}})["val_accuracy_mean"] is None
+    assert pipeline.summarize({"a": row, "b": {**row, "kept": "final"}})["kept"] == "best/final"
     assert summary["train_seconds_max"] == 100.0
     results = {"name": "t", "description": "About t.", "runs": runs, "summary": summary, "wall_seconds": 90,
                "machine": {"cores": 2, "cpu": "CPU", "python": "3", "load_average": [1, 1, 1], "date": "today"}}
     text = "\n".join(pipeline.markdown(results, "python benchmarks/pipeline.py t.yaml"))
-    assert "| a | 0.9000 | 0.8000 | 10 | 3 | 0.8500 | 500 | 60 | 1.0 | 70.0* | - | 900 | 1.0 / 2.0 |" in text
-    assert "Mean best validation accuracy over 2 runs: 0.9000." in text
-    warped = {k: {**r, "val_accuracy_without_warps": r["best_val_accuracy"] - 0.01} for k, r in runs.items()}
+    assert "| a | 0.9000 | 0.8000 | 10 | 3 | 0.8500 (best 2) | 500 | 60 | 1.0 | 70.0* | - | 900 | 1.0 / 2.0 |" in text
+    assert "Mean validation accuracy of the saved models (best epoch) over 2 runs: 0.9000." in text
+    warped = {k: {**r, "val_accuracy_without_warps": r["val_accuracy"] - 0.01} for k, r in runs.items()}
     summary = pipeline.summarize(warped)
     assert summary["val_accuracy_without_warps_mean"] == pytest.approx(0.89)
     warped_text = "\n".join(pipeline.markdown({**results, "runs": warped, "summary": summary}, "python t"))
-    assert "validation accuracy over 2 runs: 0.9000 (0.8900 without the test-time warps" in warped_text
+    assert "(best epoch) over 2 runs: 0.9000 (0.8900 without the test-time warps" in warped_text
     assert "| 1.000 / 2.6e-06 / 0.9800 |" in text
     assert "**0.9500** (std 0.0500)" in text and "About t." in text and "`python benchmarks/pipeline.py t.yaml`" in text
 
@@ -139,7 +141,8 @@ def test_tiny_fsdd_run_end_to_end(tmp_path):
               "export": {"calibration_windows": 16, "max_int8_accuracy_drop": 1.0}}  # 2 epochs: near-ties
     config = write_config(tmp_path / "tiny.yaml", {
         "name": "tiny", "summary": True, "overrides": pipeline.deep_merge(official["overrides"], shrink),
-        "runs": [{"name": "cnn"}, {"name": "seed", "overrides": {"model": {"arch": "seed"}}}]})
+        "runs": [{"name": "cnn"},
+                 {"name": "seed", "overrides": {"model": {"arch": "seed"}, "train": {"restore_best": False}}}]})
     out = tmp_path / "results"
     assert pipeline.main([str(config), "--out", str(out)]) == 0
 
@@ -151,6 +154,8 @@ def test_tiny_fsdd_run_end_to_end(tmp_path):
     assert "export" not in seed["stages"] and cnn["export"]["top1_agreement"] >= 0.99  # parity on real clips
     assert not seed["stages"]["spectrogram"]["ran"] and seed["stages"]["train"]["ran"]  # only what changed
     assert 0.0 <= cnn["accuracy"] <= 1.0 and cnn["samples_per_second"] > 0 and cnn["peak_rss_mib"] > 100
+    assert cnn["kept"] == "best" and seed["kept"] == "final" and seed["kept_epoch"] == 2  # restore_best false
+    assert 0.0 <= seed["val_accuracy"] <= 1.0 and results["summary"]["kept"] == "best/final"
     assert results["params"]["seed"]["model"]["arch"] == "seed" and results["summary"]["runs"] == 2
     markdown = (out / "tiny" / "results.md").read_text()
     assert markdown.startswith("### tiny") and "| cnn |" in markdown and "| seed |" in markdown
@@ -164,8 +169,8 @@ def test_seeds_repeat_every_run_once_per_train_seed(tmp_path, monkeypatch):
     def fake_run(root, params, env):
         seen.append(params["train"]["seed"])
         return {"accuracy": 0.5 + params["train"]["seed"] / 10, "macro_f1": 0.5, "test_clips": 1, "epochs_run": 1,
-                "best_val_accuracy": 0.6, "samples_per_second": 1.0, "train_seconds": 1.0, "peak_rss_mib": 1.0,
-                "load_1min": [0.0, 0.0], "stages": {}}
+                "val_accuracy": 0.6, "kept": "best", "kept_epoch": 1, "samples_per_second": 1.0,
+                "train_seconds": 1.0, "peak_rss_mib": 1.0, "load_1min": [0.0, 0.0], "stages": {}}
 
     monkeypatch.setattr(pipeline, "make_workspace", lambda root, params: root)
     monkeypatch.setattr(pipeline, "run_variant", fake_run)
@@ -176,7 +181,7 @@ def test_seeds_repeat_every_run_once_per_train_seed(tmp_path, monkeypatch):
     assert list(results["runs"]) == ["a/seed1", "a/seed3", "b/seed1", "b/seed3"] and seen == [1, 3, 1, 3]
     assert results["params"]["b/seed3"]["train"]["seed"] == 3
     assert results["summary"]["accuracy_mean"] == pytest.approx(0.7)
-    assert results["summary"]["best_val_accuracy_mean"] == pytest.approx(0.6)
+    assert results["summary"]["val_accuracy_mean"] == pytest.approx(0.6)
     with pytest.raises(SystemExit, match="--seeds"):
         pipeline.main([str(config), "--out", str(tmp_path / "out"), "--seeds", "1,x"])
 
@@ -188,9 +193,9 @@ def test_runs_read_the_copy_with_synthetic_speech_and_it_is_removed_after(tmp_pa
     def fake_run(root, params, env):
         source = Path(params["ingest"]["source"])
         sources.append((source, sorted(p.name for p in source.iterdir())))
-        return {"accuracy": 0.5, "macro_f1": 0.5, "test_clips": 1, "epochs_run": 1, "best_val_accuracy": 0.6,
-                "samples_per_second": 1.0, "train_seconds": 1.0, "peak_rss_mib": 1.0, "load_1min": [0.0, 0.0],
-                "stages": {}}
+        return {"accuracy": 0.5, "macro_f1": 0.5, "test_clips": 1, "epochs_run": 1, "val_accuracy": 0.6,
+                "kept": "best", "kept_epoch": 1, "samples_per_second": 1.0, "train_seconds": 1.0, "peak_rss_mib": 1.0,
+                "load_1min": [0.0, 0.0], "stages": {}}
 
     monkeypatch.setattr(pipeline, "make_workspace", lambda root, params: root)
     monkeypatch.setattr(pipeline, "run_variant", fake_run)

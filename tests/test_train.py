@@ -296,3 +296,35 @@ def test_val_scores_count_as_keras_validation_does(tmp_path, params, mlflow_db):
     loss, accuracy = train.val_scores(model, ds, load_section(params, "train", TrainParams))
     assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-5)
     assert accuracy == pytest.approx(metrics["best_val_accuracy"])
+
+
+def test_restore_best_false_saves_the_final_epoch_and_names_it_in_the_metrics(tmp_path, params, mlflow_db):
+    """train.restore_best false: the same training; the saved weights are the last epoch's, and
+    metrics/train.json reports that epoch under final_* (with test-time warps: the saved model's)."""
+    import keras
+
+    from audiocnn import data, train
+
+    root = synthetic_dataset(tmp_path, {"train": 8, "val": 5})
+    params = tiny_params(params, epochs=4, lr=0.05, lr_schedule="constant", patience=4)  # val_loss lowest at epoch 1
+    best = run_stage(root, params, "best")
+    params["train"]["restore_best"] = False
+    final = run_stage(root, params, "final")
+    history = pd.read_csv(root / "final" / "history.csv")
+    pd.testing.assert_frame_equal(history, pd.read_csv(root / "best" / "history.csv"))  # training unchanged
+    assert set(final) == {"final_epoch", "final_val_loss", "final_val_accuracy", "epochs_run", "parameters"}
+    assert final["final_epoch"] == final["epochs_run"] == 4
+    assert best["best_epoch"] == history["val_loss"].idxmin() + 1 < 4  # else both would save the same weights
+    assert final["final_val_loss"] == pytest.approx(history["val_loss"].iloc[-1])
+    model = keras.models.load_model(root / "final" / "models" / "model.keras", safe_mode=True)
+    val = data.read_split(root / "split", "val")
+    y = data.label_indices(val, list(CLASSES), "val.csv")
+    features = packed.open_folder(root / "features")
+    ds = data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(CLASSES), 32, 80.0, 4)
+    loss, accuracy = train.val_scores(model, ds, load_section(params, "train", TrainParams))
+    assert loss == pytest.approx(final["final_val_loss"], rel=1e-5)  # the saved weights are the last epoch's
+    assert accuracy == pytest.approx(final["final_val_accuracy"])
+    params["model"]["test_warps"] = [0.9, 1.0, 1.1]
+    warped = run_stage(root, params, "warped")
+    assert warped["without_warps"] == {k: final[k] for k in ("final_val_loss", "final_val_accuracy")}
+    assert warped["final_epoch"] == 4 and "best_val_loss" not in warped

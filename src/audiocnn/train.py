@@ -6,7 +6,10 @@ give the same weights and metrics (timings aside) on the same CPU with the same 
 count and oneDNN setting. Resumable: a training killed after k epochs restarts at epoch k+1
 (audiocnn.checkpoint) and ends as the uninterrupted one would have. AdamW with a cosine or constant schedule after a linear warmup
 (both are Keras' CosineDecay: alpha 1 keeps it constant), label smoothing, balanced class
-weights as sample weights, early stopping on val_loss that restores the best weights.
+weights as sample weights, early stopping on val_loss that restores the best weights
+(``train.restore_best: false`` keeps the final epoch's: what a validation set that cannot pick
+the epoch, e.g. one of the training speakers' clips, leaves a speaker-independent test; the val
+scores in metrics/train.json are then the final epoch's, under ``final_*`` instead of ``best_*``).
 ``model.members`` > 1: that many networks trained one after another, network k exactly as one
 network would be with train.seed + k (initial weights, shuffles, augmentation), each with its own
 early stopping and backup; the saved model averages their probabilities (models.ensemble).
@@ -62,6 +65,7 @@ class TrainParams:
     label_smoothing: float
     window_seconds: float  # model input length
     patience: int  # epochs without val_loss improvement before stopping
+    restore_best: bool  # the saved weights: the lowest val_loss epoch's (True) or the final epoch's (False)
     class_weights: bool  # balanced sample weights from the training label counts
     shuffle_buffer: int  # clips (file paths) in the shuffle buffer
     seed: int
@@ -192,7 +196,7 @@ def compile_model(model: "keras.Model", params: TrainParams, steps_per_epoch: in
 
 @dataclass
 class NetworkFit:
-    """One trained network (best weights restored) and how its training went."""
+    """One trained network (the best or the final epoch's weights, train.restore_best) and how its training went."""
 
     network: "keras.Model"
     history: pd.DataFrame  # HISTORY_COLUMNS, one row per epoch
@@ -256,7 +260,7 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
                 [fit.network for fit in fits], f"{model_params.arch}_ensemble")
             history = member_history(fits)
             average = val_scores(model, val_ds, params) if members > 1 else None  # the saved ensemble's
-            metrics = train_metrics(history, model, average)
+            metrics = train_metrics(history, model, average, params.restore_best)
             if model_params.test_warps:
                 model = models.warp_average(model, model_params.test_warps, f"{model.name}_warped")
             if model_params.test_stretches:
@@ -283,15 +287,17 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
     finally:
         for backup in backups:
             backup.close()
-    log.info("saved %s: val_loss %.4f, val_accuracy %.4f; %.0f samples/s", model.name, metrics["best_val_loss"],
-             metrics["best_val_accuracy"], timing["samples_per_second"])
+    kept = kept_epoch(params.restore_best)
+    log.info("saved %s (%s epoch): val_loss %.4f, val_accuracy %.4f; %.0f samples/s", model.name, kept,
+             metrics[f"{kept}_val_loss"], metrics[f"{kept}_val_accuracy"], timing["samples_per_second"])
     return metrics
 
 
 def fit_network(network: "keras.Model", params: TrainParams, n_train: int, steps: int, train_stream: Any,
                 val_ds: Any, backup: "Backup", state: "TrainState", member: int, log_prefix: str) -> NetworkFit:
     """Fit one compiled network on stream ``member`` (seeds train.seed + member), from ``state`` (a backup's
-    epochs, or none) saving every epoch to ``backup``; the best epoch's weights restored (early stopping).
+    epochs, or none) saving every epoch to ``backup``; early stopping restores the best epoch's weights
+    unless train.restore_best is false.
     MLflow's per-epoch metrics and the resume tag are named ``log_prefix`` + key."""
     import keras
     import tensorflow as tf
@@ -303,7 +309,8 @@ def fit_network(network: "keras.Model", params: TrainParams, n_train: int, steps
                  state.epochs_done, params.epochs, backup.folder)
         tracking.set_tags({f"{log_prefix}resumed_at_epoch": state.epochs_done})
     epoch_log = epoch_logger(n_train, params.epochs)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience,
+                                         restore_best_weights=params.restore_best)
     started = time.perf_counter()
     tf.random.set_seed(params.seed + member)  # tf.data's seeded shuffles also read the global seed
     # one pipeline for the whole fit (Keras keeps the iterator across epochs with steps_per_epoch)
@@ -313,9 +320,9 @@ def fit_network(network: "keras.Model", params: TrainParams, n_train: int, steps
                 verbose=0, shuffle=False,  # epoch_log first: adds "lr"; the checkpoint last: saves it all
                 callbacks=[epoch_log, stop, tracking.epoch_logger(log_prefix), checkpoint.callback(backup, stop, state)])
     history = pd.DataFrame(state.rows)[list(HISTORY_COLUMNS)].astype({"epoch": int})
-    scores = train_metrics(history, network)
-    log.info("%sbest epoch %d/%d: val_loss %.4f, val_accuracy %.4f", f"{network.name}: " if log_prefix else "",
-             scores["best_epoch"], scores["epochs_run"], scores["best_val_loss"], scores["best_val_accuracy"])
+    scores, kept = train_metrics(history, network, restore_best=params.restore_best), kept_epoch(params.restore_best)
+    log.info("%s%s epoch %d/%d: val_loss %.4f, val_accuracy %.4f", f"{network.name}: " if log_prefix else "", kept,
+             scores[f"{kept}_epoch"], scores["epochs_run"], scores[f"{kept}_val_loss"], scores[f"{kept}_val_accuracy"])
     return NetworkFit(network, history, time.perf_counter() - started, epoch_log.samples_per_second())
 
 
@@ -342,27 +349,35 @@ def val_scores(model: "keras.Model", val_ds: Any, params: TrainParams) -> tuple[
     return total_loss / count, correct / count
 
 
-def train_metrics(history: pd.DataFrame, model: "keras.Model",
-                  average: tuple[float, float] | None = None) -> dict[str, Any]:
-    """metrics/train.json from the history: the best epoch by val_loss (the weights early stopping kept).
+def kept_epoch(restore_best: bool) -> str:
+    """The metrics' name for the epoch whose weights are saved: "best" (lowest val_loss) or "final"."""
+    return "best" if restore_best else "final"
 
-    An ensemble's history (a ``member`` column): each network's best epoch and scores under
+
+def train_metrics(history: pd.DataFrame, model: "keras.Model", average: tuple[float, float] | None = None,
+                  restore_best: bool = True) -> dict[str, Any]:
+    """metrics/train.json from the history: the epoch whose weights were kept, by val_loss (``best_*``,
+    what early stopping restores) or the last one run (``final_*``, train.restore_best false).
+
+    An ensemble's history (a ``member`` column): each network's kept epoch and scores under
     ``members.<name>``, epochs_run summed over the networks, and the val (loss, accuracy) of the
-    saved average, ``average``, as best_val_loss and best_val_accuracy.
+    saved average, ``average``, as <kept>_val_loss and <kept>_val_accuracy.
     """
+    kept = kept_epoch(restore_best)
     if "member" not in history:
-        best = int(history["val_loss"].idxmin())
-        return {"best_epoch": best + 1, "best_val_loss": float(history["val_loss"][best]),
-                "best_val_accuracy": float(history["val_accuracy"][best]), "epochs_run": len(history),
+        row = int(history["val_loss"].idxmin()) if restore_best else len(history) - 1
+        return {f"{kept}_epoch": row + 1, f"{kept}_val_loss": float(history["val_loss"][row]),
+                f"{kept}_val_accuracy": float(history["val_accuracy"][row]), "epochs_run": len(history),
                 "parameters": int(model.count_params())}
     from audiocnn import models
 
-    each = {models.member_name(int(k)): train_metrics(rows.drop(columns="member").reset_index(drop=True), model)
+    each = {models.member_name(int(k)): train_metrics(rows.drop(columns="member").reset_index(drop=True), model,
+                                                      restore_best=restore_best)
             for k, rows in history.groupby("member")}
     for scores in each.values():
         del scores["parameters"]
     loss, accuracy = average
-    return {"best_val_loss": loss, "best_val_accuracy": accuracy, "epochs_run": len(history),
+    return {f"{kept}_val_loss": loss, f"{kept}_val_accuracy": accuracy, "epochs_run": len(history),
             "parameters": int(model.count_params()), "members": each}
 
 
@@ -370,13 +385,13 @@ def warped_metrics(metrics: Mapping[str, Any], warped: tuple[float, float]) -> d
     """``metrics`` of the saved model when it averages over test-time warps or stretches
     (``model.test_warps``, ``model.test_stretches``).
 
-    best_val_loss and best_val_accuracy become the saved model's, ``warped`` (loss, accuracy) on the
-    same val batches; the trained network's own (no test-time scaling) stay under ``without_warps``.
+    <kept>_val_loss and <kept>_val_accuracy (best or final) become the saved model's, ``warped``
+    (loss, accuracy) on the same val batches; the trained network's own (no test-time scaling) stay
+    under ``without_warps``.
     """
-    loss, accuracy = warped
-    return {**metrics, "best_val_loss": loss, "best_val_accuracy": accuracy,
-            "without_warps": {"best_val_loss": metrics["best_val_loss"],
-                              "best_val_accuracy": metrics["best_val_accuracy"]}}
+    kept = "best" if "best_val_loss" in metrics else "final"
+    keys = (f"{kept}_val_loss", f"{kept}_val_accuracy")
+    return {**metrics, **dict(zip(keys, warped)), "without_warps": {key: metrics[key] for key in keys}}
 
 
 def epoch_logger(n_train: int, epochs: int) -> Any:
