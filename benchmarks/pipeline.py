@@ -183,7 +183,8 @@ def run_variant(root: Path, params: dict, env: dict[str, str]) -> dict[str, Any]
         "epochs_run": training.get("epochs_run"), "parameters": training.get("parameters"),
         # the saved model's: the best epoch's, or the final one's (train.restore_best false)
         "kept": kept, "kept_epoch": training.get(f"{kept}_epoch"), "val_accuracy": training.get(f"{kept}_val_accuracy"),
-        "val_accuracy_without_warps": training.get("without_warps", {}).get(f"{kept}_val_accuracy"),  # test_warps/_stretches
+        # with test_warps or test_stretches: the trained network's own
+        "val_accuracy_without_warps": training.get("without_warps", {}).get(f"{kept}_val_accuracy"),
         "export": ({"failed": export_failure} if export_failure
                    else export_figures(root) if "export" in timings else None),
         "peak_rss_mib": max(t["peak_rss_mib"] for t in timings.values()),
