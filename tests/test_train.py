@@ -79,6 +79,17 @@ def run_stage(root: Path, params: dict, out: str = "out") -> dict:
     return fileio.read_json(o / "metrics.json")
 
 
+def val_batches(root: Path, batch_size: int) -> tuple:
+    """(dataset of (centre window, one-hot label) batches, label indices) of ``root``'s val split,
+    as validation sees it."""
+    from audiocnn import data
+
+    val = data.read_split(root / "split", "val")
+    y = data.label_indices(val, list(CLASSES), "val.csv")
+    features = packed.open_folder(root / "features")
+    return data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(CLASSES), 32, 80.0, batch_size), y
+
+
 @pytest.fixture
 def mlflow_db(tmp_path, monkeypatch) -> Path:
     """A fresh MLflow store and training-backup folder in tmp_path."""
@@ -219,8 +230,6 @@ def test_members_train_one_after_another_and_the_saved_mean_is_what_validation_s
                                                                                         mlflow_db):
     import keras
 
-    from audiocnn import data
-
     root = synthetic_dataset(tmp_path, {"train": 8, "val": 3})
     params = tiny_params(params, epochs=3, lr=0.01)
     one = run_stage(root, params, "one")
@@ -236,15 +245,11 @@ def test_members_train_one_after_another_and_the_saved_mean_is_what_validation_s
     assert metrics["members"]["member1"] != metrics["members"]["member0"]  # its own seeds
     history = pd.read_csv(root / "two" / "history.csv")
     assert history["member"].tolist() == [0] * 3 + [1] * 3 and metrics["epochs_run"] == 6
-    val = data.read_split(root / "split", "val")
-    labels = list(CLASSES)
-    y = data.label_indices(val, labels, "val.csv")
-    features = packed.open_folder(root / "features")
-    ds = data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(labels), 32, 80.0, 8)
+    ds, y = val_batches(root, 8)
     probs = model.predict(ds, verbose=0)  # (clips, classes): the mean of the two networks'
     assert float((probs.argmax(axis=1) == y).mean()) == pytest.approx(metrics["best_val_accuracy"])
     smoothing = params["train"]["label_smoothing"]
-    smoothed = keras.utils.to_categorical(y, len(labels)) * (1 - smoothing) + smoothing / len(labels)
+    smoothed = keras.utils.to_categorical(y, len(CLASSES)) * (1 - smoothing) + smoothing / len(CLASSES)
     loss = float(-(smoothed * np.log(np.clip(probs, 1e-7, 1.0))).sum(axis=1).mean())
     assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-4)
 
@@ -255,7 +260,7 @@ def test_test_time_scaling_saves_the_average_and_scores_it_on_validation(tmp_pat
     windows (warp_average / stretch_average of the one network); val scores are the saved model's."""
     import keras
 
-    from audiocnn import data, models
+    from audiocnn import models
 
     average = {"test_warps": models.warp_average, "test_stretches": models.stretch_average}[key]
     root = synthetic_dataset(tmp_path, {"train": 8, "val": 3})
@@ -269,10 +274,7 @@ def test_test_time_scaling_saves_the_average_and_scores_it_on_validation(tmp_pat
         assert metrics["best_val_loss"] != one["best_val_loss"]
     model = keras.models.load_model(root / "scaled" / "models" / "model.keras", safe_mode=True)
     single = keras.models.load_model(root / "one" / "models" / "model.keras", safe_mode=True)
-    val = data.read_split(root / "split", "val")
-    y = data.label_indices(val, list(CLASSES), "val.csv")
-    features = packed.open_folder(root / "features")
-    ds = data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(CLASSES), 32, 80.0, 8)
+    ds, y = val_batches(root, 8)
     x = np.concatenate([batch.numpy() for batch, _ in ds])
     expected = average(single, (0.9, 1.0, 1.1), "check").predict(x, verbose=0)
     np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)  # the one network, scaled
@@ -283,16 +285,13 @@ def test_val_scores_count_as_keras_validation_does(tmp_path, params, mlflow_db):
     """The ensemble's val loss/accuracy (train.val_scores) on one network equal Keras' own at its best epoch."""
     import keras
 
-    from audiocnn import data, train
+    from audiocnn import train
 
     root = synthetic_dataset(tmp_path, {"train": 8, "val": 5})
     params = tiny_params(params, epochs=2, lr=0.01)
     metrics = run_stage(root, params)
     model = keras.models.load_model(root / "out" / "models" / "model.keras", safe_mode=True)
-    val = data.read_split(root / "split", "val")
-    y = data.label_indices(val, list(CLASSES), "val.csv")
-    features = packed.open_folder(root / "features")
-    ds = data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(CLASSES), 32, 80.0, 4)
+    ds, _ = val_batches(root, 4)
     loss, accuracy = train.val_scores(model, ds, load_section(params, "train", TrainParams))
     assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-5)
     assert accuracy == pytest.approx(metrics["best_val_accuracy"])
@@ -303,7 +302,7 @@ def test_restore_best_false_saves_the_final_epoch_and_names_it_in_the_metrics(tm
     metrics/train.json reports that epoch under final_* (with test-time warps: the saved model's)."""
     import keras
 
-    from audiocnn import data, train
+    from audiocnn import train
 
     root = synthetic_dataset(tmp_path, {"train": 8, "val": 5})
     params = tiny_params(params, epochs=4, lr=0.05, lr_schedule="constant", patience=4)  # val_loss lowest at epoch 1
@@ -317,10 +316,7 @@ def test_restore_best_false_saves_the_final_epoch_and_names_it_in_the_metrics(tm
     assert best["best_epoch"] == history["val_loss"].idxmin() + 1 < 4  # else both would save the same weights
     assert final["final_val_loss"] == pytest.approx(history["val_loss"].iloc[-1])
     model = keras.models.load_model(root / "final" / "models" / "model.keras", safe_mode=True)
-    val = data.read_split(root / "split", "val")
-    y = data.label_indices(val, list(CLASSES), "val.csv")
-    features = packed.open_folder(root / "features")
-    ds = data.eval_dataset(features, features.refs_of(list(val["id"])), y, len(CLASSES), 32, 80.0, 4)
+    ds, _ = val_batches(root, 4)
     loss, accuracy = train.val_scores(model, ds, load_section(params, "train", TrainParams))
     assert loss == pytest.approx(final["final_val_loss"], rel=1e-5)  # the saved weights are the last epoch's
     assert accuracy == pytest.approx(final["final_val_accuracy"])
