@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,16 @@ def make_pipeline_repo(dest: Path, params: dict) -> Path:
 def stages_run(dvc_output: str) -> list[str]:
     """Stage names that ``dvc repro`` / ``dvc exp run`` executed, from its output."""
     return [line.split("'")[1] for line in dvc_output.splitlines() if line.startswith("Running stage '")]
+
+
+def wait_for_queue(repo: Path, seconds: float) -> str:
+    """Poll ``dvc queue status`` until nothing is queued or running (or ``seconds`` pass); return the last status."""
+    deadline = time.monotonic() + seconds
+    while True:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if ("Queued" not in status and "Running" not in status) or time.monotonic() > deadline:
+            return status
+        time.sleep(3)
 
 
 @pytest.fixture(scope="session")

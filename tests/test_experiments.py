@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import make_pipeline_repo, real_params, run, shrink, stages_run
+from conftest import make_pipeline_repo, real_params, run, shrink, stages_run, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
@@ -46,12 +45,7 @@ def test_queued_experiment_lands_in_main_database(committed_repo):
     before = len(mlflow_runs(committed_repo / "mlflow.db"))
     run(["dvc", "exp", "run", "--queue", "-n", "queued-lr", "-S", "train.lr=0.002"], committed_repo)
     run(["dvc", "queue", "start"], committed_repo)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], committed_repo).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
+    status = wait_for_queue(committed_repo, 300)
     assert "Success" in status, status
     runs = mlflow_runs(committed_repo / "mlflow.db")
     assert len(runs) == before + 1

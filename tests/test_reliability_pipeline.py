@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from audiocnn import fileio
-from conftest import make_pipeline_repo, real_params, run, shrink, stages_run, tool_env
+from conftest import make_pipeline_repo, real_params, run, shrink, stages_run, tool_env, wait_for_queue
 
 pytestmark = pytest.mark.slow
 
@@ -157,12 +157,7 @@ def test_two_queued_experiments_run_at_once(reference, tmp_path):
     for name, lr in lrs.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], repo)
     run(["dvc", "queue", "start", "-j", "2"], repo)
-    deadline = time.monotonic() + 800
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], repo).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
+    status = wait_for_queue(repo, 800)
     assert status.count("Success") == 2, status
     for name in lrs:
         logs = run(["dvc", "queue", "logs", name], repo, check=False)
