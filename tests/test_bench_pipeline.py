@@ -57,15 +57,17 @@ def test_shipped_configs_give_valid_params_for_every_run(name):
 
 
 def test_selection_config_trains_what_the_test_config_trains():
-    """fsdd_loso_select.yaml judges settings for fsdd_loso.yaml: both train the same way, save for how
-    long a run goes and which epoch it keeps (and the folds); an adopted setting missing from either fails here."""
+    """fsdd_loso_select.yaml judges settings for fsdd_loso.yaml: both train the same way, all epochs, the
+    final one kept, save for the folds and the test's report-only validation (a small share of its training
+    clips, where the selection validates on a held-out speaker); an adopted setting missing from either fails here."""
     test, select = (pipeline.read_config(CONFIGS / name) for name in ("fsdd_loso.yaml", "fsdd_loso_select.yaml"))
     assert select["synthetic_speech"] == test["synthetic_speech"]
-    selection_only = {"patience", "restore_best"}
-    select_train = {k: v for k, v in select["overrides"]["train"].items() if k not in selection_only}
-    assert {**select["overrides"], "train": select_train} == test["overrides"]
-    assert select["overrides"]["train"]["restore_best"] is False
-    assert select["overrides"]["train"]["patience"] >= pipeline.base_params(select)["train"]["epochs"]
+    test_split = {k: v for k, v in test["overrides"]["split"].items() if k != "val_size"}
+    assert {**test["overrides"], "split": test_split} == select["overrides"]
+    assert test["overrides"]["split"]["val_size"] <= 0.05
+    for config in (test, select):
+        assert config["overrides"]["train"]["restore_best"] is False
+        assert config["overrides"]["train"]["patience"] >= pipeline.base_params(config)["train"]["epochs"]
 
 
 def test_read_config_rejects_unknown_keys_and_duplicate_runs(tmp_path):
