@@ -26,6 +26,17 @@ def preprocess(**spectrogram) -> predict.Preprocess:
     return predict.read_preprocess({**params, "window_seconds": 0.5, "window_frames": frames}, "test")
 
 
+def test_preprocess_saved_before_preemphasis_loads_without_it():
+    """A model trained before spectrogram.preemphasis existed keeps loading, with no pre-emphasis."""
+    params = model_params()
+    del params["spectrogram"]["preemphasis"]
+    pre = predict.read_preprocess({**params, "window_seconds": 0.5, "window_frames": 51}, "old/preprocess.json")
+    assert pre.spectrogram.preemphasis == 0.0
+    params["spectrogram"]["preemphasis"] = 2.0
+    with pytest.raises(predict.ModelError, match=r"old/preprocess.json.*spectrogram\.preemphasis=2\.0"):
+        predict.read_preprocess({**params, "window_seconds": 0.5, "window_frames": 51}, "old/preprocess.json")
+
+
 def test_export_params_validate():
     settings = load_section(real_params(), "export", export.ExportParams)
     assert settings.int8 and settings.min_top1_agreement == 0.99 and 0 < settings.max_mean_abs_diff <= 0.002
@@ -44,7 +55,7 @@ def test_dft_kernel_is_the_periodic_hann_rfft():
 
 
 @pytest.mark.parametrize("spectrogram", [{}, {"n_fft": 256, "hop_length": 80, "n_mels": 40, "fmin": 0.0,
-                                              "fmax": 6000.0, "top_db": 60.0}])
+                                              "fmax": 6000.0, "top_db": 60.0, "preemphasis": 0.97}])
 def test_front_end_matches_librosa_log_mel(spectrogram):
     from audiocnn.spectrogram import log_mel
 

@@ -46,6 +46,8 @@ def test_n_mels_message_exact():
     ({"fmin": 500.0, "fmax": 400.0}, r"^spectrogram\.fmax=400\.0 must be above fmin=500\.0"),
     ({"fmin": -1.0}, r"^spectrogram\.fmin=-1\.0 must be >= 0"),
     ({"top_db": 0.0}, r"^spectrogram\.top_db=0\.0 must be > 0"),
+    ({"preemphasis": 1.0}, r"^spectrogram\.preemphasis=1\.0 must be in \[0, 1\)"),
+    ({"preemphasis": -0.5}, r"^spectrogram\.preemphasis=-0\.5 must be in \[0, 1\)"),
     ({"image_size": 0}, r"^spectrogram\.image_size=0 must be > 0"),
     ({"gallery_per_class": 0}, r"^spectrogram\.gallery_per_class=0 must be > 0"),
     ({"workers": -1}, r"^spectrogram\.workers=-1 must be >= 0"),
@@ -120,7 +122,7 @@ def test_run_outputs_and_workers_identical(tmp_path):
     assert index["offset"].astype(int).tolist() == [0, *np.cumsum(index["frames"].astype(int))[:-1]]
     assert fileio.read_json(one / "features" / "meta.json") == {
         "sample_rate": 16000, "n_fft": 512, "hop_length": 160, "n_mels": 64, "fmin": 20.0, "fmax": 8000.0,
-        "top_db": 80.0}
+        "top_db": 80.0, "preemphasis": 0.0}
     assert sorted(p.name for p in (one / "features").iterdir()) == ["features.npy", "index.csv", "meta.json"]
     array = fileio.load_npy(one / "features" / "features.npy")
     assert array.shape == (index["frames"].astype(int).sum(), 64) and array.dtype == np.float32
@@ -235,6 +237,25 @@ def test_mel_basis_equals_librosa(rate, n_fft, n_mels, fmin, fmax):
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(spectrogram.mel_frequencies(n_mels, fmin, fmax),
                                librosa.mel_frequencies(n_mels, fmin=fmin, fmax=fmax), rtol=1e-12)
+
+
+def test_preemphasis_equals_filtering_the_waveform():
+    """spectrogram.preemphasis weights the filterbank by the high-pass's power gain: the same dB as
+    applying y[n] - a * y[n-1] to the waveform (librosa.effects.preemphasis) before the STFT, away from
+    the floor; the lows lose and the highs gain against the default."""
+    plain, emphasized = spec_params(top_db=120.0), spec_params(top_db=120.0, preemphasis=0.97)
+    basis = spectrogram.mel_basis(16000, plain.n_fft, plain.n_mels, plain.fmin, plain.fmax)
+    gain = 1 - 2 * 0.97 * np.cos(2 * np.pi * np.fft.rfftfreq(plain.n_fft, 1 / 16000) / 16000) + 0.97**2  # (bins,)
+    np.testing.assert_allclose(spectrogram.mel_basis(16000, plain.n_fft, plain.n_mels, plain.fmin, plain.fmax, 0.97),
+                               basis * gain, rtol=1e-5)
+    x = (0.1 * np.random.default_rng(3).standard_normal(16000)).astype(np.float32)  # white: every band above the floor
+    ours = spectrogram.log_mel(x, 16000, emphasized)
+    filtered = librosa.effects.preemphasis(x, coef=0.97, zi=[0.0]).astype(np.float32)
+    reference = spectrogram.log_mel(filtered, 16000, plain)
+    inner = slice(2, -2)  # frames that hold only the clip (the padded edges differ by the filter's start)
+    assert np.median(np.abs(ours[inner] - reference[inner])) < 0.2  # dB
+    shift = (ours - spectrogram.log_mel(x, 16000, plain))[inner].mean(axis=0)  # (n_mels,) dB
+    assert shift[0] < -15 and shift[-1] > 5  # about -22 dB at 20-60 Hz, +6 dB near 8 kHz
 
 
 @pytest.mark.parametrize("n_fft, hop, samples", [(256, 80, 3001), (255, 64, 1000), (512, 160, 100)])

@@ -43,7 +43,7 @@ def front_end(pre: Preprocess) -> "keras.layers.Layer":
     from audiocnn.spectrogram import mel_basis
 
     sp = pre.spectrogram
-    mel = mel_basis(pre.sample_rate, sp.n_fft, sp.n_mels, sp.fmin, sp.fmax)  # (n_mels, bins)
+    mel = mel_basis(pre.sample_rate, sp.n_fft, sp.n_mels, sp.fmin, sp.fmax, sp.preemphasis)  # (n_mels, bins)
     mel2 = np.concatenate([mel.T, mel.T]).astype(np.float32)  # (2 * bins, n_mels): re^2 and im^2 rows
     kernel = dft_kernel(sp.n_fft)
 

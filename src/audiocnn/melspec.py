@@ -46,11 +46,15 @@ def mel_frequencies(n: int, fmin: float, fmax: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def mel_basis(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+def mel_basis(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float,
+              preemphasis: float = 0.0) -> np.ndarray:
     """(n_mels, n_fft//2+1) float32 Slaney-normalized mel filterbank, built once per process.
 
     The same numbers as ``librosa.filters.mel`` (tested), without importing librosa
-    (scipy.signal, numba: about a second per stage and per predict start).
+    (scipy.signal, numba: about a second per stage and per predict start). ``preemphasis`` a > 0
+    weights each FFT bin by the power gain of y[n] - a * y[n-1], |1 - a e^(-iw)|^2: speech's
+    pre-emphasis applied to the spectrum (the same as filtering the waveform, up to each frame's
+    first sample), so the numpy and the Keras front end share it through this matrix.
     """
     fft_hz = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)  # (bins,)
     edges_hz = mel_frequencies(n_mels + 2, fmin, fmax)  # (n_mels + 2,) band edges and centres
@@ -60,6 +64,9 @@ def mel_basis(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: floa
     for i in range(n_mels):
         weights[i] = np.maximum(0, np.minimum(-ramps[i] / widths[i], ramps[i + 2] / widths[i + 1]))
     weights *= (2.0 / (edges_hz[2 : n_mels + 2] - edges_hz[:n_mels]))[:, np.newaxis]  # constant energy per band
+    if preemphasis:
+        omega = 2 * np.pi * fft_hz / sample_rate  # (bins,) radians per sample
+        weights *= (1 - 2 * preemphasis * np.cos(omega) + preemphasis**2).astype(np.float32)  # (bins,) power gain
     if not np.all((edges_hz[:-2] == 0) | (weights.max(axis=1) > 0)):
         log.warning("empty mel bands: spectrogram.n_mels=%d is too many for n_fft=%d at %d Hz", n_mels, n_fft,
                     sample_rate)
@@ -87,7 +94,8 @@ def log_mel(mono: np.ndarray, sample_rate: int, params: SpectrogramParams) -> np
     frames = np.lib.stride_tricks.as_strided(padded, (n_frames, n_fft), (hop * 4, 4), writeable=False)
     spectrum = np.fft.rfft(frames * hann_window(n_fft), axis=1)  # (frames, bins) complex64
     power = np.square(spectrum.real) + np.square(spectrum.imag)  # (frames, bins) float32
-    mel = power @ mel_basis(sample_rate, n_fft, params.n_mels, params.fmin, params.fmax).T  # (frames, n_mels)
+    basis = mel_basis(sample_rate, n_fft, params.n_mels, params.fmin, params.fmax, params.preemphasis)
+    mel = power @ basis.T  # (frames, n_mels)
     db = np.log10(np.maximum(mel, np.float32(AMIN)))
     db *= np.float32(10.0)
     return np.maximum(db, db.max() - np.float32(params.top_db))  # (frames, n_mels) float32 dB

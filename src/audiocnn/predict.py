@@ -79,6 +79,9 @@ def read_preprocess(raw: Mapping[str, Any], where: str | Path) -> Preprocess:
     """Validate a preprocess.json mapping with the pipeline's own params classes."""
     from audiocnn.spectrogram import SpectrogramParams
 
+    spectrogram = raw.get("spectrogram")
+    if isinstance(spectrogram, Mapping) and "preemphasis" not in spectrogram:
+        raw = {**raw, "spectrogram": {**spectrogram, "preemphasis": 0.0}}  # saved before the key existed: none applied
     try:
         return Preprocess(config.load_section(raw, "audio", AudioParams),
                           config.load_section(raw, "normalize", NormalizeParams),

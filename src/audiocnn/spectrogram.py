@@ -49,6 +49,7 @@ class SpectrogramParams:
     fmin: float  # Hz, lowest mel band edge
     fmax: float  # Hz, highest mel band edge (<= audio.sample_rate / 2)
     top_db: float  # dB of dynamic range kept below each clip's maximum
+    preemphasis: float  # a in the high-pass y[n] - a * y[n-1] (speech's pre-emphasis), as a gain per FFT bin; 0 = off
     workers: int  # processes; 0 = all cores
     images: bool  # also write one PNG per clip
     image_size: int  # pixels, square
@@ -62,6 +63,7 @@ class SpectrogramParams:
         check(self.fmin >= 0, "fmin", self.fmin, "must be >= 0 Hz")
         check(self.fmax > self.fmin, "fmax", self.fmax, f"must be above fmin={self.fmin}")
         check(self.top_db > 0, "top_db", self.top_db, "must be > 0 dB")
+        check(0 <= self.preemphasis < 1, "preemphasis", self.preemphasis, "must be in [0, 1) (0 = off)")
         check(self.workers >= 0, "workers", self.workers, "must be >= 0 (0 = all cores)")
         check(self.image_size > 0, "image_size", self.image_size, "must be > 0 pixels")
         check(self.gallery_per_class > 0, "gallery_per_class", self.gallery_per_class, "must be > 0")
@@ -81,6 +83,7 @@ def cache_settings(sample_rate: int, params: SpectrogramParams) -> dict:
 
     return {"sample_rate": sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
             "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
+            "preemphasis": params.preemphasis,
             "code": store.source_digest(sys.modules[__name__], melspec, images, store), "numpy": np.__version__,
             "pillow": PIL.__version__}
 
@@ -279,6 +282,7 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
             fileio.write_json(features_tmp / "meta.json", {
                 "sample_rate": audio.sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
                 "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
+                "preemphasis": params.preemphasis,
             })
     with fileio.atomic_path(gallery) as tmp:
         tmp.write_bytes(gallery_bytes[0])
