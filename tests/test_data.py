@@ -54,8 +54,8 @@ def test_silence_padding_equals_features_of_a_zero_padded_waveform():
     from audiocnn.melspec import log_mel
     from audiocnn.spectrogram import SpectrogramParams
 
-    p = SpectrogramParams(n_fft=256, hop_length=64, n_mels=16, fmin=20.0, fmax=4000.0, top_db=80.0, preemphasis=0.0, workers=1,
-                          images=False, image_size=32, gallery_per_class=1)
+    p = SpectrogramParams(n_fft=256, hop_length=64, n_mels=16, fmin=20.0, fmax=4000.0, top_db=80.0, preemphasis=0.0,
+                          workers=1, images=False, image_size=32, gallery_per_class=1)
     rng = np.random.default_rng(0)
     clip = (0.1 * rng.standard_normal(1600) + 0.01).astype(np.float32)  # 0.2 s at 8 kHz, noisy: < 80 dB range
     window = np.zeros(8000, np.float32)  # 1 s

@@ -108,8 +108,8 @@ def test_reports_written(tmp_path):
 # --- the stage, with a fake model (no TensorFlow) ---------------------------------------------
 
 SR, HOP, N_FFT = 1000, 10, 20  # window 0.1 s -> 11 frames (1 + (100 + 9) // 10), hop 0.05 s -> 5 frames
-SPEC = SpectrogramParams(n_fft=N_FFT, hop_length=HOP, n_mels=4, fmin=0.0, fmax=500.0, top_db=80.0, preemphasis=0.0, workers=1,
-                         images=False, image_size=8, gallery_per_class=1)
+SPEC = SpectrogramParams(n_fft=N_FFT, hop_length=HOP, n_mels=4, fmin=0.0, fmax=500.0, top_db=80.0, preemphasis=0.0,
+                         workers=1, images=False, image_size=8, gallery_per_class=1)
 
 
 class BandModel:
