@@ -77,13 +77,18 @@ def check_against_audio(params: SpectrogramParams, audio: AudioParams) -> None:
                           f"(audio.sample_rate={audio.sample_rate})")
 
 
+def front_end_settings(sample_rate: int, params: SpectrogramParams) -> dict:
+    """The params that decide a clip's log-mel features (features/meta.json, and the cache key's start)."""
+    return {"sample_rate": sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
+            "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
+            "preemphasis": params.preemphasis}
+
+
 def cache_settings(sample_rate: int, params: SpectrogramParams) -> dict:
     """Everything a cached feature depends on besides the clip: params, this code, library versions."""
     import PIL
 
-    return {"sample_rate": sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
-            "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
-            "preemphasis": params.preemphasis,
+    return {**front_end_settings(sample_rate, params),
             "code": store.source_digest(sys.modules[__name__], melspec, images, store), "numpy": np.__version__,
             "pillow": PIL.__version__}
 
@@ -279,11 +284,7 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
                            reused=[shard.pack for shard in placement.shards])
             layout["image"] = results
             fileio.write_columns(features_tmp / packed.INDEX_NAME, layout)
-            fileio.write_json(features_tmp / "meta.json", {
-                "sample_rate": audio.sample_rate, "n_fft": params.n_fft, "hop_length": params.hop_length,
-                "n_mels": params.n_mels, "fmin": params.fmin, "fmax": params.fmax, "top_db": params.top_db,
-                "preemphasis": params.preemphasis,
-            })
+            fileio.write_json(features_tmp / "meta.json", front_end_settings(audio.sample_rate, params))
     with fileio.atomic_path(gallery) as tmp:
         tmp.write_bytes(gallery_bytes[0])
     log.info("log-mel features of %d clips (%d frames, %d mels) in %s; images %s", len(layout["id"]),
