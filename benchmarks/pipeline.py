@@ -183,7 +183,7 @@ def run_variant(root: Path, params: dict, env: dict[str, str]) -> dict[str, Any]
         "epochs_run": training.get("epochs_run"), "parameters": training.get("parameters"),
         # the saved model's: the best epoch's, or the final one's (train.restore_best false)
         "kept": kept, "kept_epoch": training.get(f"{kept}_epoch"), "val_accuracy": training.get(f"{kept}_val_accuracy"),
-        # with test_warps or test_stretches: the trained network's own
+        # with test_warps, test_stretches or test_shifts: the trained network's own
         "val_accuracy_without_warps": training.get("without_warps", {}).get(f"{kept}_val_accuracy"),
         "export": ({"failed": export_failure} if export_failure
                    else export_figures(root) if "export" in timings else None),
@@ -219,7 +219,7 @@ def export_cell(figures: dict[str, Any] | None) -> str:
 def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean and population std of the runs' test accuracy and macro-F1, their saved models' mean validation
     accuracy (None when a run has none: the seed arch's fold without validation) and which epochs those
-    models are (``kept``: best, final, or best/final), with model.test_warps or test_stretches the trained
+    models are (``kept``: best, final, or best/final), with model.test_warps, test_stretches or test_shifts the trained
     networks' own, mean and max training seconds."""
     acc, f1 = [r["accuracy"] for r in runs.values()], [r["macro_f1"] for r in runs.values()]
     seconds = [r["train_seconds"] or 0.0 for r in runs.values()]
@@ -271,8 +271,8 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
             unwarped = s.get("val_accuracy_without_warps_mean")
             lines += ["", f"Mean validation accuracy of the saved models ({s['kept']} epoch) over {s['runs']} runs: "
                       f"{s['val_accuracy_mean']:.4f}"
-                      + ("." if unwarped is None else f" ({unwarped:.4f} without the test-time warps and stretches, "
-                                                        "model.test_warps and test_stretches).")]
+                      + ("." if unwarped is None else f" ({unwarped:.4f} without the test-time warps, stretches and "
+                                                        "shifts, model.test_warps, test_stretches and test_shifts).")]
     lines += ["", f"Total wall time {results['wall_seconds'] / 60:.1f} min. `*`: stage up to date (DVC skipped it; "
               "the time is DVC's check). `train s`: the fit itself; the train stage column adds start-up and writing. "
               "Export: the exported float model's top-1 agreement with evaluate, its mean absolute probability "

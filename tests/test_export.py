@@ -299,8 +299,8 @@ def test_an_ensemble_exports_like_one_network(tmp_path):
     np.testing.assert_allclose(tflite, pipeline, atol=1e-5)
 
 
-@pytest.mark.parametrize("stretched", [False, True])
-def test_a_warp_average_exports_like_one_network(tmp_path, stretched):
+@pytest.mark.parametrize("stretched, shifted", [(False, False), (True, False), (True, True)])
+def test_a_warp_average_exports_like_one_network(tmp_path, stretched, shifted):
     """model.test_warps saves a Keras model of stock layers (fixed Dense warps, a floor fill, Average): TFLite matches it."""
     from audiocnn import models
 
@@ -312,6 +312,8 @@ def test_a_warp_average_exports_like_one_network(tmp_path, stretched):
     classifier = models.warp_average(network, (0.9, 1.0, 1.1), "cnn_warped")
     if stretched:  # model.test_stretches around the warps: fixed Dense on the time axis, Permute, a frame fill
         classifier = models.stretch_average(classifier, (0.9, 1.0, 1.1), "cnn_stretched")
+    if shifted:  # model.test_shifts around the stretches: the same layers with a shift matrix
+        classifier = models.shift_average(classifier, (0, 4, 8), "cnn_shifted")
     tflite, pipeline, logmel = tflite_against_keras(classifier, pre, rng, tmp_path)
     np.testing.assert_allclose(tflite, pipeline, atol=1e-5)
     assert not np.allclose(pipeline, network.predict(logmel, verbose=0), atol=1e-5)

@@ -51,7 +51,8 @@ def test_band_norm_makes_the_cnn_blind_to_a_fixed_spectral_colouring():
     np.testing.assert_allclose(banded.predict(x + colour, verbose=0), banded.predict(x, verbose=0), atol=1e-5)
     assert np.abs(plain.predict(x + colour, verbose=0) - plain.predict(x, verbose=0)).max() > 1e-4
     assert models.build(load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": True,
-                                                "lifter": 0, "members": 1, "test_warps": [], "test_stretches": []}},
+                                                "lifter": 0, "members": 1, "test_warps": [], "test_stretches": [],
+                                                "test_shifts": []}},
                                      "model", ModelParams), 3, (20, 8, 1), sample).get_layer("band_mean")
 
 
@@ -76,7 +77,7 @@ def test_lifter_in_the_cnn_is_fixed_and_makes_it_blind_to_the_ripple(tmp_path):
     x = rng.normal(-50, 10, (3, 20, 16, 1)).astype(np.float32)
     ripple = (6.0 * np.cos(np.pi * 14 * (np.arange(16) + 0.5) / 16)).reshape(1, 1, 16, 1).astype(np.float32)
     params = load_section({"model": {"arch": "cnn", "width": 8, "dropout": 0.0, "band_norm": False, "lifter": 6,
-                                    "members": 1, "test_warps": [], "test_stretches": []}},
+                                    "members": 1, "test_warps": [], "test_stretches": [], "test_shifts": []}},
                           "model", ModelParams)
     model = models.build(params, 3, (20, 16, 1), sample)
     np.testing.assert_allclose(model.predict(x + ripple, verbose=0), model.predict(x, verbose=0), atol=1e-5)
@@ -209,6 +210,56 @@ def test_stretch_average_means_the_network_over_stretched_windows_around_each_wa
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [0, 1, 7, 29])
+def test_shift_matrix_moves_the_window_later_with_the_floor_in_front(shift):
+    x = np.random.default_rng(10).normal(-50, 10, (30, 12)).astype(np.float32)  # (frames, n_mels) dB
+    kernel, fill = models.shift_matrix(30, shift)
+    expected = np.concatenate([np.full((shift, 12), x.min(), np.float32), x[: 30 - shift]])
+    np.testing.assert_allclose((x.T @ kernel + fill * x.min()).T, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="shift=30 frames must be within 0..29"):
+        models.shift_matrix(30, 30)
+
+
+def test_shift_average_means_the_network_over_shifted_windows_around_each_stretch(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from audiocnn import augment
+
+    rng = np.random.default_rng(11)
+    sample = rng.normal(-50, 10, (4, 20, 16)).astype(np.float32)
+    x = rng.normal(-50, 10, (5, 20, 16, 1)).astype(np.float32)
+    net = models.build(ModelParams("cnn", 8, 0.0, True, 0, 1), 3, (20, 16, 1), sample)
+
+    def moved(window, shift):  # (frames, n_mels): ``shift`` frames later, the window's floor in front
+        front = np.full((shift, window.shape[1]), window.min(), np.float32)
+        return np.concatenate([front, window[: len(window) - shift]])
+
+    def stretched(window, factor):  # training's time stretch, cut or floor-filled to the window
+        y = augment.scale_axis(tf.constant(window), factor, 0).numpy()
+        return np.concatenate([y, np.full(window.shape, window.min(), np.float32)])[: len(window)]
+
+    shifts, stretches = (0, 3, 6), (0.9, 1.1)
+    model = models.shift_average(models.stretch_average(net, stretches, "s"), shifts, "cnn_shifted")
+    each = [net.predict(np.stack([stretched(moved(w[..., 0], k), f) for w in x])[..., None], verbose=0)
+            for k in shifts for f in stretches]
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+    assert not np.allclose(each[0], each[4], atol=1e-4)  # the shifts do change what the network sees
+    assert model.input_shape == net.input_shape and model.output_shape == net.output_shape
+    assert [w.shape for w in model.trainable_weights] == [w.shape for w in net.trainable_weights]
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("shifts, message", [([-0.1], "within 0..60 s"), ([0.1, 0.1], "must not repeat")])
+def test_test_shifts_are_checked(shifts, message):
+    with pytest.raises(ParamsError, match=f"test_shifts.*{message}"):
+        ModelParams("cnn", 8, 0.0, False, 0, 1, test_shifts=tuple(shifts))
+    with pytest.raises(ParamsError, match="test_shifts.*needs model.arch cnn"):
+        ModelParams("seed", 8, 0.0, False, 0, 1, test_shifts=(0.0,))
 
 
 @pytest.mark.parametrize("key", ["test_warps", "test_stretches"])

@@ -254,31 +254,48 @@ def test_members_train_one_after_another_and_the_saved_mean_is_what_validation_s
     assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-4)
 
 
-@pytest.mark.parametrize("key", ["test_warps", "test_stretches"])
-def test_test_time_scaling_saves_the_average_and_scores_it_on_validation(tmp_path, params, mlflow_db, key):
-    """model.test_warps / test_stretches: the same training; the saved model averages over the scaled
-    windows (warp_average / stretch_average of the one network); val scores are the saved model's."""
+@pytest.mark.parametrize("key, values, views", [("test_warps", [0.9, 1.0, 1.1], (0.9, 1.0, 1.1)),
+                                                 ("test_stretches", [0.9, 1.0, 1.1], (0.9, 1.0, 1.1)),
+                                                 ("test_shifts", [0.0, 0.05, 0.1], (0, 5, 10))])
+def test_test_time_scaling_saves_the_average_and_scores_it_on_validation(tmp_path, params, mlflow_db, key, values,
+                                                                         views):
+    """model.test_warps / test_stretches / test_shifts: the same training; the saved model averages over the
+    scaled or shifted windows (warp_average / stretch_average / shift_average of the one network, shifts in
+    frames: 0.05 s is 5 hops of 10 ms); val scores are the saved model's."""
     import keras
 
     from audiocnn import models
 
-    average = {"test_warps": models.warp_average, "test_stretches": models.stretch_average}[key]
+    average = {"test_warps": models.warp_average, "test_stretches": models.stretch_average,
+               "test_shifts": models.shift_average}[key]
     root = synthetic_dataset(tmp_path, {"train": 8, "val": 3})
     params = tiny_params(params, epochs=2, lr=0.01)
     one = run_stage(root, params, "one")
-    params["model"][key] = [0.9, 1.0, 1.1]
+    params["model"][key] = values
     metrics = run_stage(root, params, "scaled")
     assert metrics["without_warps"] == {k: one[k] for k in ("best_val_loss", "best_val_accuracy")}
     assert metrics["parameters"] == one["parameters"] and metrics["best_epoch"] == one["best_epoch"]
-    if key == "test_stretches":
+    if key != "test_warps":
         assert metrics["best_val_loss"] != one["best_val_loss"]
     model = keras.models.load_model(root / "scaled" / "models" / "model.keras", safe_mode=True)
     single = keras.models.load_model(root / "one" / "models" / "model.keras", safe_mode=True)
     ds, y = val_batches(root, 8)
     x = np.concatenate([batch.numpy() for batch, _ in ds])
-    expected = average(single, (0.9, 1.0, 1.1), "check").predict(x, verbose=0)
+    expected = average(single, views, "check").predict(x, verbose=0)
     np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)  # the one network, scaled
     assert float((expected.argmax(axis=1) == y).mean()) == pytest.approx(metrics["best_val_accuracy"])
+
+
+@pytest.mark.parametrize("shifts", [[0.0, 0.32], [0.05, 0.052]])
+def test_test_shifts_outside_the_window_or_alike_in_frames_are_refused_before_training(tmp_path, params, mlflow_db,
+                                                                                        shifts):
+    """0.32 s is 32 frames, the whole 0.3 s window; 0.05 and 0.052 s both round to 5 frames."""
+    root = synthetic_dataset(tmp_path, {"train": 8, "val": 3})
+    params = tiny_params(params)
+    params["model"]["test_shifts"] = shifts
+    with pytest.raises(ParamsError, match=r"model\.test_shifts=.*train\.window_seconds"):
+        run_stage(root, params)
+    assert not (root / "out" / "models").exists()
 
 
 def test_val_scores_count_as_keras_validation_does(tmp_path, params, mlflow_db):

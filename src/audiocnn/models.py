@@ -13,7 +13,8 @@ saved as one model that outputs the mean of their probabilities (``ensemble``): 
 part of what one training seed decides.
 ``test_warps``: the saved model averages over frequency-warped copies of each window
 (``warp_average``: test-time augmentation with training's freq_warp at fixed factors);
-``test_stretches`` likewise over time-stretched copies (``stretch_average``, training's time_stretch).
+``test_stretches`` likewise over time-stretched copies (``stretch_average``, training's time_stretch);
+``test_shifts`` over copies moved later in the window (``shift_average``, training's time_shift).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ Arch = Literal["cnn", "seed"]
 MAX_MEMBERS = 8
 MEMBER_PREFIX = "member"  # the ensemble's networks are layers member0, member1, ...
 WARP_RANGE = (0.5, 2.0)  # test_warps and test_stretches: scale factors allowed
+MAX_SHIFT_SECONDS = 60.0  # test_shifts: seconds allowed (the window bounds them again at train time)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class ModelParams:
     members: int  # networks averaged (an ensemble), each trained alone from its own seed; 1 = one
     test_warps: tuple[float, ...] = ()  # cnn: mel-axis scale factors whose predictions the saved model averages
     test_stretches: tuple[float, ...] = ()  # cnn: time-axis scale factors, the same (around each warp)
+    test_shifts: tuple[float, ...] = ()  # cnn: seconds each window is moved later, the same (around each stretch)
 
     def __post_init__(self) -> None:
         check(4 <= self.width <= 512, "width", self.width, "must be within 4..512")
@@ -60,6 +63,11 @@ class ModelParams:
                   f"factors must be within {WARP_RANGE[0]}..{WARP_RANGE[1]}")
             check(len(set(factors)) == len(factors), key, factors, "must not repeat a factor")
             check(not factors or self.arch == "cnn", key, factors, "needs model.arch cnn (log-mel input)")
+        shifts = list(self.test_shifts)
+        check(all(0.0 <= s <= MAX_SHIFT_SECONDS for s in shifts), "test_shifts", shifts,
+              f"must be within 0..{MAX_SHIFT_SECONDS:g} s")
+        check(len(set(shifts)) == len(shifts), "test_shifts", shifts, "must not repeat a shift")
+        check(not shifts or self.arch == "cnn", "test_shifts", shifts, "needs model.arch cnn (log-mel input)")
 
 
 def model_input(arch: str, row: Mapping[str, str], *, features_dir: str | Path, images_dir: str | Path,
@@ -135,6 +143,21 @@ def warp_matrix(n_mels: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), fill
 
 
+def shift_matrix(frames: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """A time shift as fixed weights: ``band @ kernel + fill * floor`` moves a window ``shift`` frames later.
+
+    Frame t becomes frame t + shift; the first ``shift`` frames are the floor and the last ``shift``
+    fall off the end (for a clip shorter than the window, padding: evaluate places it at the start).
+    kernel (frames, frames) float32 with kernel[t, t + shift] = 1; fill (frames,) float32: 1 for the
+    first ``shift`` frames, as ``warp_matrix``'s fill.
+    """
+    if not 0 <= shift < frames:
+        raise ValueError(f"shift={shift} frames must be within 0..{frames - 1} (the window's frames)")
+    kernel = np.eye(frames, k=shift, dtype=np.float32)  # (frames in, frames out)
+    fill = (np.arange(frames) < shift).astype(np.float32)
+    return kernel, fill
+
+
 def warp_average(model: "keras.Model", warps: Sequence[float], name: str) -> "keras.Model":
     """One model whose output is the mean of ``model``'s probabilities over frequency-warped copies of its input.
 
@@ -145,7 +168,8 @@ def warp_average(model: "keras.Model", warps: Sequence[float], name: str) -> "ke
     (Dense, Reshape, Rescaling, GlobalMaxPooling2D, Permute, Add, Average), so safe-mode loading
     and TFLite conversion need nothing custom.
     """
-    return _scale_average(model, warps, "warp", name)
+    n_mels = model.input_shape[2]
+    return _view_average(model, [None if f == 1.0 else warp_matrix(n_mels, f) for f in warps], "warp", name)
 
 
 def stretch_average(model: "keras.Model", stretches: Sequence[float], name: str) -> "keras.Model":
@@ -158,38 +182,53 @@ def stretch_average(model: "keras.Model", stretches: Sequence[float], name: str)
     the average also judges each window as the network learned to see windows. Stock layers, as
     ``warp_average``; ``model`` may itself be a warp average (every stretch of every warp).
     """
-    return _scale_average(model, stretches, "stretch", name)
+    frames = model.input_shape[1]
+    return _view_average(model, [None if f == 1.0 else warp_matrix(frames, f) for f in stretches], "stretch", name)
 
 
-def _scale_average(model: "keras.Model", factors: Sequence[float], kind: Literal["warp", "stretch"],
-                   name: str) -> "keras.Model":
-    """The mean of ``model`` over its input scaled along the mel axis (``warp``) or the time axis (``stretch``)."""
+def shift_average(model: "keras.Model", shifts: Sequence[int], name: str) -> "keras.Model":
+    """One model whose output is the mean of ``model``'s probabilities over copies of its input moved later in time.
+
+    Test-time augmentation for ``model.test_shifts`` (``shifts`` in frames, 0 = the window as it
+    is): training's ``train.augment.time_shift`` places a clip shorter than the window at a random
+    offset, so the network seldom saw one at the very start, where evaluate and predict place it;
+    each shift moves the window ``shift_matrix``'s way (floor in front, the end cut). Stock layers,
+    as ``warp_average``; ``model`` may itself be a stretch or warp average.
+    """
+    frames = model.input_shape[1]
+    return _view_average(model, [None if k == 0 else shift_matrix(frames, k) for k in shifts], "shift", name)
+
+
+def _view_average(model: "keras.Model", views: Sequence[tuple[np.ndarray, np.ndarray] | None],
+                  kind: Literal["warp", "stretch", "shift"], name: str) -> "keras.Model":
+    """The mean of ``model`` over fixed linear views of its input: ``views`` are (kernel, fill) on the mel
+    axis (``warp``) or the time axis (``stretch``, ``shift``), None for the input as it is."""
     import keras
     from keras import layers
 
     frames, n_mels = model.input_shape[1], model.input_shape[2]
-    size = n_mels if kind == "warp" else frames  # the scaled axis
+    size = n_mels if kind == "warp" else frames  # the axis the views act on
     inputs = keras.Input(shape=model.input_shape[1:], name=model.inputs[0].name)  # (batch, frames, n_mels, 1) dB
     flat = layers.Reshape((frames, n_mels), name=f"{kind}_frames")(inputs)
-    if kind == "stretch":
-        flat = layers.Permute((2, 1), name="stretch_bands")(flat)  # (batch, n_mels, frames): Dense acts on time
+    if kind != "warp":
+        flat = layers.Permute((2, 1), name=f"{kind}_bands")(flat)  # (batch, n_mels, frames): Dense acts on time
     minus_floor = layers.GlobalMaxPooling2D(keepdims=True, name=f"{kind}_minus_floor")(
         layers.Rescaling(-1.0, name=f"{kind}_negate")(inputs))  # (batch, 1, 1, 1): -min of the window
     outputs = []
-    for k, factor in enumerate(factors):
-        if factor == 1.0:
+    for k, view in enumerate(views):
+        if view is None:
             outputs.append(model(inputs))
             continue
-        kernel, fill = warp_matrix(size, factor)
+        kernel, fill = view
         scale = layers.Dense(size, use_bias=False, trainable=False, name=f"{kind}{k}")
-        x = scale(flat)  # warp: (batch, frames, n_mels); stretch: (batch, n_mels, frames)
-        if kind == "stretch":
+        x = scale(flat)  # warp: (batch, frames, n_mels); stretch, shift: (batch, n_mels, frames)
+        if kind != "warp":
             x = layers.Permute((2, 1), name=f"{kind}{k}_frames")(x)
         x = layers.Reshape((frames, n_mels, 1), name=f"{kind}{k}_out")(x)  # (batch, frames, n_mels, 1)
         scale.set_weights([kernel])
         if fill.any():
             floor = layers.Dense(size, use_bias=False, trainable=False, name=f"{kind}{k}_fill")
-            # (batch, 1, 1, size) -> warp: (batch, 1, n_mels, 1); stretch: (batch, frames, 1, 1)
+            # (batch, 1, 1, size) -> warp: (batch, 1, n_mels, 1); stretch, shift: (batch, frames, 1, 1)
             order = (1, 3, 2) if kind == "warp" else (3, 1, 2)
             filled = layers.Permute(order, name=f"{kind}{k}_fill_{'bins' if kind == 'warp' else 'frames'}")(
                 floor(minus_floor))

@@ -107,6 +107,18 @@ def input_frames(params: TrainParams, audio: "AudioParams", spectrogram: "Spectr
     return frames
 
 
+def shift_frames(model_params: ModelParams, audio: "AudioParams", spectrogram: "SpectrogramParams",
+                 frames: int) -> list[int]:
+    """``model.test_shifts`` (s) in frames of the window; ParamsError naming the keys when a shift leaves
+    nothing of the window or two shifts round to the same frames."""
+    shifts = [int(round(s * audio.sample_rate / spectrogram.hop_length)) for s in model_params.test_shifts]
+    if any(k >= frames for k in shifts) or len(set(shifts)) < len(shifts):
+        raise ParamsError(f"model.test_shifts={list(model_params.test_shifts)} are {shifts} frames at "
+                          f"audio.sample_rate={audio.sample_rate}, spectrogram.hop_length={spectrogram.hop_length}: "
+                          f"each must be under the window's {frames} frames (train.window_seconds) and no two the same")
+    return shifts
+
+
 def check_features(features_dir: Path, audio: "AudioParams", spectrogram: "SpectrogramParams") -> None:
     """DataError when ``meta.json`` shows the features were made with other settings (a stale stage)."""
     meta_path = features_dir / "meta.json"
@@ -220,6 +232,7 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
     from audiocnn import checkpoint, modelfile, models, plots, tracking
 
     frames = input_frames(params, audio, spectrogram)
+    shifts = shift_frames(model_params, audio, spectrogram, frames)
     check_features(paths.features, audio, spectrogram)
     keras.backend.clear_session()
     keras.utils.set_random_seed(params.seed)  # python, numpy, tf and keras seeds
@@ -265,7 +278,9 @@ def train(paths: TrainPaths, raw_params: Mapping[str, Any], audio: "AudioParams"
                 model = models.warp_average(model, model_params.test_warps, f"{model.name}_warped")
             if model_params.test_stretches:
                 model = models.stretch_average(model, model_params.test_stretches, f"{model.name}_stretched")
-            if model_params.test_warps or model_params.test_stretches:
+            if shifts:
+                model = models.shift_average(model, shifts, f"{model.name}_shifted")
+            if model_params.test_warps or model_params.test_stretches or shifts:
                 metrics = warped_metrics(metrics, val_scores(model, val_ds, params))
             # Timings vary run to run: MLflow and a side file, never metrics/train.json (kept byte-reproducible).
             timing = {"samples_per_second": round(sum(fit.samples_per_second for fit in fits) / members, 1),
@@ -382,8 +397,8 @@ def train_metrics(history: pd.DataFrame, model: "keras.Model", average: tuple[fl
 
 
 def warped_metrics(metrics: Mapping[str, Any], warped: tuple[float, float]) -> dict[str, Any]:
-    """``metrics`` of the saved model when it averages over test-time warps or stretches
-    (``model.test_warps``, ``model.test_stretches``).
+    """``metrics`` of the saved model when it averages over test-time warps, stretches or shifts
+    (``model.test_warps``, ``model.test_stretches``, ``model.test_shifts``).
 
     <kept>_val_loss and <kept>_val_accuracy (best or final) become the saved model's, ``warped``
     (loss, accuracy) on the same val batches; the trained network's own (no test-time scaling) stay
