@@ -154,6 +154,20 @@ def test_an_ensemble_averages_its_networks_and_reloads(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), each.mean(axis=1), atol=1e-6)
 
 
+def assert_fixed_view_average(model, net, x, each, tmp_path) -> None:
+    """``model`` is ``net`` averaged over fixed views of its input: on ``x`` it outputs the mean of ``each``
+    (``net``'s outputs on every view), has ``net``'s shapes and only ``net``'s trainable weights (the views
+    are fixed), and reloads in safe mode to the same output."""
+    import keras
+
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+    assert model.input_shape == net.input_shape and model.output_shape == net.output_shape
+    assert [w.shape for w in model.trainable_weights] == [w.shape for w in net.trainable_weights]
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+
+
 @pytest.mark.parametrize("factor", [0.5, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 2.0])
 def test_warp_matrix_is_the_training_frequency_warp(factor):
     """frame @ kernel + fill * floor equals augment.scale_axis (training's freq_warp) at that factor."""
@@ -183,7 +197,6 @@ def test_warp_matrix_on_the_time_axis_is_the_training_time_stretch(factor):
 
 
 def test_stretch_average_means_the_network_over_stretched_windows_around_each_warp(tmp_path):
-    import keras
     import tensorflow as tf
 
     from audiocnn import augment
@@ -203,13 +216,8 @@ def test_stretch_average_means_the_network_over_stretched_windows_around_each_wa
     model = models.stretch_average(models.warp_average(net, warps, "w"), stretches, "cnn_stretched")
     each = [net.predict(np.stack([scaled(scaled(w[..., 0], s, 0), f, 1) for w in x])[..., None], verbose=0)
             for s in stretches for f in warps]
-    np.testing.assert_allclose(model.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
     assert not np.allclose(each[0], each[2], atol=1e-4)  # the stretches do change what the network sees
-    assert model.input_shape == net.input_shape and model.output_shape == net.output_shape
-    assert [w.shape for w in model.trainable_weights] == [w.shape for w in net.trainable_weights]
-    model.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+    assert_fixed_view_average(model, net, x, each, tmp_path)
 
 
 @pytest.mark.parametrize("shift", [0, 1, 7, 29])
@@ -223,7 +231,6 @@ def test_shift_matrix_moves_the_window_later_with_the_floor_in_front(shift):
 
 
 def test_shift_average_means_the_network_over_shifted_windows_around_each_stretch(tmp_path):
-    import keras
     import tensorflow as tf
 
     from audiocnn import augment
@@ -245,13 +252,8 @@ def test_shift_average_means_the_network_over_shifted_windows_around_each_stretc
     model = models.shift_average(models.stretch_average(net, stretches, "s"), shifts, "cnn_shifted")
     each = [net.predict(np.stack([stretched(moved(w[..., 0], k), f) for w in x])[..., None], verbose=0)
             for k in shifts for f in stretches]
-    np.testing.assert_allclose(model.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
     assert not np.allclose(each[0], each[4], atol=1e-4)  # the shifts do change what the network sees
-    assert model.input_shape == net.input_shape and model.output_shape == net.output_shape
-    assert [w.shape for w in model.trainable_weights] == [w.shape for w in net.trainable_weights]
-    model.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+    assert_fixed_view_average(model, net, x, each, tmp_path)
 
 
 @pytest.mark.parametrize("shifts, message", [([-0.1], "within 0..60 s"), ([0.1, 0.1], "must not repeat")])
@@ -272,7 +274,6 @@ def test_test_time_factors_are_checked(key, factors, message):
 
 
 def test_warp_average_means_the_network_over_warped_windows_and_reloads(tmp_path):
-    import keras
     import tensorflow as tf
 
     from audiocnn import augment
@@ -285,10 +286,5 @@ def test_warp_average_means_the_network_over_warped_windows_and_reloads(tmp_path
     model = models.warp_average(net, warps, "cnn_warped")
     each = [net.predict(np.stack([augment.scale_axis(tf.constant(w[..., 0]), f, 1).numpy() for w in x])[..., None],
                         verbose=0) for f in warps]
-    np.testing.assert_allclose(model.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
     assert not np.allclose(each[0], each[1], atol=1e-4)  # the warps do change what the network sees
-    assert model.input_shape == net.input_shape and model.output_shape == net.output_shape
-    assert [w.shape for w in model.trainable_weights] == [w.shape for w in net.trainable_weights]  # warps: fixed
-    model.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.mean(each, axis=0), atol=1e-5)
+    assert_fixed_view_average(model, net, x, each, tmp_path)
