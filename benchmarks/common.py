@@ -27,6 +27,18 @@ PYTHON = sys.executable
 FSDD = REPO.parent / "shared" / "datasets" / "fsdd" / "recordings"
 
 
+def fsdd_recordings(path: Path) -> Path:
+    """``path`` resolved, or SystemExit naming it when it holds no .wav files.
+
+    The default (``FSDD``) is relative to the checkout, so a clone elsewhere does not find it:
+    a runner stops here rather than measure an empty set.
+    """
+    path = Path(path).resolve()
+    if not path.is_dir() or next(path.glob("*.wav"), None) is None:
+        raise SystemExit(f"FSDD recordings not found: {path} holds no .wav files (pass --fsdd FOLDER)")
+    return path
+
+
 def machine() -> dict[str, Any]:
     """Cores, CPU model, Python, load average, date: the header of every result."""
     cpu = platform.processor() or "unknown CPU"

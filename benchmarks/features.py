@@ -1,6 +1,6 @@
 """Feature throughput: clips/s of the normalize and spectrogram stages against the seed notebook and plain librosa.
 
-    python benchmarks/features.py [--synthetic 30000] [--seed-clips 300] [--plain-clips 3000] [--repeats 3] [--ceiling-seconds 2]
+    python benchmarks/features.py [--fsdd FOLDER|""] [--synthetic 30000] [--seed-clips 300] [--plain-clips 3000] [--repeats 3] [--ceiling-seconds 2]
                                   [--set spectrogram.images=false] [--warm-memory GB]
                                   [--synthetic-shape LO,HI,HZ] [--front-end fsdd|params]
 
@@ -245,7 +245,8 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fsdd", type=Path, default=common.FSDD, help="FSDD recordings ('' to skip)")
+    parser.add_argument("--fsdd", type=Path, default=common.FSDD,
+                        help="FSDD recordings ('' to skip; a folder without .wav files is an error)")
     parser.add_argument("--synthetic", type=int, default=30000, help="generated clips (0 to skip)")
     parser.add_argument("--synthetic-shape", type=common.clip_shape, default=common.FSDD_SIZED, metavar="LO,HI,HZ",
                         help="generated clips' length in seconds (drawn in LO..HI) and rate (default: 0.3,0.6,8000, "
@@ -268,14 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "features")
     args = parser.parse_args(argv)
     command = "python benchmarks/features.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    fsdd = None if str(args.fsdd) in ("", ".") else common.fsdd_recordings(args.fsdd)
     tmp = Path(tempfile.mkdtemp(prefix="audiocnn-features-", dir=args.workdir))
     results: dict[str, Any] = {"repeats": args.repeats, "datasets": {}, "set": args.set}
     if args.warm_memory > 0:
         results["warm_memory"] = {"gigabytes": args.warm_memory, "seconds": common.warm_memory(args.warm_memory)}
     try:
-        if str(args.fsdd) not in ("", ".") and args.fsdd.is_dir():
+        if fsdd is not None:
             results["datasets"]["FSDD"] = measure(
-                "FSDD", tmp / "fsdd", common.set_params(common.fsdd_params(args.fsdd.resolve()), args.set), args)
+                "FSDD", tmp / "fsdd", common.set_params(common.fsdd_params(fsdd), args.set), args)
         if args.synthetic:
             lo, hi, rate = args.synthetic_shape
             source = common.synthetic_clips(tmp / "synthetic-source", args.synthetic, rate=rate, seconds=(lo, hi))

@@ -1,6 +1,6 @@
 """Pipeline overhead: a no-op `dvc repro`, `dvc exp run -S train.lr=...`, and `dvc repro` after adding 1% new clips.
 
-    python benchmarks/overhead.py [--clips 3000 | --synthetic 30000] [--epochs 1] [--noop-runs 5] [--set KEY=VALUE]
+    python benchmarks/overhead.py [--clips 3000 [--fsdd FOLDER] | --synthetic 30000] [--epochs 1] [--noop-runs 5] [--set KEY=VALUE]
 
 A fresh git + DVC workspace (benchmarks/pipeline.py's helpers) in a temporary folder runs the
 pipeline on FSDD (``--clips`` files, hard-linked into a temporary source folder, never written)
@@ -118,7 +118,7 @@ def git(args: list[str], root: Path, env: dict[str, str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fsdd", type=Path, default=common.FSDD)
+    parser.add_argument("--fsdd", type=Path, default=common.FSDD, help="FSDD recordings (unless --synthetic)")
     parser.add_argument("--clips", type=int, default=3000, help="FSDD files used (evenly spaced in name order)")
     parser.add_argument("--synthetic", type=int, default=0,
                         help="use this many generated clips (benchmarks/common.py) instead of FSDD")
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "overhead")
     args = parser.parse_args(argv)
     command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    fsdd = None if args.synthetic else common.fsdd_recordings(args.fsdd)
     tmp = Path(tempfile.mkdtemp(prefix="audiocnn-overhead-", dir=args.workdir))
     results: dict[str, Any] = {}
     try:
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             origin = common.synthetic_clips(tmp / "generated", args.synthetic, rate=rate, seconds=(lo, hi))
             files = sorted(origin.rglob("*.wav"))
         else:
-            origin = args.fsdd.resolve()
+            origin = fsdd
             every = sorted(origin.glob("*.wav"))
             files = every[:: max(1, len(every) // args.clips)][: args.clips]  # spread over classes and speakers
         held_out = files[HELD_OUT]  # 1%: added later

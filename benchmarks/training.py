@@ -1,6 +1,6 @@
 """Training speed: samples/s of `model.arch` cnn and seed, and the time to 95% validation accuracy on FSDD.
 
-    python benchmarks/training.py [--archs cnn,seed] [--clips 400] [--epochs 2] [--fsdd-target 0.95]
+    python benchmarks/training.py [--archs cnn,seed] [--clips 400] [--epochs 2] [--fsdd-target 0.95] [--fsdd FOLDER]
 
 1. Throughput: ``--clips`` generated clips (FSDD-sized, 10 classes) go through the data stages,
    then the train stage runs ``--epochs`` epochs per architecture; samples/s is the stage's own
@@ -84,13 +84,13 @@ class TargetRecorder:
         self.reached: dict[str, Any] | None = None
 
 
-def time_to_target(tmp: Path, target: float, stop: bool) -> dict[str, Any]:
+def time_to_target(tmp: Path, fsdd: Path, target: float, stop: bool) -> dict[str, Any]:
     import keras
 
     root = tmp / "fsdd"
     env = common.tool_env(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
     start = time.perf_counter()
-    path = data_stages(root, common.fsdd_params(common.FSDD), env)
+    path = data_stages(root, common.fsdd_params(fsdd), env)
     data_seconds = time.perf_counter() - start
     recorder = TargetRecorder(target, stop)
     fit = keras.Model.fit
@@ -141,18 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--fsdd-target", type=float, default=0.95, help="0 skips the FSDD run")
+    parser.add_argument("--fsdd", type=Path, default=common.FSDD, help="FSDD recordings (for --fsdd-target)")
     parser.add_argument("--no-stop", action="store_true", help="train on after reaching the target")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary folder")
     parser.add_argument("--out", type=Path, default=common.REPO / "benchmarks" / "results" / "training")
     args = parser.parse_args(argv)
     command = "python benchmarks/training.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    fsdd = common.fsdd_recordings(args.fsdd) if args.fsdd_target > 0 else None
     tmp = Path(tempfile.mkdtemp(prefix="audiocnn-training-", dir=args.workdir))
     results: dict[str, Any] = {"clips": args.clips, "epochs": args.epochs}
     try:
         if args.archs:
             results["throughput"] = throughput(tmp, args.archs, args.clips, args.epochs)
         if args.fsdd_target > 0:
-            results["fsdd"] = time_to_target(tmp, args.fsdd_target, not args.no_stop)
+            results["fsdd"] = time_to_target(tmp, fsdd, args.fsdd_target, not args.no_stop)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["machine"] = common.machine()

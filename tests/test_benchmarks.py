@@ -107,6 +107,18 @@ def test_overhead_stages_alone_and_table(tmp_path):
     assert "spectrogram alone after +1% clips:" in text
 
 
+@pytest.mark.parametrize("runner, args", [("features", []), ("overhead", ["--clips", "60"]), ("training", [])])
+def test_runners_name_a_missing_fsdd_folder_before_any_work(tmp_path, runner, args):
+    """A checkout outside the default layout does not find FSDD: the runner stops, naming the folder."""
+    empty = tmp_path / "recordings"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no audio here")
+    for missing in (empty, tmp_path / "nowhere"):
+        with pytest.raises(SystemExit, match=f"FSDD recordings not found: {missing}"):
+            bench(runner).main([*args, "--fsdd", str(missing), "--workdir", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert [p.name for p in tmp_path.iterdir()] == ["recordings"]  # no temp folder, no results
+
+
 def test_set_params_applies_dotted_overrides_and_names_a_wrong_key():
     common = bench("common")
     params = {"spectrogram": {"images": True, "n_mels": 40}, "train": {"augment": {"gain_db": 6.0}}}
