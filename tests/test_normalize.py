@@ -384,6 +384,31 @@ def test_iter_clips_streams_in_order_and_names_the_failing_clip(workers):
     early.close()  # a consumer that stops early cancels the rest (no hang, no error)
 
 
+def _unnamed(item: dict) -> str:
+    raise AssertionError(f"item {item['x']} named though it did not fail")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_item_is_named_only_when_it_fails(workers):
+    """``name`` runs for a failing item alone (no list of every item's name), here over rows built on demand."""
+    rows = fileio.Rows({"path": [f"c/{x}.wav" for x in range(40)], "x": list(range(40))})
+    fine = fileio.Rows(rows.columns, at=[x for x in range(40) if x != 7])
+    assert parallel.map_clips(_square_or_fail, fine, workers, "t", name=_unnamed) == [x * x for x in fine.at]
+    assert list(parallel.iter_clips(_square_or_fail, fine, workers, "t", name=_unnamed)) == [x * x for x in fine.at]
+    with pytest.raises(ClipError, match=r"^clip 7 \(c/7\.wav\): ValueError: seven is not allowed$"):
+        parallel.map_clips(_square_or_fail, rows, workers, "t", name=lambda item: f"clip {item['x']} ({item['path']})")
+
+
+def test_spawned_workers_get_the_names_of_their_items(monkeypatch):
+    """Without fork, a task carries its items' names: ``name`` may be a lambda, which does not pickle."""
+    monkeypatch.setattr(parallel, "_start_method", lambda: "spawn")
+    rows = fileio.Rows({"path": [f"c/{x}.wav" for x in range(12)], "x": list(range(12))})
+    with pytest.raises(ClipError, match=r"^clip 7: ValueError: seven is not allowed$"):
+        parallel.map_clips(_square_or_fail, rows, 2, "t", name=lambda item: f"clip {item['x']}")
+    assert parallel.map_clips(_square_or_fail, rows[:7], 2, "t", name=lambda item: f"clip {item['x']}") == [
+        x * x for x in range(7)]
+
+
 def test_pool_tasks_are_large_for_map_clips_small_for_streamed_results_and_balanced():
     assert parallel._chunk_size(30000, 2, parallel.MAP_CHUNK) == parallel.MAP_CHUNK == 256
     assert parallel._chunk_size(30000, 2, parallel.STREAM_CHUNK) == parallel.STREAM_CHUNK == 32

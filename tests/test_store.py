@@ -86,6 +86,12 @@ def test_place_unread_checks_size_and_ending_without_reading_the_whole_entry(tmp
     assert cache.get(key, ".bin") is None
 
 
+def test_lowercase_keys_keep_a_lower_case_hash_as_is():
+    lower, upper = "ab" * 32, "AB" * 32
+    keys = store.lowercase_keys([lower, upper, "", 7])
+    assert keys == [lower, lower, "", "7"] and keys[0] is lower  # the same object: no copy per clip
+
+
 def test_cache_root_from_environment(tmp_path):
     assert store.cache_root({}) == Path(".cache/audiocnn")
     assert store.cache_root({"AUDIOCNN_CACHE_DIR": str(tmp_path)}) == tmp_path

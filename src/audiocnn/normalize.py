@@ -221,7 +221,7 @@ def _planned_task(record: Mapping[str, Any], work: _Work, array: str, header: in
     mono, silent, digest = _computed(record, work)
     if mono.shape[0] == record[PLANNED_ROWS]:
         with packed.RowWriter(array, header, 1) as writer:
-            writer.write(record[PLANNED_OFFSET], mono)
+            writer.write(int(record[PLANNED_OFFSET]), mono)
     return mono.shape[0], silent, digest
 
 
@@ -273,7 +273,13 @@ def _source_keys(index: Mapping[str, Sequence[str]]) -> list[str]:
     """Each clip's cache key: the manifest's sha256 of its source file ("" where the manifest has none)."""
     if "sha256" not in index:
         return [""] * len(index["id"])
-    return [str(key).lower() for key in index["sha256"]]
+    return store.lowercase_keys(index["sha256"])
+
+
+def _duplicates(ids: Sequence[str]) -> list[str]:
+    """The ids that occur again after their first row, in order."""
+    seen: set[str] = set()
+    return [clip_id for clip_id in ids if clip_id in seen or seen.add(clip_id)]
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int, bool]]:
@@ -303,7 +309,7 @@ def _from_cache(found: packcache.Found, rows: np.ndarray, written: _Written) -> 
 
 
 @contextlib.contextmanager
-def _computing(compute: Callable[[dict], tuple], records: list[dict], work: _Work,
+def _computing(compute: Callable[[dict], tuple], records: Sequence[dict], work: _Work,
                chunk: int = parallel.STREAM_CHUNK) -> Iterator[Iterator[tuple]]:
     """``compute`` over ``records``, results in order (``parallel.iter_clips``, ``chunk`` clips per task at most).
 
@@ -319,7 +325,7 @@ def _computing(compute: Callable[[dict], tuple], records: list[dict], work: _Wor
             packcache.close_journal(Path(work.journal))
 
 
-def _write_planned(array: Path, records: list[dict], lengths: np.ndarray, packs: packcache.PackCache | None,
+def _write_planned(array: Path, records: fileio.Rows, lengths: np.ndarray, packs: packcache.PackCache | None,
                    found: packcache.Found | None, placement: packcache.Placement, work: _Work) -> _Written | None:
     """The clips not in a linked file at rows of ``array`` laid out in advance (``lengths``; a cached clip's own).
 
@@ -347,20 +353,18 @@ def _write_planned(array: Path, records: list[dict], lengths: np.ndarray, packs:
     if done.any():
         log.info("feature cache: %d of %d clips normalized already (%d in %d linked file(s)), computing %d",
                  done.sum(), count, (~fresh).sum(), len(placement.shards), todo.size)
-    tasks = [records[i] for i in todo]
-    for i, task in zip(todo, tasks):  # (in place: a copy of every record would double their memory)
-        task[PLANNED_OFFSET], task[PLANNED_ROWS] = int(written.offsets[i]), int(written.samples[i])
+    tasks = fileio.Rows({**records.columns, PLANNED_OFFSET: written.offsets, PLANNED_ROWS: written.samples}, at=todo)
     compute = functools.partial(_planned_task, work=work, array=str(array), header=written.header)
     with _computing(compute, tasks, work, parallel.MAP_CHUNK) as computed:  # small results: rows go to the file
-        for i, task, (samples, written.silent[i], written.digests[i]) in zip(todo, tasks, computed):
-            if samples != task[PLANNED_ROWS]:
+        for i, (samples, written.silent[i], written.digests[i]) in zip(todo, computed):
+            if samples != written.samples[i]:
                 log.warning("%s: %d samples, not the %d its manifest's duration and sample_rate predict: "
-                            "appending the clips instead", task["path"], samples, task[PLANNED_ROWS])
+                            "appending the clips instead", records.columns["path"][i], samples, written.samples[i])
                 return None
     return written
 
 
-def _write_appended(array: Path, records: list[dict], packs: packcache.PackCache | None,
+def _write_appended(array: Path, records: fileio.Rows, packs: packcache.PackCache | None,
                     found: packcache.Found | None, placement: packcache.Placement, work: _Work,
                     spill_dir: Path) -> _Written:
     """The clips not in a linked file appended to ``array`` in manifest order: cached ones copied, others computed.
@@ -379,7 +383,7 @@ def _write_appended(array: Path, records: list[dict], packs: packcache.PackCache
                  count - fresh.size + hit.sum(), count, count - fresh.size, len(placement.shards), (~hit).sum())
     if not fresh.size:
         return written
-    computing = [records[i] for i in fresh[~hit]]
+    computing = fileio.Rows(records.columns, at=fresh[~hit])
     compute_here = functools.partial(_appended_task, work=work, spill_dir=None)
     compute = compute_here
     if parallel.in_pool(work.params.workers, len(computing)):
@@ -420,8 +424,7 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
         raise DataError(f"{manifest}: missing column(s) {', '.join(missing)}")
     if not index["id"]:
         raise DataError(f"{manifest}: no clips to normalize")
-    seen: set[str] = set()
-    duplicated = [clip_id for clip_id in index["id"] if clip_id in seen or seen.add(clip_id)]
+    duplicated = _duplicates(index["id"])
     if duplicated:
         raise DataError(f"{manifest}: duplicate id(s) {', '.join(duplicated[:5])}")
     if cache == "env":
@@ -433,7 +436,7 @@ def run(source: Path, manifest: Path, out: Path, audio: AudioParams, params: Nor
             packs = packcache.PackCache(cache, width=1, extra=CACHED_FIELDS)
             packs.load()
         work = _Work(Path(source), audio.sample_rate, params, max_seconds, str(packs.dir) if packs else None)
-        records = fileio.column_records(index)
+        records = fileio.Rows(index)  # a dict per clip when a worker takes it, not held for all
         lengths = planned_lengths(index, audio.sample_rate, params, max_seconds)
         with store.staged_dir(out) as tmp:  # renamed to ``out`` once clips.npy and index.csv are written
             found, placement = None, packcache.no_placement(len(records))

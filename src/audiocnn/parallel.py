@@ -114,15 +114,14 @@ def map_clips(
     given, runs in this process while the workers compute (e.g. a figure), instead of after.
     """
     workers = resolve_workers(workers)
-    names = [name(item) for item in items]
     keep_heap()
     one_blas_thread()
     try:
         if not in_pool(workers, len(items)):
             if meanwhile is not None:
                 meanwhile()
-            return list(_iter_here(fn, items, names, desc))
-        return _run_pool(fn, items, names, desc, workers, meanwhile)
+            return list(_iter_here(fn, items, name, desc))
+        return _run_pool(fn, items, name, desc, workers, meanwhile)
     except ClipError as err:
         log.debug("%s\n%s", err, err.detail)
         raise
@@ -143,25 +142,24 @@ def iter_clips(
     (``MAP_CHUNK`` suits small results). Stopping the iteration early cancels the tasks not yet started.
     """
     workers = resolve_workers(workers)
-    names = [name(item) for item in items]
     keep_heap()
     one_blas_thread()
     try:
         if not in_pool(workers, len(items)):
-            yield from _iter_here(fn, items, names, desc)
+            yield from _iter_here(fn, items, name, desc)
         else:
-            yield from _stream_pool(fn, items, names, desc, workers, chunk)
+            yield from _stream_pool(fn, items, name, desc, workers, chunk)
     except ClipError as err:
         log.debug("%s\n%s", err, err.detail)
         raise
 
 
-def _stream_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str,
+def _stream_pool(fn: Callable[[T], R], items: Sequence[T], name: Callable[[T], str], desc: str,
                  workers: int, chunk: int) -> Iterator[R]:
     size = _chunk_size(len(items), workers, chunk)
     starts = iter(range(0, len(items), size))
     pending: collections.deque[cf.Future] = collections.deque()
-    with _work_list(fn, items, names) as submit, _new_pool(workers) as pool:
+    with _work_list(fn, items, name) as submit, _new_pool(workers) as pool:
 
         def submit_next() -> None:
             start = next(starts, None)
@@ -187,10 +185,10 @@ def _progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="clip", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
 
 
-def _iter_here(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str) -> Iterator[R]:
+def _iter_here(fn: Callable[[T], R], items: Sequence[T], name: Callable[[T], str], desc: str) -> Iterator[R]:
     with _progress(len(items), desc) as bar, threadpool_limits(1):  # 1 BLAS thread, as in the pool: same sums
-        for item, item_name in zip(items, names):
-            yield _call(fn, item, item_name)
+        for item in items:
+            yield _call(fn, item, name)
             bar.update(1)
 
 
@@ -208,25 +206,30 @@ def _new_pool(workers: int) -> cf.ProcessPoolExecutor:
                                   initializer=_init_worker)
 
 
-_FORKED_WORK: dict[int, tuple[Callable, Sequence, Sequence[str]]] = {}  # (fn, items, names) by key, for forked workers
+_FORKED_WORK: dict[int, tuple[Callable, Sequence, Callable]] = {}  # (fn, items, name) by key, for forked workers
 _WORK_KEYS = itertools.count()
 
 
 @contextlib.contextmanager
 def _work_list(fn: Callable[[T], R], items: Sequence[T],
-               names: Sequence[str]) -> Iterator[Callable[[cf.ProcessPoolExecutor, int, int], cf.Future]]:
+               name: Callable[[T], str]) -> Iterator[Callable[[cf.ProcessPoolExecutor, int, int], cf.Future]]:
     """``submit(pool, start, stop)``: a task computing ``items[start:stop]``, for pools made inside this block.
 
-    Forked workers inherit the function and the items (the list is registered here before the pool
+    Forked workers inherit the function, the items and ``name`` (registered here before the pool
     forks), so a task is three numbers: nothing per item is pickled to the workers and unpickled
-    there (30,000 spectrogram records: 0.13 s each way, 10 MB through the pipes). Spawned
-    workers (no fork on this platform) get the items pickled with each task.
+    there (30,000 spectrogram records: 0.13 s each way, 10 MB through the pipes), and an item is
+    named only if it fails. Spawned workers (no fork on this platform) get the items pickled with
+    each task, with their names (``name`` may be a lambda, which does not pickle).
     """
     if _start_method() != "fork":
-        yield lambda pool, start, stop: pool.submit(_run_chunk, fn, items[start:stop], names[start:stop])
+        def submit_spawned(pool: cf.ProcessPoolExecutor, start: int, stop: int) -> cf.Future:
+            chunk = items[start:stop]
+            return pool.submit(_run_named_chunk, fn, chunk, [name(item) for item in chunk])
+
+        yield submit_spawned
         return
     key = next(_WORK_KEYS)
-    _FORKED_WORK[key] = (fn, items, names)
+    _FORKED_WORK[key] = (fn, items, name)
     try:
         yield lambda pool, start, stop: pool.submit(_run_forked_chunk, key, start, stop)
     finally:
@@ -234,15 +237,15 @@ def _work_list(fn: Callable[[T], R], items: Sequence[T],
 
 
 def _run_forked_chunk(key: int, start: int, stop: int) -> list[Any]:
-    fn, items, names = _FORKED_WORK[key]  # inherited from the parent at fork
-    return _run_chunk(fn, items[start:stop], names[start:stop])
+    fn, items, name = _FORKED_WORK[key]  # inherited from the parent at fork
+    return [_call(fn, item, name) for item in items[start:stop]]
 
 
-def _run_pool(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str], desc: str, workers: int,
+def _run_pool(fn: Callable[[T], R], items: Sequence[T], name: Callable[[T], str], desc: str, workers: int,
               meanwhile: Callable[[], object] | None) -> list[R]:
     size = _chunk_size(len(items), workers, MAP_CHUNK)
     results: list[Any] = [None] * len(items)
-    with _work_list(fn, items, names) as submit, _new_pool(workers) as pool:
+    with _work_list(fn, items, name) as submit, _new_pool(workers) as pool:
         # every task is submitted (and the workers forked) before the progress bar starts its thread
         futures = {submit(pool, s, s + size): s for s in range(0, len(items), size)}
         try:
@@ -264,14 +267,14 @@ def _init_worker() -> None:
     threadpool_limits(1)
 
 
-def _run_chunk(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str]) -> list[R]:
-    return [_call(fn, item, item_name) for item, item_name in zip(items, names)]
+def _run_named_chunk(fn: Callable[[T], R], items: Sequence[T], names: Sequence[str]) -> list[R]:
+    return [_call(fn, item, lambda _, item_name=item_name: item_name) for item, item_name in zip(items, names)]
 
 
-def _call(fn: Callable[[T], R], item: T, item_name: str) -> R:
+def _call(fn: Callable[[T], R], item: T, name: Callable[[T], str]) -> R:
     try:
         return fn(item)
     except ClipError:
         raise
     except Exception as err:  # any failure becomes one error naming the clip
-        raise ClipError(f"{item_name}: {type(err).__name__}: {err}", traceback.format_exc()) from err
+        raise ClipError(f"{name(item)}: {type(err).__name__}: {err}", traceback.format_exc()) from err

@@ -165,28 +165,30 @@ def _checked_key(record: Mapping[str, str], mono: np.ndarray, where: str) -> str
 
 
 def _from_packs(packs: packcache.PackCache, found: packcache.Found, placement: packcache.Placement,
-                records: list[dict], results: list[str | None], cache: store.ClipCache, out: _Outputs,
+                columns: Columns, results: list[str | None], cache: store.ClipCache, out: _Outputs,
                 params: SpectrogramParams) -> None:
     """Clips the cache holds: rows in a linked shard or copied in bulk, images linked; ``results[i]``: the image.
 
     The key is normalize's hash of the clip (index column ``clip_sha256``), so no clip is read
-    for a hit. ``records`` carry each clip's offset in its own file. A clip whose image is not
-    cached stays None, marked ``COPIED``: a worker renders the image from its rows.
+    for a hit. ``columns`` hold each clip's offset in its own file. A clip whose image is not
+    cached stays None, marked in a ``COPIED`` column (added here): a worker renders the image from its rows.
     """
     linked = ~placement.fresh
-    copied = packs.copy_rows(placement.unlinked(found), out.array, out.header, [r["offset"] for r in records],
-                             [r["frames"] for r in records]) if out.array else np.zeros(len(records), bool)
+    count = len(results)
+    copied = packs.copy_rows(placement.unlinked(found), out.array, out.header, columns["offset"],
+                             columns["frames"]) if out.array else np.zeros(count, bool)
+    marks: list[tuple[str, int] | None] = [None] * count
     for i in np.flatnonzero(copied | linked):
         image = ""
         if params.images:
-            record = records[i]
-            image = f"{out.slugs[record['label']]}/{record['id']}.png"
-            if not cache.place_unread(str(record[store.CLIP_HASH_COLUMN]).lower(), f".{params.image_size}px.png",
+            image = f"{out.slugs[columns['label'][i]]}/{columns['id'][i]}.png"
+            if not cache.place_unread(str(columns[store.CLIP_HASH_COLUMN][i]).lower(), f".{params.image_size}px.png",
                                       os.path.join(out.images_dir, image), tail=images.PNG_END):
                 shard = placement.shards[placement.shard[i]] if linked[i] else None
-                record[COPIED] = (shard.path, shard.header) if shard else (out.array, out.header)
+                marks[i] = (shard.path, shard.header) if shard else (out.array, out.header)
                 continue
         results[i] = image
+    columns[COPIED] = marks
 
 
 Columns = dict[str, Any]  # an index as columns (name -> values), read and written without pandas (fileio)
@@ -245,7 +247,7 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
                     (images_tmp / slug).mkdir()
             count = len(layout["id"])
             packs, found, placement = None, None, packcache.no_placement(count)
-            keys = [key.lower() for key in index.get(store.CLIP_HASH_COLUMN, [])]
+            keys = store.lowercase_keys(index.get(store.CLIP_HASH_COLUMN, []))
             if cache is not None and keys:
                 packs = packcache.PackCache(cache, params.n_mels)
                 packs.load()
@@ -259,19 +261,19 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
             array = features_tmp / packed.FEATURES.shard(len(placement.shards))
             header = packed.create(array, int(frames[fresh].sum()), params.n_mels) if fresh.size else 0
             out = _Outputs(str(array) if fresh.size else "", header, str(images_tmp), slugs)
-            records = fileio.column_records({**layout, "offset": local})  # offsets in each clip's own file
-            results: list[str | None] = [None] * len(records)
+            columns = {**layout, "offset": local}  # offsets in each clip's own file
+            results: list[str | None] = [None] * count
             if packs is not None:
-                _from_packs(packs, found, placement, records, results, cache, out, params)
+                _from_packs(packs, found, placement, columns, results, cache, out, params)
             missed = [i for i, result in enumerate(results) if result is None]
-            if len(missed) < len(records):
+            if len(missed) < count:
                 log.info("feature cache: %d of %d clips cached (%d in %d linked file(s)), computing %d",
-                         len(records) - len(missed), len(records), len(records) - fresh.size, len(placement.shards),
-                         len(missed))
+                         count - len(missed), count, count - fresh.size, len(placement.shards), len(missed))
             work = functools.partial(_clip_task, normalized=clips, out=out, sample_rate=audio.sample_rate,
                                      params=params, cache=cache, journal=str(packs.dir) if packs else None)
             try:
-                computed = parallel.map_clips(work, [records[i] for i in missed], params.workers, "spectrogram",
+                computed = parallel.map_clips(work, fileio.Rows(columns, at=missed),  # a dict per clip as taken
+                                              params.workers, "spectrogram",
                                               name=lambda record: f"{record['path']} (id {record['id']})",
                                               meanwhile=draw_gallery)
             finally:

@@ -37,7 +37,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -125,6 +125,13 @@ _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 def is_sha256(key: str) -> bool:
     """Whether ``key`` is a sha256 hex digest (a usable cache key; hand-made indexes may hold anything)."""
     return _SHA256_HEX.fullmatch(key) is not None
+
+
+def lowercase_keys(values: Sequence[Any]) -> list[str]:
+    """Hash columns as cache keys, lower case; a value already so is kept, not copied (64-character
+    strings, one per clip: a copy of each would be 3.4 MB at 30,000 clips)."""
+    return [value if isinstance(value, str) and (value.islower() or not value) else str(value).lower()
+            for value in values]
 
 
 @contextlib.contextmanager
