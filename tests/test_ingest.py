@@ -144,6 +144,25 @@ def test_folders_layout(folders):
         assert row.sample_rate == SR and row.channels == 1 and row.duration == pytest.approx(0.3, abs=0.01)
 
 
+@pytest.mark.parametrize("layout", ["folders", "pattern", "csv"])
+def test_candidates_are_compact_records(tmp_path, layout):
+    """One candidate per source file is held while ingest decodes: no per-instance dict, no Path, shared labels."""
+    from audiocnn import layouts
+
+    source = tmp_path / "src"
+    names = ["dog/1_ann_0.wav", "dog/1_bob_1.wav"]
+    for i, name in enumerate(names):
+        write_clip(source / name, seed=i)
+    (source / "meta.csv").write_text("path,label,group\n" + "".join(f"{n},dog,ann\n" for n in names))
+    params = make_params(source, layout=layout, csv="meta.csv" if layout == "csv" else "",
+                         pattern=r"(?P<label>\d)_(?P<group>[a-z]+)_\d+\.wav" if layout == "pattern" else "")
+    first, second = layouts.discover(source, params)
+    assert not hasattr(first, "__dict__")
+    assert first.file == str(source / names[0]) and type(first.file) is str
+    assert first.label == second.label and first.label is second.label  # one string per class
+    assert ingest.ingest(source, params).manifest.path.tolist() == names
+
+
 def test_folders_layout_file_outside_a_class_folder_has_no_label(folders):
     write_clip(folders / "loose.wav", seed=9)
     result = ingest.ingest(folders, make_params(folders, max_reject_fraction=0.5))

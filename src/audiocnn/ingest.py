@@ -101,18 +101,23 @@ def ingest(source: Path, params: IngestParams) -> IngestResult:
         outcome = check_clip(candidate, params.min_duration, memo)
         (clips if isinstance(outcome, dict) else rejected).append(outcome)
     if memo is not None:
-        memo.save({str(c.file) for c in candidates if c.file is not None})
+        memo.save({c.file for c in candidates if c.file is not None})
         if memo.hits:
             log.info("ingest memo: %d of %d files unchanged since they were decoded (%s)", memo.hits,
                      len(candidates), memo.path)
+    total = len(candidates)
+    del candidates, memo  # a record per source file each: not needed past this point
     clips, duplicates = split_duplicates(clips)
     rejected = sorted(rejected + duplicates)
-    _report(rejected, len(candidates), source, params)
+    _report(rejected, total, source, params)
     long_clips = sum(c["duration"] > params.max_duration for c in clips)
     if long_clips:
         log.info("%d clips are longer than ingest.max_duration=%g s: kept, downstream uses their first %g s",
                  long_clips, params.max_duration, params.max_duration)
-    manifest = pd.DataFrame([{"id": clip_id(c["path"]), **c} for c in clips], columns=list(MANIFEST_COLUMNS))
+    columns = {name: [c[name] for c in clips] for name in MANIFEST_COLUMNS if name != "id"}
+    columns["id"] = [clip_id(path) for path in columns["path"]]
+    del clips  # the columns hold the values: no dict per clip while the table is built
+    manifest = pd.DataFrame(columns, columns=list(MANIFEST_COLUMNS))
     _check_unique_ids(manifest)
     return IngestResult(manifest, pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS)), _metrics(manifest, rejected))
 
@@ -132,7 +137,7 @@ def check_clip(candidate: Candidate, min_duration: float,
         return path, f"unreadable: {err.strerror or err}"
     if not stat.S_ISREG(st.st_mode):
         return path, "unreadable: not a regular file"
-    known = memo.get(str(candidate.file), st) if memo is not None else None
+    known = memo.get(candidate.file, st) if memo is not None else None
     if known is not None:
         scan, digest = known
     else:
@@ -144,7 +149,7 @@ def check_clip(candidate: Candidate, min_duration: float,
     outcome = _checked(candidate, scan, digest, min_duration)
     sha256 = outcome["sha256"] if isinstance(outcome, dict) else ""
     if memo is not None and (known is None or sha256 != digest):  # new, or hashed only now (it passes now)
-        memo.put(str(candidate.file), st, scan, sha256)
+        memo.put(candidate.file, st, scan, sha256)
     return outcome
 
 
@@ -162,7 +167,7 @@ def _checked(candidate: Candidate, scan: audio.AudioScan, digest: str,
         return path, f"too_short: {scan.duration_s:.4g} s < ingest.min_duration={min_duration:g}"
     if not digest:
         try:
-            digest = sha256_file(candidate.file)  # type: ignore[arg-type]
+            digest = sha256_file(candidate.file)  # type: ignore[arg-type]  (None only with a problem)
         except OSError as err:
             return path, f"unreadable: {err.strerror or err}"
     return {"path": path, "label": candidate.label, "group": candidate.group, "fold": candidate.fold,

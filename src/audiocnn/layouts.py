@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,12 +38,16 @@ log = logging.getLogger(__name__)
 CSV_COLUMNS = ("path", "label", "fold", "group")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Candidate:
-    """One file that should become a clip, or the reason it cannot (``problem``, 'code: detail')."""
+    """One file that should become a clip, or the reason it cannot (``problem``, 'code: detail').
+
+    One per source file, all held while ingest decodes them: slots, a plain string ``file`` and
+    one shared string per label keep it at about 270 bytes (600 with a dict and a ``Path``).
+    """
 
     path: str  # relative to the source, '/'-separated: the manifest's path
-    file: Path | None  # what to open; None when ``problem`` is set
+    file: str | None  # what to open (the source joined with ``path``); None when ``problem`` is set
     label: str = ""
     group: str = ""
     fold: str = ""
@@ -101,7 +106,7 @@ def walk(source: Path, extensions: tuple[str, ...]) -> list[Candidate]:
             if _display(rel) != rel:
                 found.append(Candidate(_display(rel), None, problem="unreadable: file name is not valid UTF-8"))
             else:
-                found.append(Candidate(rel, Path(entry.path)))
+                found.append(Candidate(rel, entry.path))
     if hidden:
         log.info("skipped %d hidden entries under %s (e.g. %s)", len(hidden), source, ", ".join(hidden[:3]))
     if other:
@@ -116,7 +121,7 @@ def from_csv(source: Path, csv_name: str) -> list[Candidate]:
     real_root = os.path.realpath(source)
     found: list[Candidate] = []
     for number, row in enumerate(table.itertuples(index=False), start=1):
-        label, group, fold = (str(getattr(row, key, "")).strip() for key in ("label", "group", "fold"))
+        label, group, fold = (sys.intern(str(getattr(row, key, "")).strip()) for key in ("label", "group", "fold"))
         found.append(_csv_row(source, real_root, row.path, number, label, group, fold))
     return _csv_duplicates(found)
 
@@ -154,7 +159,7 @@ def _csv_row(source: Path, real_root: str, raw: str, number: int, label: str, gr
         return Candidate(path, None, problem=f"missing: file listed in csv does not exist ({where})")
     if not label:
         return Candidate(path, None, problem=f"no_label: empty label in {where}")
-    return Candidate(path, full, label, group, fold)
+    return Candidate(path, str(full), label, group, fold)
 
 
 def _csv_duplicates(found: list[Candidate]) -> list[Candidate]:
@@ -181,7 +186,7 @@ def _folder_label(c: Candidate) -> Candidate:
     head, sep, _ = c.path.partition("/")
     if not sep:
         return Candidate(c.path, None, problem="no_label: file is not inside a class folder")
-    return Candidate(c.path, c.file, label=head)
+    return Candidate(c.path, c.file, label=sys.intern(head))  # one string per class, not per file
 
 
 def _pattern_label(c: Candidate, regex: re.Pattern[str]) -> Candidate:
@@ -191,7 +196,8 @@ def _pattern_label(c: Candidate, regex: re.Pattern[str]) -> Candidate:
     if match is None or not match.group("label"):
         return Candidate(c.path, None, problem="no_label: file name does not match ingest.pattern")
     fields = match.groupdict()
-    return Candidate(c.path, c.file, fields["label"], fields.get("group") or "", fields.get("fold") or "")
+    label, group, fold = (sys.intern(fields.get(key) or "") for key in ("label", "group", "fold"))
+    return Candidate(c.path, c.file, label, group, fold)  # a string per distinct value, not per file
 
 
 def _inside(real: str, real_root: str) -> bool:
