@@ -17,6 +17,9 @@ params.yaml's 16 kHz front end), in the same run and on the same files:
   (default size, time and mel axes) saved as PNG, ``plt.close``; one process;
 * plain librosa: one process, ``librosa.load`` at audio.sample_rate, melspectrogram with our
   front-end params, ``power_to_db``, ``np.save`` per clip, on the first ``--plain-clips``;
+* the stages' start, in every repeat: each stage script with ``--help`` (interpreter and imports,
+  the part of a run that no worker shares), and the most the worker counts could gain with that
+  part whole and the rest divided at the machine's ceiling (``start_bound``);
 * the machine's own ceiling, in every repeat beside ours: the same CPU-bound loop (numpy FFTs,
   about ``--ceiling-seconds``) in one process alone, then in as many processes at once as the
   largest worker count; N x (time alone) / (time of N at once). On a shared virtual machine the
@@ -148,11 +151,15 @@ def ours(root: Path, params: dict[str, Any], workers: list[int], repeats: int,
         config["normalize"]["workers"] = config["spectrogram"]["workers"] = count
         paths[count] = common.write_params(root / f"params-w{count}.yaml", config)
     runs: dict[int, dict[str, list[dict[str, Any]]]] = {c: {"normalize": [], "spectrogram": []} for c in workers}
+    starts: dict[str, list[float]] = {"normalize": [], "spectrogram": []}
     iterations = ceiling_iterations(ceiling_seconds) if ceiling_seconds > 0 else 0
     ceilings: list[float] = []
     for _ in range(repeats):
         if iterations:
             ceilings.append(machine_ceiling(max(workers), iterations))
+        for stage, seconds in starts.items():  # the part of a run no worker shares: interpreter and imports
+            seconds.append(common.timed(common.stage_cmd(stage, paths[workers[0]], root)[:2] + ["--help"],
+                                        root, env)["seconds"])
         for count in workers:
             for stage in ("normalize", "spectrogram"):
                 for out in {"normalize": ["dataset/normalize"],
@@ -165,7 +172,14 @@ def ours(root: Path, params: dict[str, Any], workers: list[int], repeats: int,
                                       for stage, rs in stages.items()} for count, stages in runs.items()}
     if ceilings:
         result["ceiling"] = {"processes": max(workers), "per_repeat": ceilings, "median": common.median(ceilings)}
+    result["start"] = {stage: {"seconds": common.median(seconds), "runs": seconds} for stage, seconds in starts.items()}
     return result
+
+
+def start_bound(one_seconds: float, start_seconds: float, ceiling: float) -> float:
+    """The most a run of ``one_seconds`` (one worker) can speed up when only its ``start_seconds`` does not
+    divide and the rest divides at ``ceiling`` (Amdahl): one / (start + (one - start) / ceiling)."""
+    return one_seconds / (start_seconds + max(one_seconds - start_seconds, 0.0) / ceiling)
 
 
 def measure(name: str, root: Path, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -176,8 +190,9 @@ def measure(name: str, root: Path, params: dict[str, Any], args: argparse.Namesp
     print(f"[{name}] {clips} clips", file=sys.stderr, flush=True)
     result: dict[str, Any] = {"clips": clips, "ours": {}}
     timings = ours(root, params, args.workers, args.repeats, args.ceiling_seconds)
-    if "ceiling" in timings:
-        result["ceiling"] = timings.pop("ceiling")
+    for key in ("ceiling", "start"):
+        if key in timings:
+            result[key] = timings.pop(key)
     for workers, timing in timings.items():
         total = timing["normalize"]["seconds"] + timing["spectrogram"]["seconds"]
         timing["clips_per_second"] = {"normalize": clips / timing["normalize"]["seconds"],
@@ -240,6 +255,20 @@ def markdown(results: dict[str, Any], command: str) -> list[str]:
                          f"one alone, each repeat beside ours): {', '.join(f'{c:.2f}x' for c in ceiling['per_repeat'])}, "
                          f"median {ceiling['median']:.2f}x; scaling / ceiling per repeat "
                          f"{', '.join(f'{a / c:.2f}' for a, c in zip(paired, ceiling['per_repeat']))}.")
+        counts = sorted(r["ours"], key=int)
+        if "start" in r and len(counts) > 1:
+            start, one, many = r["start"], r["ours"][counts[0]], r["ours"][counts[-1]]
+            one_seconds = one["normalize"]["seconds"] + one["spectrogram"]["seconds"]
+            start_seconds = start["normalize"]["seconds"] + start["spectrogram"]["seconds"]
+            ceiling = r["ceiling"]["median"] if "ceiling" in r else int(counts[-1]) / int(counts[0])
+            bound = start_bound(one_seconds, start_seconds, ceiling)
+            measured = many["clips_per_second"]["both"] / one["clips_per_second"]["both"]
+            lines.append(f"Start-bound on {name}: starting the stages (interpreter and imports, `stages/<stage>.py "
+                         f"--help`, medians) takes normalize {start['normalize']['seconds']:.2f} s and spectrogram "
+                         f"{start['spectrogram']['seconds']:.2f} s of the {counts[0]}-worker runs' "
+                         f"{one_seconds:.2f} s; with all the rest divided at {ceiling:.2f}x, {counts[-1]} workers "
+                         f"could be at most {bound:.2f}x as fast (measured {measured:.2f}x, {measured / bound:.2f} of "
+                         f"that bound).")
     return lines
 
 

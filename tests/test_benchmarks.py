@@ -38,11 +38,23 @@ def test_features_runner_writes_its_table(tmp_path):
     assert "per repeat (runs side by side)" in text and "Machine ceiling on synthetic 20" in text
     assert "CPU on synthetic 20, user / system (kernel) seconds" in text and "2 worker(s) normalize " in text
     assert "params set: spectrogram.images=false;" in text
+    assert "Start-bound on synthetic 20: starting the stages" in text and "could be at most " in text
     data = json.loads((out / "results.json").read_text())
     assert data["datasets"]["synthetic 20"]["ours"]["2"]["clips_per_second"]["both"] > 0
     ceiling = data["datasets"]["synthetic 20"]["ceiling"]
     assert ceiling["processes"] == 2 and len(ceiling["per_repeat"]) == 2 and 0 < ceiling["median"] <= 2.5
+    start = data["datasets"]["synthetic 20"]["start"]
+    assert set(start) == {"normalize", "spectrogram"} and all(len(s["runs"]) == 2 for s in start.values())
+    assert all(s["seconds"] > 0 for s in start.values())
     assert data["machine"]["cores"] >= 1 and list(tmp_path.iterdir()) == [out]  # temp folder removed
+
+
+def test_start_bound_is_amdahls_law():
+    features = bench("features")
+    assert features.start_bound(1.0, 0.0, 2.0) == 2.0  # nothing fixed: the ceiling
+    assert features.start_bound(1.0, 1.0, 2.0) == 1.0  # all fixed: no gain
+    assert features.start_bound(1.0, 0.25, 1.9) == pytest.approx(1 / (0.25 + 0.75 / 1.9))
+    assert features.start_bound(0.2, 0.3, 2.0) == pytest.approx(0.2 / 0.3)  # a start timed above the run: no gain
 
 
 def test_generated_sets_of_another_shape_and_front_end(tmp_path):
