@@ -178,8 +178,12 @@ def ours(root: Path, params: dict[str, Any], workers: list[int], repeats: int,
 
 def start_bound(one_seconds: float, start_seconds: float, ceiling: float) -> float:
     """The most a run of ``one_seconds`` (one worker) can speed up when only its ``start_seconds`` does not
-    divide and the rest divides at ``ceiling`` (Amdahl): one / (start + (one - start) / ceiling)."""
-    return one_seconds / (start_seconds + max(one_seconds - start_seconds, 0.0) / ceiling)
+    divide and the rest divides at ``ceiling`` (Amdahl): one / (start + (one - start) / ceiling).
+
+    A start timed longer than the run (noise, on tiny inputs) counts as the whole run: no gain, 1.0.
+    """
+    start = min(start_seconds, one_seconds)
+    return one_seconds / (start + (one_seconds - start) / ceiling)
 
 
 def measure(name: str, root: Path, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
