@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -165,13 +165,14 @@ def _checked_key(record: Mapping[str, str], mono: np.ndarray, where: str) -> str
 
 
 def _from_packs(packs: packcache.PackCache, found: packcache.Found, placement: packcache.Placement,
-                columns: Columns, results: list[str | None], cache: store.ClipCache, out: _Outputs,
-                params: SpectrogramParams) -> None:
+                columns: Columns, keys: Sequence[str], results: list[str | None], cache: store.ClipCache,
+                out: _Outputs, params: SpectrogramParams) -> None:
     """Clips the cache holds: rows in a linked shard or copied in bulk, images linked; ``results[i]``: the image.
 
-    The key is normalize's hash of the clip (index column ``clip_sha256``), so no clip is read
-    for a hit. ``columns`` hold each clip's offset in its own file. A clip whose image is not
-    cached stays None, marked in a ``COPIED`` column (added here): a worker renders the image from its rows.
+    The key is normalize's hash of the clip (index column ``clip_sha256``, in lower case:
+    ``keys``, as the cache was searched with), so no clip is read for a hit. ``columns`` hold each
+    clip's offset in its own file. A clip whose image is not cached stays None, marked in a
+    ``COPIED`` column (added here): a worker renders the image from its rows.
     """
     linked = ~placement.fresh
     count = len(results)
@@ -182,7 +183,7 @@ def _from_packs(packs: packcache.PackCache, found: packcache.Found, placement: p
         image = ""
         if params.images:
             image = f"{out.slugs[columns['label'][i]]}/{columns['id'][i]}.png"
-            if not cache.place_unread(str(columns[store.CLIP_HASH_COLUMN][i]).lower(), f".{params.image_size}px.png",
+            if not cache.place_unread(keys[i], f".{params.image_size}px.png",
                                       os.path.join(out.images_dir, image), tail=images.PNG_END):
                 shard = placement.shards[placement.shard[i]] if linked[i] else None
                 marks[i] = (shard.path, shard.header) if shard else (out.array, out.header)
@@ -264,7 +265,7 @@ def run(normalized: Path, features: Path, images_dir: Path, gallery: Path, audio
             columns = {**layout, "offset": local}  # offsets in each clip's own file
             results: list[str | None] = [None] * count
             if packs is not None:
-                _from_packs(packs, found, placement, columns, results, cache, out, params)
+                _from_packs(packs, found, placement, columns, keys, results, cache, out, params)
             missed = [i for i, result in enumerate(results) if result is None]
             if len(missed) < count:
                 log.info("feature cache: %d of %d clips cached (%d in %d linked file(s)), computing %d",
